@@ -1,0 +1,101 @@
+"""The transformers engine: the reference target, runs anywhere transformers runs.
+
+Aux states come from forward hooks on the decoder layers (the residual stream each aux
+layer outputs); the last hidden state is the decoder's final-norm output. Layouts with
+`model.get_decoder().layers` are supported (Llama, Qwen2, Qwen3, Mistral and most others).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_layer_ids
+from eagle_ray.engines.base import forward_in_runs
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (expected .get_decoder().layers)")
+    return layers
+
+
+class HFEngine:
+    """A transformers causal LM with aux-state hooks. Not thread-safe (one forward at a time).
+
+    Packed batches are right-padded internally into runs of at most `max_batch_tokens`
+    padded tokens (SDPA needs a rectangle); pad rows are dropped before returning.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        aux_layer_ids: list[int] | None = None,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+        max_batch_tokens: int = 16384,
+        attn_implementation: str = "sdpa",
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=dtype or "auto",
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        ).to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.max_batch_tokens = max_batch_tokens
+        layers = decoder_layers(self.model)
+        ids = resolve_aux_layer_ids(aux_layer_ids, len(layers))
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooks = [layers[i].register_forward_hook(self._capture_hook(i)) for i in ids]
+        cfg = self.model.config.get_text_config()
+        self.info = ModelInfo(
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            num_layers=len(layers),
+            aux_layer_ids=tuple(ids),
+            dtype=self.model.dtype,
+            max_context=cfg.max_position_embeddings,
+            kv_capacity_tokens=max_batch_tokens,
+        )
+
+    def _capture_hook(self, layer_id: int):
+        def hook(module, args, output):
+            self._captured[layer_id] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    @torch.no_grad()
+    def _run(self, batch: PackedBatch, return_logits: bool):
+        lens = batch.cu_seqlens.diff()
+        rows = torch.arange(int(lens.max())) < lens[:, None]  # [b, S] real-token positions
+        ids = torch.zeros(rows.shape, dtype=torch.long)
+        ids[rows] = batch.input_ids
+        self._captured.clear()
+        out = self.model.get_decoder()(
+            input_ids=ids.to(self.device), attention_mask=rows.long().to(self.device), use_cache=False
+        )
+        keep = rows.to(self.device)
+        aux = torch.cat([self._captured[i][keep] for i in self.info.aux_layer_ids], dim=-1)
+        last = out.last_hidden_state[keep]
+        self._captured.clear()
+        logits = self.model.get_output_embeddings()(last).float().cpu() if return_logits else None
+        return aux.cpu(), last.cpu(), logits
+
+    def forward(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
+        return forward_in_runs(batch, return_logits, self._run, self.max_batch_tokens, padded=True)
+
+    def input_embeddings(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight.detach().cpu()
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight.detach().cpu()
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.model = None

@@ -1,0 +1,206 @@
+"""The SGLang engine: an in-process SGLang model runner per TP rank (the fast path).
+
+This adapter owns settings and process layout only; every SGLang-private call lives in
+`_sglang_runner`, imported lazily so this module imports without SGLang installed.
+
+Tensor parallelism: rank 0 runs in the calling process (a Ray replica actor, or your
+script); ranks 1..tp_size-1 are child processes. All ranks run every batch (their
+collectives meet in the forward); only rank 0 returns tensors.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+from typing import Any
+
+import torch
+
+from eagle_ray.checkpoint import checkpoint_dtype, embedding_and_lm_head, load_config
+from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_layer_ids
+from eagle_ray.engines.base import forward_in_runs
+
+# On a machine without CUDA: SGLang's plain CPU path (not its AMX engine, which needs a CPU
+# build of sgl-kernel) with a KV pool sized explicitly, since SGLang cannot size it from
+# free device memory there.
+CPU_DEFAULTS: dict[str, Any] = {
+    "device": "cpu",
+    "attention_backend": "torch_native",
+    "mem_fraction_static": 0.05,
+    "max_total_tokens": 8192,
+}
+# On GPUs: leave half the memory to a colocated draft trainer, as SpecForge does.
+GPU_DEFAULTS: dict[str, Any] = {"device": "cuda", "mem_fraction_static": 0.5}
+# Always: one whole-sequence prefill per batch, nothing cached between batches.
+FIXED: dict[str, Any] = {
+    "chunked_prefill_size": -1,
+    "disable_radix_cache": True,
+    "disable_cuda_graph": True,
+    "skip_tokenizer_init": True,
+    "enable_return_aux_hidden_states": True,
+    "speculative_algorithm": "EAGLE3",
+}
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_kwargs(
+    model_path: str,
+    aux_layer_ids: list[int],
+    dtype: torch.dtype | None,
+    tp_size: int,
+    trust_remote_code: bool,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """SGLang ServerArgs keyword arguments: device defaults < user overrides < fixed settings."""
+    from eagle_ray.engines._sglang_runner import sglang_aux_layer_ids
+
+    device = overrides.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = dict(GPU_DEFAULTS if device != "cpu" else CPU_DEFAULTS)
+    kwargs.update(overrides)
+    clash = {k: overrides[k] for k in FIXED if k in overrides and overrides[k] != FIXED[k]}
+    if clash:
+        raise ValueError(f"sglang_kwargs {clash} conflict with settings eagle_ray needs: {FIXED}")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype} unsupported; use one of {list(_DTYPES)}")
+    kwargs.update(FIXED)
+    kwargs.update(
+        model_path=model_path,
+        tp_size=tp_size,
+        trust_remote_code=trust_remote_code,
+        dtype=_DTYPES.get(dtype, "auto"),
+        return_aux_hidden_state_layer_ids=sglang_aux_layer_ids(aux_layer_ids),
+    )
+    return kwargs
+
+
+class SGLangEngine:
+    """An SGLang target with `tp_size` ranks. One forward at a time."""
+
+    def __init__(
+        self,
+        model_path: str,
+        aux_layer_ids: list[int] | None = None,
+        dtype: torch.dtype | None = None,
+        tp_size: int = 1,
+        trust_remote_code: bool = False,
+        sglang_kwargs: dict[str, Any] | None = None,
+        dist_port: int | None = None,
+    ):
+        from eagle_ray.engines import _sglang_runner as sr
+
+        if tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+        self.model_path = model_path
+        config = load_config(model_path, trust_remote_code)
+        ids = resolve_aux_layer_ids(aux_layer_ids, config.num_hidden_layers)
+        # SGLang's "auto" turns an fp32 checkpoint into fp16; transformers' keeps fp32. Follow transformers.
+        dtype = dtype or checkpoint_dtype(config)
+        kwargs = server_kwargs(model_path, ids, dtype, tp_size, trust_remote_code, dict(sglang_kwargs or {}))
+        self._config = config
+        port = dist_port or free_port()
+        self._workers: list[tuple[Any, Any]] = []
+        self._broken: str | None = None
+        ctx = mp.get_context("spawn")  # a fresh interpreter per rank: SGLang state is process-global
+        for r in range(1, tp_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=sr.tp_worker_main, args=(child, kwargs, r, port, config.vocab_size), daemon=True)
+            proc.start()
+            self._workers.append((proc, parent))
+        try:
+            self._rank = sr.build_rank(kwargs, 0, port, config.vocab_size)
+            self._collect("ready")
+        except BaseException:
+            self._kill_workers()
+            raise
+        rank = self._rank
+        self.info = ModelInfo(
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+            num_layers=config.num_hidden_layers,
+            aux_layer_ids=tuple(ids),
+            dtype=rank.runner.model_config.dtype,
+            max_context=min(rank.context_len, rank.kv_capacity_tokens),
+            kv_capacity_tokens=rank.kv_capacity_tokens,
+        )
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _collect(self, expect: str) -> None:
+        """Wait for every worker's reply to the last message; raise naming each rank that failed."""
+        errors = []
+        for r, (proc, conn) in enumerate(self._workers, start=1):
+            while not conn.poll(1.0):
+                if not proc.is_alive():
+                    break
+            try:
+                msg = conn.recv() if conn.poll(0) else ("died",)
+            except EOFError:
+                msg = ("died",)
+            if msg[0] == "died":
+                errors.append(f"TP rank {r} died (exit code {proc.exitcode})")
+            elif msg[0] != expect:
+                errors.append(f"TP rank {r}: {msg[1]}")
+        if errors:
+            # a rank that failed mid-forward leaves the others inside a collective: no way back
+            self._kill_workers()
+            self._broken = "SGLang tensor-parallel ranks failed:\n" + "\n".join(errors)
+            raise RuntimeError(self._broken)
+
+    def _run(self, batch: PackedBatch, return_logits: bool):
+        if self._broken:
+            raise RuntimeError(f"engine unusable after an earlier failure: {self._broken}")
+        for _, conn in self._workers:
+            conn.send(("forward", batch.input_ids, batch.cu_seqlens, return_logits))
+        try:
+            result = self._rank.forward(batch.input_ids, batch.cu_seqlens, return_logits)
+        except BaseException:
+            if self._workers:  # the other ranks now wait in a collective rank 0 never joins
+                self._kill_workers()
+                self._broken = "rank 0 failed mid-forward"
+            raise
+        self._collect("ok")
+        return result
+
+    def forward(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
+        # Batches larger than the KV pool (or the request pool) become several forwards.
+        rank = self._rank
+        return forward_in_runs(batch, return_logits, self._run, rank.kv_capacity_tokens, rank.max_requests)
+
+    def _embedding_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # From the checkpoint: under TP each rank holds only a vocabulary shard.
+        if self._weights is None:
+            embed, head = embedding_and_lm_head(self.model_path, self._config)
+            self._weights = embed.to(self.info.dtype), head.to(self.info.dtype)
+        return self._weights
+
+    def input_embeddings(self) -> torch.Tensor:
+        return self._embedding_and_head()[0]
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self._embedding_and_head()[1]
+
+    def _kill_workers(self) -> None:
+        for proc, _ in self._workers:
+            proc.kill()
+            proc.join(timeout=10)
+        self._workers = []
+
+    def close(self) -> None:
+        if getattr(self, "_rank", None) is None:
+            return
+        for _, conn in self._workers:
+            try:
+                conn.send(("close",))
+            except (BrokenPipeError, OSError):
+                pass
+        self._rank.close()
+        self._rank = None
+        for proc, _ in self._workers:
+            proc.join(timeout=30)
+        self._kill_workers()
