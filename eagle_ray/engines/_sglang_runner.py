@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import traceback
 from array import array
 from dataclasses import dataclass
@@ -79,6 +80,13 @@ def build_server_args(kwargs: dict[str, Any]) -> ServerArgs:  # S1
     args = ServerArgs(**kwargs)
     args.resolve_once()
     return args
+
+
+def cpu_bind_groups(n: int) -> str:
+    """Split this process's CPUs into n '|'-separated groups (round-robin when fewer CPUs)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    groups = [cpus[r::n] or [cpus[r % len(cpus)]] for r in range(n)]
+    return "|".join(",".join(map(str, g)) for g in groups)
 
 
 _original_init_group = parallel_state.init_model_parallel_group
@@ -176,7 +184,11 @@ def build_rank(kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size:
     """Build this process's TP rank. Every rank of the group calls this at the same time."""
     server_args = build_server_args(kwargs)
     device = kwargs["device"]
-    gpu_id = tp_rank if device != "cpu" else 0
+    gpu_id = tp_rank  # index among the devices this process sees (Ray sets CUDA_VISIBLE_DEVICES)
+    if device == "cpu" and int(kwargs.get("tp_size", 1)) > 1:
+        # S3: on CPU, SGLang picks rank r's threads from SGLANG_CPU_OMP_THREADS_BIND group r
+        # (gpu_id is the group index); unset, it demands one NUMA node per rank.
+        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_bind_groups(int(kwargs["tp_size"])))
     publish(  # S2
         server_args,
         role="scheduler",

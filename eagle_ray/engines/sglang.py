@@ -28,6 +28,7 @@ CPU_DEFAULTS: dict[str, Any] = {
     "attention_backend": "torch_native",
     "mem_fraction_static": 0.05,
     "max_total_tokens": 8192,
+    "disable_custom_all_reduce": True,
 }
 # On GPUs: leave half the memory to a colocated draft trainer, as SpecForge does.
 GPU_DEFAULTS: dict[str, Any] = {"device": "cuda", "mem_fraction_static": 0.5}
@@ -40,6 +41,9 @@ FIXED: dict[str, Any] = {
     "enable_return_aux_hidden_states": True,
     "speculative_algorithm": "EAGLE3",
 }
+
+# SGLang keeps its config in process globals, so one process holds one live engine.
+_live: SGLangEngine | None = None
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -95,8 +99,14 @@ class SGLangEngine:
     ):
         from eagle_ray.engines import _sglang_runner as sr
 
+        global _live
         if tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+        if _live is not None:
+            raise RuntimeError(
+                f"an SGLang engine for {_live.model_path} is still open in this process; close() it first "
+                "(SGLang keeps its runtime config in process globals: one engine per process)"
+            )
         self.model_path = model_path
         config = load_config(model_path, trust_remote_code)
         ids = resolve_aux_layer_ids(aux_layer_ids, config.num_hidden_layers)
@@ -130,6 +140,7 @@ class SGLangEngine:
             kv_capacity_tokens=rank.kv_capacity_tokens,
         )
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        _live = self
 
     def _collect(self, expect: str) -> None:
         """Wait for every worker's reply to the last message; raise naming each rank that failed."""
@@ -192,8 +203,11 @@ class SGLangEngine:
         self._workers = []
 
     def close(self) -> None:
+        global _live
         if getattr(self, "_rank", None) is None:
             return
+        if _live is self:
+            _live = None
         for _, conn in self._workers:
             try:
                 conn.send(("close",))

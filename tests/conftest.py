@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny targets built from config (never downloaded) and engine caches.
+
+SGLang keeps its runtime config in process globals (one live engine per process), so
+SGLang targets come from `sglang_target(...)`, which closes the previous one first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eagle_ray import HFEagle3TargetModel, PackedBatch, SGLangEagle3TargetModel, build_tiny_target
+
+ARCHS = ["llama", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("targets")
+    return {arch: str(build_tiny_target(root / arch, arch)) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def sglang_target():
+    live: dict = {}
+
+    def get(path: str, **kwargs) -> SGLangEagle3TargetModel:
+        key = (path, repr(sorted(kwargs.items())))
+        if live.get("key") != key:
+            if live:
+                live["target"].close()
+                live.clear()
+            live["target"] = SGLangEagle3TargetModel.from_pretrained(path, **kwargs)
+            live["key"] = key
+        return live["target"]
+
+    yield get
+    if live:
+        live["target"].close()
+
+
+@pytest.fixture(scope="session")
+def hf_target():
+    cache: dict = {}
+
+    def get(path: str, **kwargs) -> HFEagle3TargetModel:
+        key = (path, repr(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = HFEagle3TargetModel.from_pretrained(path, **kwargs)
+        return cache[key]
+
+    return get
+
+
+def random_batch(lengths: list[int], vocab: int = 1024, seed: int = 0) -> PackedBatch:
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+    masks = [(torch.rand(n, generator=g) > 0.3).long() for n in lengths]
+    return PackedBatch.from_sequences(ids, masks)
