@@ -60,12 +60,12 @@ def resolve_aux_layer_ids(aux_layer_ids: list[int] | tuple[int, ...] | None, num
         raise ValueError(f"{origin} must hold exactly 3 layer ids, got {len(ids)}: {ids}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"{origin} must be ints, got {ids}")
+    hint = "" if explicit else "; pass aux_layer_ids explicitly (the default needs a target of >= 7 layers)"
     if len(set(ids)) != 3:
-        hint = "" if explicit else "; pass aux_layer_ids explicitly (a target needs >= 7 layers for the default)"
         raise ValueError(f"{origin} must be distinct, got {ids}{hint}")
     bad = [i for i in ids if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"{origin} {ids}: {bad} outside [0, {num_layers}) for a {num_layers}-layer target")
+        raise ValueError(f"{origin} {ids}: {bad} outside [0, {num_layers}) for a {num_layers}-layer target{hint}")
     return ids
 
 
@@ -155,6 +155,8 @@ class PackedBatch:
                 raise InvalidBatchError(
                     "loss_mask_length", f"loss_mask has shape {tuple(m.shape)}, input_ids has {t.numel()} tokens", i
                 )
+            if not (_is_int(m) or m.dtype == torch.bool):
+                raise InvalidBatchError("bad_tensor", f"loss_mask must be bool or integers, got {m.dtype}", i)
             ids.append(t.to(torch.long))
             masks.append(m.to(torch.long))
         cu = torch.zeros(len(ids) + 1, dtype=torch.long)
@@ -196,8 +198,8 @@ def validate_packed(batch: PackedBatch, vocab_size: int, max_seq_len: int | None
         raise InvalidBatchError("empty_sequence", "sequence has no tokens", int((lens == 0).nonzero()[0]))
     if mask.numel() != ids.numel():
         # name the first sequence the mask does not cover exactly
-        i = int(torch.searchsorted(cu[1:], min(mask.numel(), ids.numel()), right=mask.numel() > ids.numel()))
-        i = min(i, lens.numel() - 1)
+        # shorter: the sequence holding position mask.numel(); longer: the last sequence
+        i = min(int(torch.searchsorted(cu[1:], mask.numel(), right=True)), lens.numel() - 1)
         raise InvalidBatchError(
             "loss_mask_length", f"loss_mask holds {mask.numel()} tokens but input_ids holds {ids.numel()}", i
         )
@@ -250,11 +252,8 @@ def pack_padded(
     if loss_mask is None:
         loss_mask = attention_mask
     if loss_mask.shape != input_ids.shape:
-        row = min(loss_mask.shape[0], input_ids.shape[0]) - 1 if loss_mask.shape[1] != input_ids.shape[1] else None
         raise InvalidBatchError(
-            "loss_mask_length",
-            f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape {tuple(input_ids.shape)}",
-            max(row, 0) if row is not None else None,
+            "loss_mask_length", f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
         )
     keep = attention_mask.bool()
     lens = keep.sum(1)
@@ -367,6 +366,8 @@ def plan_runs(
     and at most `max_sequences` sequences. A single sequence longer than `max_tokens` gets a
     run of its own (the context check at the boundary decides whether it may run at all).
     """
+    if not seqlens:
+        return []
     runs, start, used, longest = [], 0, 0, 0
     for i, n in enumerate(seqlens):
         width = max(longest, n)
