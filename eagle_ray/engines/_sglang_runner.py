@@ -214,6 +214,18 @@ def build_rank(kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size:
     return RankRunner(runner, tp_rank, vocab_size)
 
 
+def rank_placement(tp_rank: int) -> dict[str, Any]:
+    """Where a rank runs: its process and the device it drives (physical id under CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else None
+    return {
+        "tp_rank": tp_rank,
+        "pid": os.getpid(),
+        "device_index": tp_rank,
+        "device_id": devices[tp_rank] if devices and tp_rank < len(devices) else None,
+    }
+
+
 def tp_worker_main(conn, kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size: int) -> None:
     """Body of a TP-rank process (ranks >= 1): build, then run every batch rank 0 runs.
 
@@ -222,7 +234,7 @@ def tp_worker_main(conn, kwargs: dict[str, Any], tp_rank: int, dist_port: int, v
     """
     try:
         rank = build_rank(kwargs, tp_rank, dist_port, vocab_size)
-        conn.send(("ready",))
+        conn.send(("ready", rank_placement(tp_rank)))
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return

@@ -125,7 +125,7 @@ class SGLangEngine:
             self._workers.append((proc, parent))
         try:
             self._rank = sr.build_rank(kwargs, 0, port, config.vocab_size)
-            self._collect("ready")
+            self._placements = self._collect("ready")
         except BaseException:
             self._kill_workers()
             raise
@@ -142,9 +142,20 @@ class SGLangEngine:
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
         _live = self
 
-    def _collect(self, expect: str) -> None:
+    @property
+    def broken(self) -> str | None:
+        """Why this engine can no longer run (a TP rank failed mid-forward), or None."""
+        return self._broken
+
+    def ranks(self) -> list[dict[str, Any]]:
+        """Per TP rank: process id and the device it drives."""
+        from eagle_ray.engines._sglang_runner import rank_placement
+
+        return [rank_placement(0)] + self._placements
+
+    def _collect(self, expect: str) -> list[Any]:
         """Wait for every worker's reply to the last message; raise naming each rank that failed."""
-        errors = []
+        errors, replies = [], []
         for r, (proc, conn) in enumerate(self._workers, start=1):
             while not conn.poll(1.0):
                 if not proc.is_alive():
@@ -157,11 +168,14 @@ class SGLangEngine:
                 errors.append(f"TP rank {r} died (exit code {proc.exitcode})")
             elif msg[0] != expect:
                 errors.append(f"TP rank {r}: {msg[1]}")
+            else:
+                replies.append(msg[1] if len(msg) > 1 else None)
         if errors:
             # a rank that failed mid-forward leaves the others inside a collective: no way back
             self._kill_workers()
             self._broken = "SGLang tensor-parallel ranks failed:\n" + "\n".join(errors)
             raise RuntimeError(self._broken)
+        return replies
 
     def _run(self, batch: PackedBatch, return_logits: bool):
         if self._broken:

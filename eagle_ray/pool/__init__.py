@@ -1,0 +1,7 @@
+"""The target pool: replica actors (replica.py), driver-side pool (pooled.py), shard ledger, placement."""
+
+from eagle_ray.pool.ledger import ShardLedger, ShardQuarantinedError
+from eagle_ray.pool.pooled import PooledTargetModel, ShardResult
+from eagle_ray.pool.replica import TargetReplica
+
+__all__ = ["PooledTargetModel", "ShardLedger", "ShardQuarantinedError", "ShardResult", "TargetReplica"]

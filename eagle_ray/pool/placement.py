@@ -1,0 +1,69 @@
+"""Resource shapes and placement groups for target replicas.
+
+One replica = one placement group with ONE bundle (so its TP ranks are packed on one node):
+  separate,  GPU cluster: {"CPU": c, "GPU": tp_size}        targets own whole GPUs
+  colocated, GPU cluster: {"CPU": c, "GPU": gpu_fraction}    shares a GPU with a train worker
+                                                             (tp_size 1; the rest of the GPU is theirs)
+  CPU-only cluster:       {"CPU": c}                         c defaults to tp_size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+PLACEMENTS = ("separate", "colocated")
+
+
+@dataclass(frozen=True)
+class ReplicaShape:
+    cpus: float
+    gpus: float
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus, "GPU": self.gpus} if self.gpus else {"CPU": self.cpus}
+
+
+def replica_shape(
+    placement: str, tp_size: int, use_gpu: bool, cpus_per_replica: float | None, gpu_fraction: float
+) -> ReplicaShape:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    if not use_gpu:
+        return ReplicaShape(cpus=cpus_per_replica if cpus_per_replica is not None else tp_size, gpus=0)
+    cpus = cpus_per_replica if cpus_per_replica is not None else 1
+    if placement == "separate":
+        return ReplicaShape(cpus=cpus, gpus=tp_size)
+    if tp_size != 1:
+        raise ValueError(
+            "placement='colocated' supports tp_size=1: Ray cannot give one actor a fraction of "
+            f"each of {tp_size} GPUs; use placement='separate' for tensor-parallel targets"
+        )
+    if not 0 < gpu_fraction < 1:
+        raise ValueError(f"gpu_fraction must be in (0, 1) for colocation, got {gpu_fraction}")
+    return ReplicaShape(cpus=cpus, gpus=gpu_fraction)
+
+
+def reserve(shape: ReplicaShape, name: str) -> PlacementGroup:
+    return placement_group([shape.bundle], strategy="STRICT_PACK", name=name)
+
+
+def strategy(pg: PlacementGroup) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
+
+
+def release(pg: PlacementGroup) -> None:
+    try:
+        remove_placement_group(pg)
+    except Exception:  # already gone with its node, or Ray shutting down
+        pass
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0

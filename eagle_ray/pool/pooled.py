@@ -1,0 +1,600 @@
+"""`PooledTargetModel`: the driver side of the target pool.
+
+Shards batches by tokens across `TargetReplica` actors, dispatches to the replica with
+the fewest outstanding tokens, bounds the bytes in flight, replaces dead replicas and
+re-runs their shards (a ledger by shard id delivers each shard exactly once), and scales
+while streaming. The driver holds object refs only: tensors go replica -> object store ->
+consumer, never through the driver (except for the single-target compatibility calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from eagle_ray.contract import InvalidBatchError, ModelInfo, PackedBatch, Supervision, plan_runs, validate_packed
+from eagle_ray.pool import placement as pl
+from eagle_ray.pool.ledger import ShardLedger
+from eagle_ray.pool.replica import TargetReplica
+from eagle_ray.target import Eagle3TargetBatch, generate_padded
+
+log = logging.getLogger(__name__)
+
+ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+# Ray frees released objects in batches (by default every 1 s or 100 objects), so a fast stream
+# of released shards can sit in the object store well past the pool's byte budget. Free promptly.
+# (On a `ray start` cluster pass the same as --system-config.)
+RAY_SYSTEM_CONFIG = {"free_objects_period_milliseconds": 20, "free_objects_batch_size": 1}
+_DEAD = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+@dataclass
+class ShardResult:
+    """One shard's supervision, in the object store. Hold it while you use `ref`: the pool
+    counts its bytes against `max_inflight_bytes` until this object is released."""
+
+    shard_id: int
+    batch_index: int  # which batch of the stream (0 for submit)
+    sequences: tuple[int, int]  # [start, stop) sequence indices within that batch
+    num_tokens: int
+    ref: ray.ObjectRef | None  # -> Supervision; None when quarantined
+    replica_id: int | None = None
+    error: str | None = None  # set when the shard was quarantined
+
+
+@dataclass
+class _Shard:
+    shard_id: int
+    batch_index: int
+    sequences: tuple[int, int]
+    batch: PackedBatch
+    logits: bool
+    nbytes: int
+
+
+@dataclass
+class _Replica:
+    replica_id: int
+    actor: Any
+    pg: Any
+    state: str = "starting"  # starting | ready | draining | dead
+    ready_ref: Any = None
+    watch_ref: Any = None  # resolves (with an error) only when the actor dies
+    desc: dict[str, Any] | None = None
+    inflight: list = field(default_factory=list)  # meta refs, in dispatch (= execution) order
+    inflight_tokens: int = 0
+    tokens_done: int = 0
+    shards_done: int = 0
+    failures: int = 0
+
+
+class PooledTargetModel:
+    """A pool of target replicas with the surface of a single target. See README "Pool"."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        engine: str = "sglang",
+        replicas: int = 1,
+        tp_size: int = 1,
+        aux_layer_ids: list[int] | None = None,
+        dtype: torch.dtype | None = None,
+        placement: str = "separate",
+        engine_kwargs: dict[str, Any] | None = None,
+        use_gpu: bool | None = None,
+        cpus_per_replica: float | None = None,
+        gpu_fraction: float = 0.5,
+        max_inflight_bytes: int | None = None,
+        shard_tokens: int | None = None,
+        max_shard_failures: int = 3,
+        max_inflight_per_replica: int = 2,
+        max_replica_starts: int | None = None,
+        runtime_env: dict[str, Any] | None = None,
+        start_timeout_s: float = 900.0,
+    ):
+        if not ray.is_initialized():
+            ray.init(_system_config=RAY_SYSTEM_CONFIG, runtime_env={"env_vars": ZERO_COPY_ENV})
+        if replicas < 0:
+            raise ValueError(f"replicas must be >= 0, got {replicas}")
+        if engine not in ("sglang", "hf"):
+            raise ValueError(f"engine must be 'sglang' or 'hf', got {engine!r}")
+        use_gpu = pl.cluster_has_gpus() if use_gpu is None else use_gpu
+        self.shape = pl.replica_shape(placement, tp_size, use_gpu, cpus_per_replica, gpu_fraction)
+        self.placement = placement
+        self.engine_name = engine
+        self.model_path = model_path
+        kwargs: dict[str, Any] = {"aux_layer_ids": aux_layer_ids, "dtype": dtype}
+        extra = dict(engine_kwargs or {})
+        if engine == "sglang":
+            sg = dict(extra.pop("sglang_kwargs", {}), **extra)
+            if placement == "colocated" and use_gpu:
+                # leave the train worker its share of the GPU (SGLang sizes weights + KV by this fraction)
+                sg.setdefault("mem_fraction_static", round(0.9 * gpu_fraction, 3))
+            kwargs.update(tp_size=tp_size, sglang_kwargs=sg)
+        else:
+            if tp_size != 1:
+                raise ValueError("the hf engine has no tensor parallelism; use tp_size=1 or engine='sglang'")
+            kwargs.update(extra)
+        self._target_kwargs = kwargs
+        env = dict(runtime_env or {})
+        env["env_vars"] = {**ZERO_COPY_ENV, **env.get("env_vars", {})}
+        self._runtime_env = env
+        self._actor_cls = ray.remote(concurrency_groups={"watch": 1})(TargetReplica)  # run() stays sequential
+        self._lock = threading.RLock()
+        self._replicas: dict[int, _Replica] = {}
+        self._next_replica_id = 0
+        self._target_replicas = replicas
+        self._starts = 0
+        self._max_starts = max_replica_starts if max_replica_starts is not None else 3 * max(replicas, 1) + 10
+        self._ledger = ShardLedger(max_failures=max_shard_failures)
+        self._next_shard_id = 0
+        self._inflight: dict[
+            Any, tuple[_Shard, _Replica, int, Any]
+        ] = {}  # meta ref -> (shard, replica, attempt, payload)
+        self._retry: deque[_Shard] = deque()
+        self._inflight_bytes = 0  # dispatched, not yet handed out
+        self._held_bytes = [0]  # handed out, ShardResult still alive (a list: finalizers update it)
+        self._max_inflight_bytes = max_inflight_bytes
+        self._shard_tokens = shard_tokens
+        self._per_replica = max_inflight_per_replica
+        self._replaced = 0
+        self._stream_active = False
+        self._start_errors: list[str] = []
+        self._info: ModelInfo | None = None
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reconcile()
+        self._wait_ready(start_timeout_s)
+        if self._max_inflight_bytes is None:
+            store = ray.cluster_resources().get("object_store_memory", 2**31)
+            self._max_inflight_bytes = int(0.25 * store)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, **kwargs: Any) -> PooledTargetModel:
+        """Start the pool and wait until every replica has built its engine."""
+        return cls(model_path, **kwargs)
+
+    # ----------------------------------------------------------------------------------- replicas
+
+    def _start_replica(self) -> None:
+        if self._starts >= self._max_starts:
+            raise RuntimeError(
+                f"replica start budget spent ({self._starts} starts); last errors: {self._start_errors[-3:]}"
+            )
+        self._starts += 1
+        rid = self._next_replica_id
+        self._next_replica_id += 1
+        pg = pl.reserve(self.shape, name=f"eagle_ray-replica-{rid}-{id(self)}")
+        actor = self._actor_cls.options(
+            num_cpus=self.shape.cpus,
+            num_gpus=self.shape.gpus,
+            scheduling_strategy=pl.strategy(pg),
+            runtime_env=self._runtime_env,
+            max_restarts=0,
+        ).remote(rid, self.engine_name, self.model_path, self._target_kwargs)
+        self._replicas[rid] = _Replica(
+            rid, actor, pg, ready_ref=actor.describe.remote(), watch_ref=actor.watch.remote()
+        )
+
+    def _reconcile(self) -> None:
+        """Start or drain replicas until the live count matches the target."""
+        with self._lock:
+            live = [r for r in self._replicas.values() if r.state in ("starting", "ready")]
+            for _ in range(self._target_replicas - len(live)):
+                self._start_replica()
+            surplus = len(live) - self._target_replicas
+            if surplus > 0:
+                # drain starting replicas first, then the least busy ready ones
+                order = sorted(live, key=lambda r: (r.state != "starting", r.inflight_tokens))
+                for r in order[:surplus]:
+                    r.state = "draining"
+            for r in list(self._replicas.values()):
+                if r.state == "draining" and not r.inflight:
+                    self._remove(r)
+
+    def _remove(self, r: _Replica) -> None:
+        if self._replicas.get(r.replica_id) is not r:
+            return
+        try:
+            ray.kill(r.actor, no_restart=True)
+        except Exception:
+            pass
+        pl.release(r.pg)
+        r.state = "dead"
+        del self._replicas[r.replica_id]
+
+    def _on_ready(self, r: _Replica) -> None:
+        try:
+            r.desc = ray.get(r.ready_ref)
+        except Exception as e:  # failed to build its engine, or died starting
+            self._start_errors.append(f"replica {r.replica_id}: {e}")
+            log.error("replica %d failed to start: %s", r.replica_id, e)
+            self._remove(r)
+            self._reconcile()
+            return
+        finally:
+            r.ready_ref = None
+        info = r.desc["info"]
+        if self._info is None:
+            self._info = info
+        elif info != self._info:
+            raise RuntimeError(f"replica {r.replica_id} reports {info}, others {self._info}")
+        if r.state == "starting":
+            r.state = "ready"
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                starting = {r.ready_ref: r for r in self._replicas.values() if r.ready_ref is not None}
+            if not starting:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(starting)} replicas not ready after {timeout_s}s (resources: {self.shape})")
+            done, _ = ray.wait(list(starting), num_returns=1, timeout=1.0)
+            for ref in done:
+                with self._lock:
+                    self._on_ready(starting[ref])
+        if self._target_replicas and not self._ready():
+            raise RuntimeError(f"no replica started: {self._start_errors}")
+
+    def _ready(self) -> list[_Replica]:
+        return [r for r in self._replicas.values() if r.state == "ready"]
+
+    def _on_replica_death(self, r: _Replica, err: BaseException) -> list[ShardResult]:
+        """Replace a dead replica and send its in-flight shards back to the queue."""
+        if self._replicas.get(r.replica_id) is not r:
+            return []  # handled already (its watch and a shard both reported the death)
+        log.warning("replica %d died: %s", r.replica_id, err)
+        lost = [self._inflight.pop(ref) for ref in r.inflight if ref in self._inflight]
+        r.inflight = []
+        was_live = r.state in ("starting", "ready")
+        self._remove(r)
+        if was_live:
+            self._replaced += 1
+        out = []
+        for i, (shard, _, attempt, _) in enumerate(lost):
+            self._inflight_bytes -= shard.nbytes
+            if i == 0:  # an actor runs its tasks in order: only the oldest was running when it died
+                out += self._failed(shard, attempt, f"replica {r.replica_id} died running it: {type(err).__name__}")
+            elif self._ledger.requeue(shard.shard_id, attempt):
+                self._retry.append(shard)
+        self._reconcile()
+        return out
+
+    def _failed(self, shard: _Shard, attempt: int, reason: str) -> list[ShardResult]:
+        verdict = self._ledger.fail(shard.shard_id, attempt, reason)
+        if verdict == "retry":
+            self._retry.appendleft(shard)
+        elif verdict == "quarantine":
+            err = self._ledger.error(shard.shard_id)
+            log.error("%s", err)
+            return [
+                ShardResult(
+                    shard.shard_id, shard.batch_index, shard.sequences, shard.batch.num_tokens, None, None, str(err)
+                )
+            ]
+        return []
+
+    # ----------------------------------------------------------------------------------- facts
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError("no replica has started yet")
+        return self._info
+
+    def _bytes_per_token(self, logits: bool) -> int:
+        return self.info.bytes_per_token + (4 * self.info.vocab_size if logits else 0)
+
+    def _weights_once(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._weights is None:
+            r = self._ready()[0]
+            self._weights = ray.get(r.actor.weights.remote())
+        return self._weights
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return torch.nn.Embedding.from_pretrained(self._weights_once()[0].clone(), freeze=True)
+
+    def get_lm_head_weight(self) -> torch.Tensor:
+        return self._weights_once()[1]
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """What each ready replica reported when it started (node, GPU ids, TP rank pids...)."""
+        with self._lock:
+            return [dict(r.desc) for r in self._ready() if r.desc]
+
+    def stats(self) -> dict[str, Any]:
+        """Per replica: state, node, tokens and shards done, in flight, failures; pool totals."""
+        if not self._stream_active:
+            self._poll(timeout=0)  # notice replicas that died while idle
+        with self._lock:
+            return {
+                "replicas": [
+                    {
+                        "replica_id": r.replica_id,
+                        "state": r.state,
+                        "node_id": (r.desc or {}).get("node_id"),
+                        "tokens_done": r.tokens_done,
+                        "shards_done": r.shards_done,
+                        "inflight_shards": len(r.inflight),
+                        "inflight_tokens": r.inflight_tokens,
+                        "failures": r.failures,
+                    }
+                    for r in self._replicas.values()
+                ],
+                "replicas_replaced": self._replaced,
+                "inflight_bytes": self._inflight_bytes,
+                "held_bytes": self._held_bytes[0],
+                "max_inflight_bytes": self._max_inflight_bytes,
+                "shards_delivered": self._ledger.count("delivered"),
+                "shards_quarantined": self._ledger.count("quarantined"),
+            }
+
+    # ----------------------------------------------------------------------------------- dispatch
+
+    def _shards(self, batch: PackedBatch, batch_index: int, logits: bool) -> list[_Shard]:
+        batch = validate_packed(batch, self.info.vocab_size, self.info.max_context)
+        n = max(len(self._ready()), 1)
+        even = -(-batch.num_tokens // n)  # split one batch evenly over the live replicas
+        cap = min(self.info.kv_capacity_tokens, self._shard_tokens or even, even)
+        shards = []
+        for start, stop in plan_runs(batch.seqlens, max(cap, 1)):
+            sub = batch.select(start, stop)
+            sid = self._next_shard_id
+            self._next_shard_id += 1
+            self._ledger.add(sid)
+            shards.append(
+                _Shard(sid, batch_index, (start, stop), sub, logits, sub.num_tokens * self._bytes_per_token(logits))
+            )
+        return shards
+
+    def _pick(self, shard: _Shard, node_id: str | None) -> _Replica | None:
+        # a small queue per replica keeps it busy without piling work onto one that may die,
+        # and lets replicas that join later take their share at once
+        ready = [r for r in self._ready() if len(r.inflight) < self._per_replica]
+        if not ready:
+            return None
+        if node_id is not None:
+            local = [r for r in ready if r.desc and r.desc["node_id"] == node_id]
+            ready = local or ready
+        return min(ready, key=lambda r: (r.inflight_tokens, r.replica_id))
+
+    def _dispatch(self, shard: _Shard, r: _Replica) -> None:
+        attempt = self._ledger.dispatch(shard.shard_id)
+        b = shard.batch
+        meta, payload = r.actor.run.options(num_returns=2).remote(
+            shard.shard_id, b.input_ids, b.loss_mask, b.cu_seqlens, shard.logits
+        )
+        self._inflight[meta] = (shard, r, attempt, payload)
+        r.inflight.append(meta)
+        r.inflight_tokens += b.num_tokens
+        self._inflight_bytes += shard.nbytes
+
+    def _budget_allows(self, shard: _Shard) -> bool:
+        used = self._inflight_bytes + self._held_bytes[0]
+        return used == 0 or used + shard.nbytes <= self._max_inflight_bytes
+
+    def _poll(self, timeout: float) -> list[ShardResult]:
+        """Wait for completions (or replica start-ups); return settled shards."""
+        with self._lock:
+            waiting = list(self._inflight)
+            for r in self._replicas.values():
+                waiting += [ref for ref in (r.ready_ref, r.watch_ref) if ref is not None]
+        if not waiting:
+            return []
+        done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+        if done:
+            done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+        out: list[ShardResult] = []
+        with self._lock:
+            for ref in done:
+                starting = next((r for r in self._replicas.values() if r.ready_ref == ref), None)
+                if starting is not None:
+                    self._on_ready(starting)
+                    continue
+                watched = next((r for r in self._replicas.values() if r.watch_ref == ref), None)
+                if watched is not None:
+                    out += self._on_replica_death(watched, _error_of(ref))
+                    continue
+                if ref not in self._inflight:
+                    continue  # settled already (its replica died and the shard was requeued)
+                shard, r, attempt, payload = self._inflight[ref]
+                try:
+                    meta = ray.get(ref)  # small dict; the payload stays in the object store
+                except _DEAD as e:
+                    out += self._on_replica_death(r, e)
+                    continue
+                except RayTaskError as e:
+                    self._settle(ref, shard, r)
+                    r.failures += 1
+                    out += self._failed(shard, attempt, f"replica {r.replica_id}: {e}")
+                    continue
+                self._settle(ref, shard, r)
+                if self._ledger.complete(shard.shard_id, attempt):
+                    r.tokens_done += meta["tokens"]
+                    r.shards_done += 1
+                    out.append(self._result(shard, payload, r.replica_id))
+            self._reconcile()
+        return out
+
+    def _settle(self, ref: Any, shard: _Shard, r: _Replica) -> None:
+        del self._inflight[ref]
+        r.inflight.remove(ref)
+        r.inflight_tokens -= shard.batch.num_tokens
+        self._inflight_bytes -= shard.nbytes
+
+    def _result(self, shard: _Shard, payload: Any, replica_id: int) -> ShardResult:
+        res = ShardResult(
+            shard.shard_id, shard.batch_index, shard.sequences, shard.batch.num_tokens, payload, replica_id
+        )
+        held = self._held_bytes
+        held[0] += shard.nbytes
+        weakref.finalize(res, _release, held, shard.nbytes)
+        return res
+
+    # ----------------------------------------------------------------------------------- public API
+
+    def stream(
+        self,
+        batches: Iterable[PackedBatch],
+        *,
+        ordered: bool = True,
+        return_logits: bool = False,
+        node_id: str | None = None,
+        stall_timeout_s: float = 600.0,
+    ) -> Iterator[ShardResult]:
+        """Supervision for many batches, as `ShardResult`s holding object refs.
+
+        Yields in submission order (`ordered=True`) or as shards complete. Dispatch waits
+        while `max_inflight_bytes` are in flight or held by un-released results. Bad input
+        raises `InvalidBatchError` when its batch is reached, before it is dispatched.
+        `node_id` prefers replicas on the consumer's node. One stream at a time per pool.
+        """
+        with self._lock:
+            if self._stream_active:
+                raise RuntimeError("this pool is already streaming; one stream (or submit) at a time")
+            self._stream_active = True
+        try:
+            yield from self._stream(iter(batches), ordered, return_logits, node_id, stall_timeout_s)
+        finally:
+            with self._lock:
+                self._stream_active = False
+
+    def _stream(self, it, ordered, logits, node_id, stall_timeout_s) -> Iterator[ShardResult]:
+        pending: deque[_Shard] = deque()
+        order: deque[int] = deque()  # shard ids in submission order, not yet yielded
+        ready: dict[int, ShardResult] = {}
+        exhausted, batch_index, bad_input = False, 0, None
+        last_progress = time.monotonic()
+        try:
+            while True:
+                with self._lock:
+                    self._reconcile()
+                    while True:
+                        queue = self._retry if self._retry else pending
+                        if not queue:
+                            if exhausted:
+                                break
+                            try:
+                                new = self._shards(next(it), batch_index, logits)
+                            except StopIteration:
+                                exhausted = True
+                                break
+                            except InvalidBatchError as e:
+                                # serve everything before the bad batch, then raise at its place
+                                bad_input, exhausted = e, True
+                                break
+                            batch_index += 1
+                            pending.extend(new)
+                            order.extend(s.shard_id for s in new)
+                            continue
+                        shard = queue[0]
+                        r = self._pick(shard, node_id)
+                        if r is None or not self._budget_allows(shard):
+                            break
+                        queue.popleft()
+                        self._dispatch(shard, r)
+                if exhausted and not order:
+                    if bad_input is not None:
+                        raise bad_input
+                    return
+                for res in self._poll(timeout=1.0):
+                    last_progress = time.monotonic()
+                    if ordered:
+                        ready[res.shard_id] = res
+                    else:
+                        order.remove(res.shard_id)
+                        yield res
+                while ordered and order and order[0] in ready:
+                    yield ready.pop(order.popleft())
+                with self._lock:
+                    stalled = not self._inflight and (self._retry or pending) and self._ready()
+                    if not self._replicas and (pending or self._retry):
+                        raise RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}")
+                if stalled and time.monotonic() - last_progress > stall_timeout_s:
+                    raise RuntimeError(
+                        f"stream stalled for {stall_timeout_s}s: {self._held_bytes[0]} bytes of handed-out results "
+                        f"are still referenced (budget {self._max_inflight_bytes}); release ShardResults when done"
+                    )
+        finally:
+            self._abandon(set(order) | {s.shard_id for s in pending})
+
+    def _abandon(self, shard_ids: set[int]) -> None:
+        """A stream ended early (error, or the consumer stopped): forget its unfinished shards."""
+        with self._lock:
+            self._retry = deque(s for s in self._retry if s.shard_id not in shard_ids)
+            for ref, (shard, r, _, _) in list(self._inflight.items()):
+                if shard.shard_id in shard_ids:
+                    self._settle(ref, shard, r)
+            for sid in shard_ids:
+                self._ledger.abandon(sid)
+
+    def submit(self, batch: PackedBatch, return_logits: bool = False) -> list[ShardResult]:
+        """Shard one batch across replicas; return its shards' results (refs) once all are stored.
+
+        Validates first (`InvalidBatchError`, nothing dispatched). Failed replicas are replaced and
+        their shards re-run. Quarantined shards come back with `error` set and `ref=None`.
+        """
+        return list(self.stream([batch], return_logits=return_logits))
+
+    def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
+        """Single-target compatibility: pulls the supervision to the caller."""
+        results = self.submit(batch, return_logits)
+        bad = [r.error for r in results if r.error]
+        if bad:
+            raise RuntimeError("\n".join(bad))
+        return Supervision.concat(ray.get([r.ref for r in results]))
+
+    def generate_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None
+    ) -> Eagle3TargetBatch:
+        """NeMo-compatible padded API, served by the pool."""
+        return generate_padded(self.forward_packed, input_ids, attention_mask, loss_mask)
+
+    def scale(self, replicas: int) -> None:
+        """Set the number of replicas; new ones join when ready, surplus ones drain first."""
+        if replicas < 0:
+            raise ValueError(f"replicas must be >= 0, got {replicas}")
+        with self._lock:
+            self._target_replicas = replicas
+            self._max_starts += max(0, replicas - len(self._replicas))
+            self._reconcile()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._target_replicas = 0
+            for r in list(self._replicas.values()):
+                try:
+                    ray.get(r.actor.shutdown.remote(), timeout=30)
+                except Exception:
+                    pass
+                self._remove(r)
+
+    def __enter__(self) -> PooledTargetModel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def _error_of(ref: Any) -> BaseException:
+    try:
+        ray.get(ref, timeout=0)
+    except Exception as e:
+        return e
+    return RuntimeError("replica watch returned")
+
+
+def _release(held: list[int], nbytes: int) -> None:
+    held[0] -= nbytes

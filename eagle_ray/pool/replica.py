@@ -1,0 +1,89 @@
+"""`TargetReplica`: one Ray actor = one target engine (its TP ranks live inside it).
+
+The actor runs shards one at a time and returns two objects per shard: a small
+metadata dict (what the driver waits on) and the `Supervision` payload (what consumers
+`ray.get`). Tensors are CPU torch tensors; the actor's runtime env sets Ray's
+`RAY_ENABLE_ZERO_COPY_TORCH_TENSORS`, so consumers read them zero-copy from the object store.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import ray
+import torch
+
+from eagle_ray.contract import PackedBatch, Supervision
+
+# Fault injection for tests and chaos runs: a replica process exits when a shard holds this token id.
+_CHAOS_CRASH_TOKEN = (
+    int(os.environ["EAGLE_RAY_CHAOS_CRASH_TOKEN"]) if "EAGLE_RAY_CHAOS_CRASH_TOKEN" in os.environ else None
+)
+
+
+class TargetReplica:
+    """Ray actor body; the pool creates it with `ray.remote(TargetReplica).options(...)`."""
+
+    def __init__(self, replica_id: int, engine: str, model_path: str, target_kwargs: dict[str, Any]):
+        from eagle_ray.target import load_target
+
+        self.replica_id = replica_id
+        self.engine_name = engine
+        cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0) or 0)
+        if cpus:
+            torch.set_num_threads(cpus)  # the CPUs this replica reserved, not the whole node
+        t0 = time.perf_counter()
+        self.target = load_target(engine, model_path, **target_kwargs)
+        self.build_seconds = time.perf_counter() - t0
+
+    def describe(self) -> dict[str, Any]:
+        """Model facts and where this replica runs; called once when it starts."""
+        ctx = ray.get_runtime_context()
+        engine = self.target.engine
+        return {
+            "replica_id": self.replica_id,
+            "info": self.target.info,
+            "node_id": ctx.get_node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "ranks": engine.ranks() if hasattr(engine, "ranks") else [{"tp_rank": 0, "pid": os.getpid()}],
+            "build_seconds": self.build_seconds,
+        }
+
+    def run(
+        self, shard_id: int, input_ids: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor, logits: bool
+    ) -> tuple[dict[str, Any], Supervision]:
+        t0 = time.perf_counter()
+        if _CHAOS_CRASH_TOKEN is not None and bool((input_ids == _CHAOS_CRASH_TOKEN).any()):
+            os._exit(3)  # fault injection: a shard that kills its replica (EAGLE_RAY_CHAOS_CRASH_TOKEN)
+        try:
+            sup = self.target.engine.forward(PackedBatch(input_ids, loss_mask, cu_seqlens), logits)
+        except Exception:
+            if getattr(self.target.engine, "broken", None):
+                # TP ranks out of step: this replica can never run again; let the pool replace it
+                os._exit(1)
+            raise
+        meta = {
+            "shard_id": shard_id,
+            "replica_id": self.replica_id,
+            "tokens": sup.num_tokens,
+            "seconds": time.perf_counter() - t0,
+        }
+        return meta, sup
+
+    @ray.method(concurrency_group="watch")
+    def watch(self) -> None:
+        """Never returns while the replica lives: the pool waits on it to notice a death at once."""
+        threading.Event().wait()
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.target.engine.input_embeddings(), self.target.engine.lm_head_weight()
+
+    def shutdown(self) -> None:
+        self.target.close()

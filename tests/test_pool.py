@@ -1,0 +1,237 @@
+"""The target pool on a real local Ray cluster (fake GPUs), real engines on the CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from conftest import random_batch
+from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+from eagle_ray import HFEagle3TargetModel, InvalidBatchError, PackedBatch
+from eagle_ray.pool import PooledTargetModel, ShardResult
+from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(
+        num_cpus=8,  # logical: replicas that mostly wait; torch threads follow each replica's share
+        num_gpus=4,  # fake GPU ids: placement is testable on a CPU machine
+        object_store_memory=256 * 2**20,
+        include_dashboard=False,
+        runtime_env={"env_vars": ZERO_COPY_ENV},
+        _system_config=RAY_SYSTEM_CONFIG,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_paths):
+    return HFEagle3TargetModel.from_pretrained(tiny_paths["llama"])
+
+
+def batches(n: int, seed: int = 0) -> list[PackedBatch]:
+    g = torch.Generator().manual_seed(seed)
+    return [random_batch(torch.randint(8, 64, (4,), generator=g).tolist(), seed=seed * 1000 + i) for i in range(n)]
+
+
+def gather(results: list[ShardResult]) -> dict[tuple[int, int, int], torch.Tensor]:
+    """(batch, first seq, last seq) -> aux states; asserts each shard arrives exactly once."""
+    out = {}
+    for r in results:
+        assert r.error is None, r.error
+        key = (r.batch_index, *r.sequences)
+        assert key not in out, f"shard {key} delivered twice"
+        out[key] = ray.get(r.ref).aux_hidden_states.clone()
+    return out
+
+
+def check_complete(got: dict, inputs: list[PackedBatch], reference) -> None:
+    """Every sequence of every batch delivered once, equal to the reference engine's output."""
+    for b, batch in enumerate(inputs):
+        covered = sorted((k[1], k[2]) for k in got if k[0] == b)
+        assert covered[0][0] == 0 and covered[-1][1] == batch.num_sequences
+        assert all(a[1] == n[0] for a, n in zip(covered, covered[1:], strict=False)), covered
+        want = reference.forward_packed(batch).aux_hidden_states
+        have = torch.cat([got[(b, s, e)] for s, e in covered])
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=0)
+
+
+def test_pooled_sglang_equals_direct_engine_bit_exact(cluster, tiny_paths, sglang_target):
+    path = tiny_paths["llama"]
+    batch = random_batch([12, 40, 7, 25], seed=11)
+    direct = sglang_target(path).forward_packed(batch, return_logits=True)
+    with PooledTargetModel.from_pretrained(path, engine="sglang", replicas=1, use_gpu=False) as pool:
+        pooled = pool.forward_packed(batch, return_logits=True)
+        assert pool.info == sglang_target(path).info
+        assert torch.equal(pool.get_lm_head_weight(), sglang_target(path).get_lm_head_weight())
+        padded = pool.generate_batch(torch.tensor([[1, 2, 3, 0]]), torch.tensor([[1, 1, 1, 0]]))
+        assert padded.logits.shape == (1, 4, 1024) and padded.input_ids.tolist() == [[2, 3, 0, 0]]
+    for f in ("aux_hidden_states", "last_hidden_states", "logits", "input_ids", "loss_mask", "cu_seqlens"):
+        assert torch.equal(getattr(pooled, f), getattr(direct, f)), f
+
+
+@pytest.fixture(scope="module")
+def hf_pool(cluster, tiny_paths):
+    pool = PooledTargetModel.from_pretrained(
+        tiny_paths["llama"], engine="hf", replicas=2, use_gpu=True, cpus_per_replica=1
+    )
+    yield pool
+    pool.shutdown()
+
+
+def test_two_replicas_share_one_batch_by_tokens(hf_pool, reference):
+    hf_pool.scale(2)
+    batch = random_batch([30, 30, 30, 30, 30, 30], seed=3)
+    results = hf_pool.submit(batch)
+    assert {r.replica_id for r in results} == {r["replica_id"] for r in hf_pool.replicas()}
+    assert [r.num_tokens for r in results] == [90, 90]  # split by tokens, evenly
+    check_complete(gather(results), [batch], reference)
+    # the driver never pulled a payload: results are refs into the object store
+    assert all(isinstance(r.ref, ray.ObjectRef) for r in results)
+
+
+def test_replicas_pin_distinct_fake_gpus(hf_pool):
+    descs = hf_pool.replicas()
+    ids = [d["gpu_ids"] for d in descs]
+    assert all(len(g) == 1 for g in ids) and len({g[0] for g in ids}) == len(ids)
+    assert all(d["cuda_visible_devices"] == d["gpu_ids"][0] for d in descs)
+
+
+def test_bad_input_rejected_at_driver_pool_keeps_serving(hf_pool, reference):
+    before = hf_pool.stats()["shards_delivered"]
+    bad = PackedBatch(torch.tensor([1, 2, 3, 4000]), torch.ones(4, dtype=torch.long), torch.tensor([0, 1, 4]))
+    with pytest.raises(InvalidBatchError) as err:
+        hf_pool.submit(bad)
+    assert err.value.code == "token_out_of_range" and err.value.sequence == 1
+    with pytest.raises(InvalidBatchError) as err:
+        list(hf_pool.stream([random_batch([5]), PackedBatch(torch.tensor([1]), torch.ones(2), torch.tensor([0, 1]))]))
+    assert err.value.code in ("loss_mask_length", "bad_tensor")
+    assert hf_pool.stats()["shards_delivered"] == before + 1  # the good batch before it was served
+    good = random_batch([9, 4])
+    check_complete(gather(hf_pool.submit(good)), [good], reference)
+
+
+def test_stream_ordered_and_as_completed(hf_pool, reference):
+    inputs = batches(6, seed=1)
+    ordered = list(hf_pool.stream(inputs))
+    keys = [(r.batch_index, r.sequences) for r in ordered]
+    assert keys == sorted(keys)
+    check_complete(gather(ordered), inputs, reference)
+    unordered = list(hf_pool.stream(inputs, ordered=False))
+    assert sorted((r.batch_index, r.sequences) for r in unordered) == keys
+
+
+def test_replica_killed_mid_stream_exactly_once(hf_pool, reference):
+    """ray.kill one replica and SIGKILL another's process mid-stream: nothing lost, nothing twice."""
+    hf_pool.scale(2)
+    inputs = batches(16, seed=2)
+    results, killed = [], []
+    for i, r in enumerate(hf_pool.stream(inputs)):
+        results.append(r)
+        if i == 3:
+            victim = hf_pool._ready()[0]
+            ray.kill(victim.actor, no_restart=True)
+            killed.append(victim.replica_id)
+        if i == 12:
+            desc = hf_pool.replicas()[0]
+            os.kill(desc["pid"], signal.SIGKILL)  # an OS-level crash of the replica process
+            killed.append(desc["replica_id"])
+    stats = hf_pool.stats()
+    deadline = time.time() + 30
+    while hf_pool.stats()["replicas_replaced"] < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    stats = hf_pool.stats()
+    assert stats["replicas_replaced"] >= 2
+    assert not set(killed) & {r["replica_id"] for r in stats["replicas"]}
+    check_complete(gather(results), inputs, reference)
+
+
+def test_scale_while_streaming_loses_nothing(hf_pool, reference):
+    hf_pool.scale(1)
+    inputs = batches(100, seed=4)
+    results, sizes, phase, at_three = [], [], "up", 0
+    for i, r in enumerate(hf_pool.stream(inputs, ordered=False)):
+        results.append(r)
+        time.sleep(0.1)  # a consumer slower than the pool, so replicas have time to join
+        n = len(hf_pool._ready())
+        sizes.append(n)
+        if i == 2:
+            hf_pool.scale(3)
+        at_three += n == 3
+        if phase == "up" and at_three == 8:  # all three served a while: scale back down mid-stream
+            hf_pool.scale(1)
+            phase = "down"
+    assert max(sizes) == 3 and phase == "down", sizes
+    deadline = time.time() + 30
+    while len(hf_pool.stats()["replicas"]) != 1 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(hf_pool.stats()["replicas"]) == 1
+    assert len({r.replica_id for r in results}) >= 3  # the new replicas did serve
+    check_complete(gather(results), inputs, reference)
+    hf_pool.scale(2)
+
+
+def test_scale_from_another_thread(hf_pool, reference):
+    inputs = batches(8, seed=5)
+    t = threading.Timer(0.5, hf_pool.scale, args=(3,))
+    t.start()
+    results = list(hf_pool.stream(inputs))
+    t.join()
+    check_complete(gather(results), inputs, reference)
+    hf_pool.scale(2)
+
+
+def test_stream_respects_byte_budget(cluster, tiny_paths, reference):
+    bpt = 16 * 64  # fp32 aux + last hidden of the tiny target
+    budget = 3 * 64 * 4 * bpt  # about three batches of <= 4 x 64 tokens
+    inputs = [random_batch([60, 60, 60, 60], seed=50 + i) for i in range(40)]  # ~10 MB, ~13x the budget
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    with PooledTargetModel.from_pretrained(
+        tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, max_inflight_bytes=budget, cpus_per_replica=1
+    ) as pool:
+        base = get_memory_info_reply(state).store_stats.object_store_bytes_used
+        peak_pool, peak_store, seen = 0, 0, 0
+        for r in pool.stream(inputs):
+            s = pool.stats()
+            peak_pool = max(peak_pool, s["inflight_bytes"] + s["held_bytes"])
+            peak_store = max(peak_store, get_memory_info_reply(state).store_stats.object_store_bytes_used - base)
+            sup = ray.get(r.ref)
+            seen += sup.num_tokens
+            del sup, r  # release promptly: the budget counts results still held
+    assert seen == sum(b.num_tokens for b in inputs)
+    assert peak_pool <= budget, (peak_pool, budget)
+    # payload bytes plus the shards' small inputs and metadata
+    assert peak_store <= 1.5 * budget, (peak_store, budget)
+
+
+def test_poison_shard_quarantined_pool_keeps_serving(cluster, tiny_paths, reference):
+    """A shard that kills every replica it lands on is quarantined by name; the rest is served."""
+    inputs = batches(6, seed=7)
+    used = set(torch.cat([b.input_ids for b in inputs]).tolist())
+    poison = next(t for t in range(1023, 0, -1) if t not in used)  # in no other sequence
+    ids = inputs[2].input_ids.clone()
+    ids[inputs[2].cu_seqlens[1]] = poison  # first token of sequence 1 of batch 2
+    inputs[2] = PackedBatch(ids, inputs[2].loss_mask, inputs[2].cu_seqlens)
+    env = {"env_vars": {"EAGLE_RAY_CHAOS_CRASH_TOKEN": str(poison)}}
+    with PooledTargetModel.from_pretrained(
+        tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1, runtime_env=env,
+        max_shard_failures=2, shard_tokens=64,
+    ) as pool:  # fmt: skip
+        results = list(pool.stream(inputs))
+        stats = pool.stats()
+    bad = [r for r in results if r.error]
+    assert len(bad) == 1 and bad[0].batch_index == 2 and bad[0].sequences[0] <= 1 < bad[0].sequences[1]
+    assert f"shard {bad[0].shard_id} quarantined after 2 failed attempts" in bad[0].error
+    assert stats["shards_quarantined"] == 1 and stats["replicas_replaced"] == 2
+    good = gather([r for r in results if not r.error])
+    clean = [b for i, b in enumerate(inputs) if i != 2]
+    check_complete({(k[0] - (k[0] > 2), k[1], k[2]): v for k, v in good.items() if k[0] != 2}, clean, reference)
+    assert sum(r.num_tokens for r in results) == sum(b.num_tokens for b in inputs)
