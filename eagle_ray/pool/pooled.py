@@ -360,15 +360,15 @@ class PooledTargetModel:
         return shards
 
     def _pick(self, shard: _Shard, node_id: str | None) -> _Replica | None:
-        # a small queue per replica keeps it busy without piling work onto one that may die,
-        # and lets replicas that join later take their share at once
-        ready = [r for r in self._ready() if len(r.inflight) < self._per_replica]
-        if not ready:
-            return None
+        ready = self._ready()
         if node_id is not None:
+            # the consumer reads local objects zero-copy: serve from its node while it has replicas
             local = [r for r in ready if r.desc and r.desc["node_id"] == node_id]
             ready = local or ready
-        return min(ready, key=lambda r: (r.inflight_tokens, r.replica_id))
+        # a short queue per replica keeps it busy without piling work onto one that may die,
+        # and lets replicas that join later take their share at once
+        ready = [r for r in ready if len(r.inflight) < self._per_replica]
+        return min(ready, key=lambda r: (r.inflight_tokens, r.replica_id)) if ready else None
 
     def _dispatch(self, shard: _Shard, r: _Replica) -> None:
         attempt = self._ledger.dispatch(shard.shard_id)
@@ -459,7 +459,8 @@ class PooledTargetModel:
         Yields in submission order (`ordered=True`) or as shards complete. Dispatch waits
         while `max_inflight_bytes` are in flight or held by un-released results. Bad input
         raises `InvalidBatchError` when its batch is reached, before it is dispatched.
-        `node_id` prefers replicas on the consumer's node. One stream at a time per pool.
+        `node_id`: serve from replicas on the consumer's node while it has any (others only when
+        it has none). One stream at a time per pool.
         """
         with self._lock:
             if self._stream_active:

@@ -1,0 +1,90 @@
+"""The pool on a simulated multi-node Ray cluster (`ray.cluster_utils.Cluster`, fake GPUs)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+import torch
+from conftest import random_batch
+from ray.cluster_utils import Cluster
+
+from eagle_ray import HFEagle3TargetModel
+from eagle_ray.pool import PooledTargetModel
+from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "num_gpus": 0,
+            "object_store_memory": 128 * 2**20,
+            "include_dashboard": False,
+            "_system_config": RAY_SYSTEM_CONFIG,
+        },
+    )
+    nodes = [c.add_node(num_cpus=4, num_gpus=2, object_store_memory=128 * 2**20) for _ in range(2)]
+    ray.init(address=c.address, runtime_env={"env_vars": ZERO_COPY_ENV})
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_paths):
+    return HFEagle3TargetModel.from_pretrained(tiny_paths["llama"])
+
+
+def test_tp_ranks_get_distinct_gpus_one_node_per_replica(cluster, tiny_paths, reference):
+    """Two SGLang replicas of tp_size=2 on two 2-GPU nodes: ranks packed per node, distinct GPUs."""
+    with PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="sglang", replicas=2, tp_size=2) as pool:
+        descs = pool.replicas()
+        assert len({d["node_id"] for d in descs}) == 2  # a replica's TP ranks never span nodes
+        for d in descs:
+            devices = [rank["device_id"] for rank in d["ranks"]]
+            assert [rank["tp_rank"] for rank in d["ranks"]] == [0, 1]
+            assert sorted(devices) == sorted(d["gpu_ids"]) and len(set(devices)) == 2, d
+            assert len({rank["pid"] for rank in d["ranks"]}) == 2  # one process per rank
+        batch = random_batch([9, 14, 5], seed=21)
+        got = pool.forward_packed(batch)
+    torch.testing.assert_close(
+        got.aux_hidden_states, reference.forward_packed(batch).aux_hidden_states, atol=1e-5, rtol=0
+    )
+
+
+def test_prefers_consumer_node_and_survives_node_loss(cluster, tiny_paths, reference):
+    c, nodes = cluster
+    with PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="hf", replicas=4, use_gpu=True) as pool:
+        by_node = {}
+        for d in pool.replicas():
+            by_node.setdefault(d["node_id"], set()).add(d["replica_id"])
+        assert len(by_node) == 2  # 4 one-GPU replicas fill both 2-GPU nodes
+        local_node = nodes[0].node_id
+        inputs = [random_batch([20, 30, 25], seed=100 + i) for i in range(6)]
+        results = list(pool.stream(inputs, node_id=local_node))
+        assert {r.replica_id for r in results} <= by_node[local_node]
+
+        # lose a whole node mid-stream; a new node joins so the replacements have somewhere to go
+        inputs = [random_batch([20, 30, 25], seed=200 + i) for i in range(30)]
+        seen, removed = {}, False
+        for i, r in enumerate(pool.stream(inputs)):
+            assert r.error is None, r.error
+            key = (r.batch_index, *r.sequences)
+            assert key not in seen
+            seen[key] = ray.get(r.ref).aux_hidden_states.clone()  # a consumer reads promptly
+            if i == 4 and not removed:
+                c.remove_node(nodes[1])
+                c.add_node(num_cpus=4, num_gpus=2, object_store_memory=128 * 2**20)
+                removed = True
+        deadline = time.time() + 60
+        while pool.stats()["replicas_replaced"] < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert pool.stats()["replicas_replaced"] == 2
+        for b, batch in enumerate(inputs):
+            parts = sorted((k[1], k[2]) for k in seen if k[0] == b)
+            have = torch.cat([seen[(b, s, e)] for s, e in parts])
+            torch.testing.assert_close(have, reference.forward_packed(batch).aux_hidden_states, atol=1e-5, rtol=0)
