@@ -1,0 +1,76 @@
+"""placement="colocated": a target replica and a real Ray Train worker share one (fake) GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import ray
+import torch
+from conftest import random_batch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from eagle_ray.pool import PooledTargetModel
+from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+
+
+@pytest.fixture(scope="module")
+def one_gpu_cluster():
+    ray.init(
+        num_cpus=4,
+        num_gpus=1,
+        object_store_memory=128 * 2**20,
+        include_dashboard=False,
+        # workers import this module to unpickle the train function
+        runtime_env={"env_vars": {**ZERO_COPY_ENV, "PYTHONPATH": os.path.dirname(__file__)}},
+        _system_config=RAY_SYSTEM_CONFIG,
+    )
+    yield
+    ray.shutdown()
+
+
+def _train_worker(config: dict) -> None:
+    """A Ray Train worker: reads one shard of supervision from the object store, reports its GPU."""
+    sup = ray.get(config["refs"][0])
+    report = {
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "tokens": sup.num_tokens,
+        "aux_shape": list(sup.aux_hidden_states.shape),
+        "aux_sum": float(sup.aux_hidden_states.double().sum()),
+    }
+    with open(config["out"], "w") as f:
+        json.dump(report, f)
+
+
+def test_colocated_replica_shares_gpu_with_train_worker(one_gpu_cluster, tiny_paths, tmp_path):
+    with PooledTargetModel.from_pretrained(
+        tiny_paths["llama"], engine="hf", replicas=1, placement="colocated", gpu_fraction=0.5
+    ) as pool:
+        (desc,) = pool.replicas()
+        assert desc["gpu_ids"] == ["0"]
+        assert ray.available_resources().get("GPU") == 0.5  # the other half is the trainer's
+        batch = random_batch([11, 7])
+        results = pool.submit(batch)
+        out = tmp_path / "worker.json"
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"refs": [results[0].ref], "out": str(out)},
+            torch_config=TorchConfig(backend="gloo"),  # fake GPUs: no CUDA, no NCCL here
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 0.5}),
+            run_config=RunConfig(storage_path=str(tmp_path / "ray_train")),
+        )
+        trainer.fit()
+        report = json.loads(out.read_text())
+        expected = ray.get(results[0].ref)
+    assert report["gpu_ids"] == desc["gpu_ids"]  # same GPU id: colocated
+    assert report["tokens"] == expected.num_tokens and report["aux_shape"] == list(expected.aux_hidden_states.shape)
+    assert report["aux_sum"] == pytest.approx(float(expected.aux_hidden_states.double().sum()), rel=0, abs=1e-9)
+
+
+def test_colocated_rejects_tensor_parallel(one_gpu_cluster, tiny_paths):
+    with pytest.raises(ValueError, match="colocated"):
+        PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="sglang", tp_size=2, placement="colocated")
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") in (None, "")  # the driver itself pins nothing
+    assert torch.cuda.device_count() == 0
