@@ -211,3 +211,18 @@ def test_sglang_tp2_matches_tp1(tiny_paths, sglang_target):
     print(f"SGLang tp_size=2 vs tp_size=1 max abs diff: {diffs}")
     assert all(d <= 1e-5 for d in diffs.values()), diffs
     assert torch.equal(two_target.get_lm_head_weight(), sglang_target(tiny_paths["llama"]).get_lm_head_weight())
+
+
+def test_rendezvous_port_is_held_not_guessed():
+    import socket
+
+    from eagle_ray.engines.sglang import hold_dist_port
+
+    store_a, env_a = hold_dist_port()
+    store_b, env_b = hold_dist_port()
+    assert env_a["MASTER_PORT"] != env_b["MASTER_PORT"]
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", int(env_a["MASTER_PORT"])))  # nobody else can take it while we hold it
+    store_a.set("k", "v")
+    assert store_a.get("k") == b"v"
+    del store_a, store_b

@@ -12,7 +12,8 @@ Seams (all 0.5.23):
   S2 `runtime_context.publish(server_args, role="scheduler", ranks=SpawnRanks(...))`: the
      process-global config every SGLang layer reads; re-publish after teardown is supported.
   S3 `distributed.bootstrap.init_parallel_runtime` / `init_layer_runtime`: torch.distributed
-     and model-parallel groups (gloo on CPU).
+     and model-parallel groups (gloo on CPU), rendezvous at tcp://127.0.0.1:<dist_port> (the
+     store eagle_ray already holds there, see `engines/sglang.py:hold_dist_port`).
   S4 `parallel_state.init_model_parallel_group`: on CPU we force `use_pynccl=False`; its
      default would build a `PyNcclCommunicator`, which needs a CUDA device.
   S5 `ModelRunner(...)` + `alloc_memory_pool()` / `init_attention_backends()` / `init_cuda_graphs()`.

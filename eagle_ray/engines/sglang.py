@@ -11,10 +11,11 @@ collectives meet in the forward); only rank 0 returns tensors.
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
+import os
 from typing import Any
 
 import torch
+from torch.distributed import TCPStore
 
 from eagle_ray.checkpoint import checkpoint_dtype, embedding_and_lm_head, load_config
 from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_layer_ids
@@ -48,10 +49,17 @@ _live: SGLangEngine | None = None
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def hold_dist_port() -> tuple[TCPStore, dict[str, str]]:
+    """Bind the ranks' rendezvous store on a port the kernel picks, and keep it bound.
+
+    Every rank (rank 0 here, the others in child processes inheriting the environment) then
+    joins as a *client*: torch's tcp:// rendezvous does that when TORCHELASTIC_USE_AGENT_STORE
+    is set and MASTER_ADDR/MASTER_PORT name the endpoint. No port is guessed, so replicas
+    sharing a node never race for one. Returns the store (keep it alive) and the env it needs.
+    """
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    return store, env
 
 
 def server_kwargs(
@@ -95,7 +103,6 @@ class SGLangEngine:
         tp_size: int = 1,
         trust_remote_code: bool = False,
         sglang_kwargs: dict[str, Any] | None = None,
-        dist_port: int | None = None,
     ):
         from eagle_ray.engines import _sglang_runner as sr
 
@@ -114,7 +121,10 @@ class SGLangEngine:
         dtype = dtype or checkpoint_dtype(config)
         kwargs = server_kwargs(model_path, ids, dtype, tp_size, trust_remote_code, dict(sglang_kwargs or {}))
         self._config = config
-        port = dist_port or free_port()
+        self._store, env = hold_dist_port()
+        self._saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # before spawning: the TP ranks inherit it
+        port = int(env["MASTER_PORT"])
         self._workers: list[tuple[Any, Any]] = []
         self._broken: str | None = None
         ctx = mp.get_context("spawn")  # a fresh interpreter per rank: SGLang state is process-global
@@ -128,6 +138,7 @@ class SGLangEngine:
             self._placements = self._collect("ready")
         except BaseException:
             self._kill_workers()
+            self._release_port()
             raise
         rank = self._rank
         self.info = ModelInfo(
@@ -232,3 +243,12 @@ class SGLangEngine:
         for proc, _ in self._workers:
             proc.join(timeout=30)
         self._kill_workers()
+        self._release_port()
+
+    def _release_port(self) -> None:
+        for k, v in self._saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self._store = None
