@@ -226,3 +226,13 @@ def test_rendezvous_port_is_held_not_guessed():
     store_a.set("k", "v")
     assert store_a.get("k") == b"v"
     del store_a, store_b
+
+
+def test_rendezvous_env_does_not_leak(tiny_paths, sglang_target):
+    """A process holding an SGLang engine must not hand its rendezvous env to what it starts later
+    (a raylet, a trainer's process group): torch would make every rank of those a store client."""
+    import os
+
+    sglang_target(tiny_paths["llama"], tp_size=2)
+    for key in ("TORCHELASTIC_USE_AGENT_STORE", "MASTER_PORT", "MASTER_ADDR"):
+        assert key not in os.environ, key

@@ -227,7 +227,9 @@ def rank_placement(tp_rank: int) -> dict[str, Any]:
     }
 
 
-def tp_worker_main(conn, kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size: int) -> None:
+def tp_worker_main(
+    conn, kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size: int, rendezvous_env: dict[str, str]
+) -> None:
     """Body of a TP-rank process (ranks >= 1): build, then run every batch rank 0 runs.
 
     Messages: ("forward", input_ids, cu_seqlens, return_logits) -> ("ok",) | ("error", text);
@@ -235,6 +237,8 @@ def tp_worker_main(conn, kwargs: dict[str, Any], tp_rank: int, dist_port: int, v
     """
     try:
         rank = build_rank(kwargs, tp_rank, dist_port, vocab_size)
+        for k in rendezvous_env:  # inherited for the rendezvous only
+            os.environ.pop(k, None)
         conn.send(("ready", rank_placement(tp_rank)))
     except Exception:
         conn.send(("error", traceback.format_exc()))

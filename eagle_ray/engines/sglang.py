@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -47,6 +49,20 @@ FIXED: dict[str, Any] = {
 _live: SGLangEngine | None = None
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@contextmanager
+def _scoped_env(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def hold_dist_port() -> tuple[TCPStore, dict[str, str]]:
@@ -122,24 +138,27 @@ class SGLangEngine:
         kwargs = server_kwargs(model_path, ids, dtype, tp_size, trust_remote_code, dict(sglang_kwargs or {}))
         self._config = config
         self._store, env = hold_dist_port()
-        self._saved_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # before spawning: the TP ranks inherit it
         port = int(env["MASTER_PORT"])
         self._workers: list[tuple[Any, Any]] = []
         self._broken: str | None = None
-        ctx = mp.get_context("spawn")  # a fresh interpreter per rank: SGLang state is process-global
-        for r in range(1, tp_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=sr.tp_worker_main, args=(child, kwargs, r, port, config.vocab_size), daemon=True)
-            proc.start()
-            self._workers.append((proc, parent))
-        try:
-            self._rank = sr.build_rank(kwargs, 0, port, config.vocab_size)
-            self._placements = self._collect("ready")
-        except BaseException:
-            self._kill_workers()
-            self._release_port()
-            raise
+        # The rendezvous env exists only while the ranks meet: anything else this process starts
+        # later (a Ray raylet, a trainer's own process group) must not inherit it.
+        with _scoped_env(env):
+            ctx = mp.get_context("spawn")  # a fresh interpreter per rank: SGLang state is process-global
+            for r in range(1, tp_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(
+                    target=sr.tp_worker_main, args=(child, kwargs, r, port, config.vocab_size, env), daemon=True
+                )
+                proc.start()
+                self._workers.append((proc, parent))
+            try:
+                self._rank = sr.build_rank(kwargs, 0, port, config.vocab_size)
+                self._placements = self._collect("ready")
+            except BaseException:
+                self._kill_workers()
+                self._store = None
+                raise
         rank = self._rank
         self.info = ModelInfo(
             hidden_size=config.hidden_size,
@@ -243,12 +262,4 @@ class SGLangEngine:
         for proc, _ in self._workers:
             proc.join(timeout=30)
         self._kill_workers()
-        self._release_port()
-
-    def _release_port(self) -> None:
-        for k, v in self._saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         self._store = None
