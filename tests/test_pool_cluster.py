@@ -88,3 +88,27 @@ def test_prefers_consumer_node_and_survives_node_loss(cluster, tiny_paths, refer
             parts = sorted((k[1], k[2]) for k in seen if k[0] == b)
             have = torch.cat([seen[(b, s, e)] for s, e in parts])
             torch.testing.assert_close(have, reference.forward_packed(batch).aux_hidden_states, atol=1e-5, rtol=0)
+
+
+def test_tp_rank_other_than_zero_killed_mid_stream(cluster, tiny_paths, reference):
+    """SIGKILL of TP rank 1 (a child process of the replica): the replica retires itself, is
+    replaced, and every shard is still delivered exactly once with the right values."""
+    import os
+    import signal
+
+    with PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="sglang", replicas=1, tp_size=2) as pool:
+        rank1 = next(r for r in pool.replicas()[0]["ranks"] if r["tp_rank"] == 1)
+        inputs = [random_batch([12, 20], seed=300 + i) for i in range(6)]
+        seen = {}
+        for i, r in enumerate(pool.stream(inputs)):
+            assert r.error is None, r.error
+            key = (r.batch_index, *r.sequences)
+            assert key not in seen
+            seen[key] = ray.get(r.ref).aux_hidden_states.clone()
+            if i == 1:
+                os.kill(rank1["pid"], signal.SIGKILL)  # same host: the cluster's nodes are local
+        assert pool.stats()["replicas_replaced"] == 1
+    for b, batch in enumerate(inputs):
+        parts = sorted((k[1], k[2]) for k in seen if k[0] == b)
+        have = torch.cat([seen[(b, s, e)] for s, e in parts])
+        torch.testing.assert_close(have, reference.forward_packed(batch).aux_hidden_states, atol=1e-5, rtol=0)

@@ -210,14 +210,19 @@ class SGLangEngine:
     def _run(self, batch: PackedBatch, return_logits: bool):
         if self._broken:
             raise RuntimeError(f"engine unusable after an earlier failure: {self._broken}")
-        for _, conn in self._workers:
-            conn.send(("forward", batch.input_ids, batch.cu_seqlens, return_logits))
+        dead = [r for r, (proc, _) in enumerate(self._workers, start=1) if not proc.is_alive()]
+        if dead:
+            self._kill_workers()
+            self._broken = f"TP ranks {dead} died between batches"
+            raise RuntimeError(self._broken)
         try:
+            for _, conn in self._workers:
+                conn.send(("forward", batch.input_ids, batch.cu_seqlens, return_logits))
             result = self._rank.forward(batch.input_ids, batch.cu_seqlens, return_logits)
-        except BaseException:
+        except BaseException as e:
             if self._workers:  # the other ranks now wait in a collective rank 0 never joins
                 self._kill_workers()
-                self._broken = "rank 0 failed mid-forward"
+                self._broken = f"rank 0 failed mid-forward: {type(e).__name__}: {e}"
             raise
         self._collect("ok")
         return result
