@@ -24,3 +24,13 @@ def test_supervision_summary_default_run(tmp_path):
     diff = re.search(r"max_abs_diff_vs_hf: \{'aux': ([0-9.e-]+), 'last': ([0-9.e-]+)\}", out)
     assert diff and float(diff[1]) <= 1e-5 and float(diff[2]) <= 1e-5, out
     assert out.count("aux: (") == 2
+
+
+def test_cluster_runtime_env_matches_the_pool():
+    import yaml
+
+    from eagle_ray.pool.pooled import ZERO_COPY_ENV
+
+    env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    assert env["env_vars"] == ZERO_COPY_ENV
