@@ -230,7 +230,7 @@ def test_poison_shard_quarantined_pool_keeps_serving(cluster, tiny_paths, refere
     bad = [r for r in results if r.error]
     assert len(bad) == 1 and bad[0].batch_index == 2 and bad[0].sequences[0] <= 1 < bad[0].sequences[1]
     assert f"shard {bad[0].shard_id} quarantined after 2 failed attempts" in bad[0].error
-    assert stats["shards_quarantined"] == 1 and stats["replicas_replaced"] == 2
+    assert stats["shards_quarantined"] == 1 and stats["replicas_replaced"] == 2, stats
     good = gather([r for r in results if not r.error])
     clean = [b for i, b in enumerate(inputs) if i != 2]
     check_complete({(k[0] - (k[0] > 2), k[1], k[2]): v for k, v in good.items() if k[0] != 2}, clean, reference)

@@ -255,4 +255,7 @@ def tp_worker_main(
             conn.send(("ok",))
         except Exception:
             conn.send(("error", traceback.format_exc()))
+            # rank 0 may still wait in a collective this rank left: exiting breaks it out (gloo/NCCL
+            # see the peer gone) instead of leaving it to the process-group timeout
+            os._exit(1)
     rank.close()

@@ -15,7 +15,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -70,6 +70,8 @@ class _Replica:
     state: str = "starting"  # starting | ready | draining | dead
     ready_ref: Any = None
     watch_ref: Any = None  # resolves (with an error) only when the actor dies
+    started_at: float = field(default_factory=time.monotonic)
+    task_errors: int = 0  # consecutive failed shards
     desc: dict[str, Any] | None = None
     inflight: list = field(default_factory=list)  # meta refs, in dispatch (= execution) order
     inflight_tokens: int = 0
@@ -153,8 +155,14 @@ class PooledTargetModel:
         self._start_errors: list[str] = []
         self._info: ModelInfo | None = None
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._reconcile()
-        self._wait_ready(start_timeout_s)
+        self._start_timeout_s = start_timeout_s
+        self._settled: deque[ShardResult] = deque()  # results waiting for the stream to take them
+        try:
+            self._reconcile()
+            self._wait_ready(start_timeout_s)
+        except BaseException:
+            self.shutdown()  # release what was reserved
+            raise
         if self._max_inflight_bytes is None:
             store = ray.cluster_resources().get("object_store_memory", 2**31)
             self._max_inflight_bytes = int(0.25 * store)
@@ -201,6 +209,11 @@ class PooledTargetModel:
             for r in list(self._replicas.values()):
                 if r.state == "draining" and not r.inflight:
                     self._remove(r)
+                elif r.state == "starting" and time.monotonic() - r.started_at > self._start_timeout_s:
+                    waited = f"{self._start_timeout_s}s (resources {self.shape.bundle})"
+                    self._start_errors.append(f"replica {r.replica_id} not ready after {waited}")
+                    self._remove(r)
+                    self._reconcile()
 
     def _remove(self, r: _Replica) -> None:
         if self._replicas.get(r.replica_id) is not r:
@@ -225,12 +238,20 @@ class PooledTargetModel:
         finally:
             r.ready_ref = None
         info = r.desc["info"]
-        if self._info is None:
-            self._info = info
-        elif info != self._info:
-            raise RuntimeError(f"replica {r.replica_id} reports {info}, others {self._info}")
+        # capacity may differ per replica (SGLang sizes its KV pool from free memory): the model may not
+        if self._info is not None and _identity(info) != _identity(self._info):
+            self._start_errors.append(f"replica {r.replica_id} serves {info}, the pool {self._info}")
+            log.error("%s", self._start_errors[-1])
+            self._remove(r)
+            return
         if r.state == "starting":
             r.state = "ready"
+        ready = [x.desc["info"] for x in self._ready()] or [info]
+        self._info = replace(
+            info,
+            kv_capacity_tokens=min(i.kv_capacity_tokens for i in ready),
+            max_context=min(i.max_context for i in ready),
+        )
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -251,40 +272,52 @@ class PooledTargetModel:
     def _ready(self) -> list[_Replica]:
         return [r for r in self._replicas.values() if r.state == "ready"]
 
-    def _on_replica_death(self, r: _Replica, err: BaseException) -> list[ShardResult]:
-        """Replace a dead replica and send its in-flight shards back to the queue."""
-        if self._replicas.get(r.replica_id) is not r:
-            return []  # handled already (its watch and a shard both reported the death)
+    def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
+        """Replace a dead replica; deliver what it finished, re-queue the rest of its shards."""
+        lost_refs = [ref for ref in r.inflight if ref in self._inflight]
+        if self._replicas.get(r.replica_id) is not r and not lost_refs:
+            return  # handled already (its watch and a shard both reported the death)
         log.warning("replica %d died: %s", r.replica_id, err)
-        lost = [self._inflight.pop(ref) for ref in r.inflight if ref in self._inflight]
-        r.inflight = []
-        was_live = r.state in ("starting", "ready")
-        self._remove(r)
-        if was_live:
-            self._replaced += 1
-        out = []
-        for i, (shard, _, attempt, _) in enumerate(lost):
-            self._inflight_bytes -= shard.nbytes
-            if i == 0:  # an actor runs its tasks in order: only the oldest was running when it died
-                out += self._failed(shard, attempt, f"replica {r.replica_id} died running it: {type(err).__name__}")
+        finished = set(ray.wait(lost_refs, num_returns=len(lost_refs), timeout=0)[0]) if lost_refs else set()
+        blamed = False
+        for ref in lost_refs:
+            shard, _, attempt, payload = self._inflight[ref]
+            self._settle(ref, shard, r)
+            if ref in finished:
+                try:
+                    meta = ray.get(ref)
+                except Exception:
+                    pass
+                else:  # done before the death, only not yet collected: deliver it
+                    self._delivered(shard, attempt, payload, r, meta)
+                    continue
+            if not blamed:  # an actor runs its tasks in order: the first unfinished one was running
+                blamed = True
+                self._failed(shard, attempt, f"replica {r.replica_id} died running it: {type(err).__name__}")
             elif self._ledger.requeue(shard.shard_id, attempt):
                 self._retry.append(shard)
+        if r.state in ("starting", "ready"):
+            self._replaced += 1
+        self._remove(r)
         self._reconcile()
-        return out
 
-    def _failed(self, shard: _Shard, attempt: int, reason: str) -> list[ShardResult]:
+    def _delivered(self, shard: _Shard, attempt: int, payload: Any, r: _Replica, meta: dict[str, Any]) -> None:
+        if self._ledger.complete(shard.shard_id, attempt):
+            r.tokens_done += meta["tokens"]
+            r.shards_done += 1
+            self._settled.append(self._result(shard, payload, r.replica_id))
+
+    def _failed(self, shard: _Shard, attempt: int, reason: str) -> None:
         verdict = self._ledger.fail(shard.shard_id, attempt, reason)
         if verdict == "retry":
             self._retry.appendleft(shard)
         elif verdict == "quarantine":
             err = self._ledger.error(shard.shard_id)
             log.error("%s", err)
-            return [
-                ShardResult(
-                    shard.shard_id, shard.batch_index, shard.sequences, shard.batch.num_tokens, None, None, str(err)
-                )
-            ]
-        return []
+            b = shard.batch
+            self._settled.append(
+                ShardResult(shard.shard_id, shard.batch_index, shard.sequences, b.num_tokens, None, None, str(err))
+            )
 
     # ----------------------------------------------------------------------------------- facts
 
@@ -299,8 +332,9 @@ class PooledTargetModel:
 
     def _weights_once(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._weights is None:
-            r = self._ready()[0]
-            self._weights = ray.get(r.actor.weights.remote())
+            with self._lock:
+                actor = self._ready()[0].actor
+            self._weights = ray.get(actor.weights.remote())
         return self._weights
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
@@ -316,8 +350,7 @@ class PooledTargetModel:
 
     def stats(self) -> dict[str, Any]:
         """Per replica: state, node, tokens and shards done, in flight, failures; pool totals."""
-        if not self._stream_active:
-            self._poll(timeout=0)  # notice replicas that died while idle
+        self._poll(timeout=0, completions=False)  # notice replicas that started or died meanwhile
         with self._lock:
             return {
                 "replicas": [
@@ -381,22 +414,24 @@ class PooledTargetModel:
         r.inflight_tokens += b.num_tokens
         self._inflight_bytes += shard.nbytes
 
-    def _budget_allows(self, shard: _Shard) -> bool:
-        used = self._inflight_bytes + self._held_bytes[0]
-        return used == 0 or used + shard.nbytes <= self._max_inflight_bytes
+    def _budget_allows(self, shard: _Shard, count_held: bool = True) -> bool:
+        used = self._inflight_bytes + (self._held_bytes[0] if count_held else 0)
+        return self._inflight_bytes == 0 if used + shard.nbytes > self._max_inflight_bytes else True
 
-    def _poll(self, timeout: float) -> list[ShardResult]:
-        """Wait for completions (or replica start-ups); return settled shards."""
+    def _poll(self, timeout: float, completions: bool = True) -> None:
+        """Wait for completions (or replica start-ups and deaths); settled shards go to `_settled`.
+
+        Safe from any thread: refs are settled under the lock, each exactly once.
+        """
         with self._lock:
-            waiting = list(self._inflight)
+            waiting = list(self._inflight) if completions else []
             for r in self._replicas.values():
                 waiting += [ref for ref in (r.ready_ref, r.watch_ref) if ref is not None]
         if not waiting:
-            return []
+            return
         done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
         if done:
             done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-        out: list[ShardResult] = []
         with self._lock:
             for ref in done:
                 starting = next((r for r in self._replicas.values() if r.ready_ref == ref), None)
@@ -405,7 +440,7 @@ class PooledTargetModel:
                     continue
                 watched = next((r for r in self._replicas.values() if r.watch_ref == ref), None)
                 if watched is not None:
-                    out += self._on_replica_death(watched, _error_of(ref))
+                    self._on_replica_death(watched, _error_of(ref))
                     continue
                 if ref not in self._inflight:
                     continue  # settled already (its replica died and the shard was requeued)
@@ -413,20 +448,22 @@ class PooledTargetModel:
                 try:
                     meta = ray.get(ref)  # small dict; the payload stays in the object store
                 except _DEAD as e:
-                    out += self._on_replica_death(r, e)
+                    self._on_replica_death(r, e)
                     continue
                 except RayTaskError as e:
                     self._settle(ref, shard, r)
                     r.failures += 1
-                    out += self._failed(shard, attempt, f"replica {r.replica_id}: {e}")
+                    r.task_errors += 1
+                    self._failed(shard, attempt, f"replica {r.replica_id}: {e}")
+                    if r.task_errors >= 3:
+                        # alive but failing every shard (e.g. a sticky device error): retire it so its
+                        # queue is re-run elsewhere instead of quarantining good shards
+                        self._on_replica_death(r, RuntimeError(f"{r.task_errors} shards failed in a row"))
                     continue
                 self._settle(ref, shard, r)
-                if self._ledger.complete(shard.shard_id, attempt):
-                    r.tokens_done += meta["tokens"]
-                    r.shards_done += 1
-                    out.append(self._result(shard, payload, r.replica_id))
+                r.task_errors = 0
+                self._delivered(shard, attempt, payload, r, meta)
             self._reconcile()
-        return out
 
     def _settle(self, ref: Any, shard: _Shard, r: _Replica) -> None:
         del self._inflight[ref]
@@ -453,6 +490,7 @@ class PooledTargetModel:
         return_logits: bool = False,
         node_id: str | None = None,
         stall_timeout_s: float = 600.0,
+        count_held: bool = True,
     ) -> Iterator[ShardResult]:
         """Supervision for many batches, as `ShardResult`s holding object refs.
 
@@ -467,51 +505,59 @@ class PooledTargetModel:
                 raise RuntimeError("this pool is already streaming; one stream (or submit) at a time")
             self._stream_active = True
         try:
-            yield from self._stream(iter(batches), ordered, return_logits, node_id, stall_timeout_s)
+            yield from self._stream(iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held)
         finally:
             with self._lock:
                 self._stream_active = False
 
-    def _stream(self, it, ordered, logits, node_id, stall_timeout_s) -> Iterator[ShardResult]:
+    def _stream(self, it, ordered, logits, node_id, stall_timeout_s, count_held) -> Iterator[ShardResult]:
         pending: deque[_Shard] = deque()
         order: deque[int] = deque()  # shard ids in submission order, not yet yielded
+        mine: set[int] = set()
         ready: dict[int, ShardResult] = {}
         exhausted, batch_index, bad_input = False, 0, None
         last_progress = time.monotonic()
+        with self._lock:
+            self._settled.clear()  # nothing of an earlier, abandoned stream
         try:
             while True:
-                with self._lock:
-                    self._reconcile()
-                    while True:
+                while True:  # dispatch what the budget allows; pull batches (outside the lock) as needed
+                    with self._lock:
                         queue = self._retry if self._retry else pending
-                        if not queue:
-                            if exhausted:
+                        if queue:
+                            r = self._pick(queue[0], node_id)
+                            if r is None or not self._budget_allows(queue[0], count_held):
                                 break
-                            try:
-                                new = self._shards(next(it), batch_index, logits)
-                            except StopIteration:
-                                exhausted = True
-                                break
-                            except InvalidBatchError as e:
-                                # serve everything before the bad batch, then raise at its place
-                                bad_input, exhausted = e, True
-                                break
-                            batch_index += 1
-                            pending.extend(new)
-                            order.extend(s.shard_id for s in new)
+                            self._dispatch(queue.popleft(), r)
                             continue
-                        shard = queue[0]
-                        r = self._pick(shard, node_id)
-                        if r is None or not self._budget_allows(shard):
-                            break
-                        queue.popleft()
-                        self._dispatch(shard, r)
+                    if exhausted:
+                        break
+                    try:
+                        batch = next(it)  # the caller's data loader: never under the pool lock
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    try:
+                        with self._lock:
+                            new = self._shards(batch, batch_index, logits)
+                    except InvalidBatchError as e:
+                        bad_input, exhausted = e, True  # serve everything before it, then raise at its place
+                        break
+                    batch_index += 1
+                    pending.extend(new)
+                    order.extend(x.shard_id for x in new)
+                    mine.update(x.shard_id for x in new)
                 if exhausted and not order:
                     if bad_input is not None:
                         raise bad_input
                     return
-                for res in self._poll(timeout=1.0):
+                self._poll(timeout=1.0)
+                with self._lock:
+                    settled = [res for res in self._settled if res.shard_id in mine]
+                    self._settled.clear()
+                for res in settled:
                     last_progress = time.monotonic()
+                    mine.discard(res.shard_id)
                     if ordered:
                         ready[res.shard_id] = res
                     else:
@@ -520,16 +566,25 @@ class PooledTargetModel:
                 while ordered and order and order[0] in ready:
                     yield ready.pop(order.popleft())
                 with self._lock:
-                    stalled = not self._inflight and (self._retry or pending) and self._ready()
-                    if not self._replicas and (pending or self._retry):
-                        raise RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}")
-                if stalled and time.monotonic() - last_progress > stall_timeout_s:
-                    raise RuntimeError(
-                        f"stream stalled for {stall_timeout_s}s: {self._held_bytes[0]} bytes of handed-out results "
-                        f"are still referenced (budget {self._max_inflight_bytes}); release ShardResults when done"
-                    )
+                    self._check_progress(order, pending, last_progress, stall_timeout_s)
         finally:
-            self._abandon(set(order) | {s.shard_id for s in pending})
+            self._abandon(set(order) | {x.shard_id for x in pending})
+
+    def _check_progress(self, order, pending, last_progress: float, stall_timeout_s: float) -> None:
+        """Raise instead of waiting forever when the stream cannot move."""
+        queued = bool(self._retry or pending)
+        if order and not self._replicas:
+            raise RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}")
+        if order and not self._inflight and not queued:
+            raise RuntimeError(f"internal error: shards {list(order)[:5]} are neither queued nor in flight")
+        if queued and not self._inflight and time.monotonic() - last_progress > stall_timeout_s:
+            why = (
+                f"{self._held_bytes[0]} bytes of handed-out results are still referenced (budget "
+                f"{self._max_inflight_bytes}); release ShardResults when done"
+                if self._ready()
+                else f"no replica ready; last start errors: {self._start_errors[-3:]}"
+            )
+            raise RuntimeError(f"stream stalled for {stall_timeout_s}s: {why}")
 
     def _abandon(self, shard_ids: set[int]) -> None:
         """A stream ended early (error, or the consumer stopped): forget its unfinished shards."""
@@ -547,7 +602,8 @@ class PooledTargetModel:
         Validates first (`InvalidBatchError`, nothing dispatched). Failed replicas are replaced and
         their shards re-run. Quarantined shards come back with `error` set and `ref=None`.
         """
-        return list(self.stream([batch], return_logits=return_logits))
+        # the whole batch is gathered by design: only what is in flight counts against the budget
+        return list(self.stream([batch], return_logits=return_logits, count_held=False))
 
     def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         """Single-target compatibility: pulls the supervision to the caller."""
@@ -587,6 +643,10 @@ class PooledTargetModel:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _identity(info: ModelInfo) -> ModelInfo:
+    return replace(info, kv_capacity_tokens=0, max_context=0)
 
 
 def _error_of(ref: Any) -> BaseException:
