@@ -575,7 +575,7 @@ class PooledTargetModel:
         queued = bool(self._retry or pending)
         if order and not self._replicas:
             raise RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}")
-        if order and not self._inflight and not queued:
+        if order and not any(sh.shard_id in order for sh, *_ in self._inflight.values()) and not queued:
             raise RuntimeError(f"internal error: shards {list(order)[:5]} are neither queued nor in flight")
         if queued and not self._inflight and time.monotonic() - last_progress > stall_timeout_s:
             why = (
@@ -587,12 +587,13 @@ class PooledTargetModel:
             raise RuntimeError(f"stream stalled for {stall_timeout_s}s: {why}")
 
     def _abandon(self, shard_ids: set[int]) -> None:
-        """A stream ended early (error, or the consumer stopped): forget its unfinished shards."""
+        """A stream ended early (error, or the consumer stopped): forget its unfinished shards.
+
+        Shards already running stay in flight until their replica answers (they hold its queue and
+        tell which shard a crash happened on); the ledger turns their answers away.
+        """
         with self._lock:
             self._retry = deque(s for s in self._retry if s.shard_id not in shard_ids)
-            for ref, (shard, r, _, _) in list(self._inflight.items()):
-                if shard.shard_id in shard_ids:
-                    self._settle(ref, shard, r)
             for sid in shard_ids:
                 self._ledger.abandon(sid)
 
