@@ -156,9 +156,21 @@ def test_replica_killed_mid_stream_exactly_once(hf_pool, reference):
 
 def test_scale_while_streaming_loses_nothing(hf_pool, reference):
     hf_pool.scale(1)
-    inputs = batches(100, seed=4)
-    results, sizes, phase, at_three = [], [], "up", 0
-    for i, r in enumerate(hf_pool.stream(inputs, ordered=False)):
+    state = {"phase": "up", "after_down": 0}
+    inputs: list[PackedBatch] = []
+
+    def feed():  # keeps feeding until the pool grew to 3 and shrank back (bounded), however slow starts are
+        for i in range(600):
+            if state["phase"] == "down":
+                state["after_down"] += 1
+                if state["after_down"] > 10:
+                    return
+            batch = random_batch([20, 30, 40, 25], seed=4000 + i)
+            inputs.append(batch)
+            yield batch
+
+    results, sizes, at_three = [], [], 0
+    for i, r in enumerate(hf_pool.stream(feed(), ordered=False)):
         results.append(r)
         time.sleep(0.1)  # a consumer slower than the pool, so replicas have time to join
         n = len(hf_pool._ready())
@@ -166,10 +178,10 @@ def test_scale_while_streaming_loses_nothing(hf_pool, reference):
         if i == 2:
             hf_pool.scale(3)
         at_three += n == 3
-        if phase == "up" and at_three == 8:  # all three served a while: scale back down mid-stream
+        if state["phase"] == "up" and at_three == 8:  # all three served a while: scale back down mid-stream
             hf_pool.scale(1)
-            phase = "down"
-    assert max(sizes) == 3 and phase == "down", sizes
+            state["phase"] = "down"
+    assert max(sizes) == 3 and state["phase"] == "down", sizes
     deadline = time.time() + 30
     while len(hf_pool.stats()["replicas"]) != 1 and time.time() < deadline:
         time.sleep(0.2)
