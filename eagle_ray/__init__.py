@@ -11,6 +11,7 @@ from eagle_ray.contract import (
     shift_left,
     validate_packed,
 )
+from eagle_ray.draft import DraftVocab, build_draft_vocab, count_loss_tokens
 from eagle_ray.target import (
     Eagle3TargetBatch,
     Eagle3TargetModel,
@@ -21,6 +22,7 @@ from eagle_ray.target import (
 from eagle_ray.tiny import build_tiny_target
 
 __all__ = [
+    "DraftVocab",
     "Eagle3TargetBatch",
     "Eagle3TargetModel",
     "HFEagle3TargetModel",
@@ -29,7 +31,9 @@ __all__ = [
     "PackedBatch",
     "SGLangEagle3TargetModel",
     "Supervision",
+    "build_draft_vocab",
     "build_tiny_target",
+    "count_loss_tokens",
     "default_aux_layer_ids",
     "load_target",
     "pack_padded",
