@@ -12,6 +12,7 @@ from eagle_ray.contract import (
     validate_packed,
 )
 from eagle_ray.draft import DraftVocab, build_draft_vocab, count_loss_tokens
+from eagle_ray.pool import PooledTargetModel, ShardQuarantinedError, ShardResult
 from eagle_ray.target import (
     Eagle3TargetBatch,
     Eagle3TargetModel,
@@ -29,7 +30,10 @@ __all__ = [
     "InvalidBatchError",
     "ModelInfo",
     "PackedBatch",
+    "PooledTargetModel",
     "SGLangEagle3TargetModel",
+    "ShardQuarantinedError",
+    "ShardResult",
     "Supervision",
     "build_draft_vocab",
     "build_tiny_target",
