@@ -36,12 +36,13 @@ def _weight_files(model_path: str) -> dict[str, Path]:
 
 def read_tensor(model_path: str, suffix: str) -> torch.Tensor | None:
     """The one tensor whose name ends with `suffix` (e.g. "embed_tokens.weight"), or None."""
-    names = [k for k in _weight_files(model_path) if k.endswith(suffix)]
+    files = _weight_files(model_path)
+    names = [k for k in files if k.endswith(suffix)]
     if not names:
         return None
     if len(names) > 1:
         raise ValueError(f"{model_path}: several tensors end with {suffix!r}: {names}")
-    with safe_open(_weight_files(model_path)[names[0]], "pt") as f:
+    with safe_open(files[names[0]], "pt") as f:
         return f.get_tensor(names[0])
 
 

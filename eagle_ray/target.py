@@ -85,8 +85,7 @@ class Eagle3TargetModel:
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         """The target's input embedding as a frozen `nn.Embedding` (`.weight` is `[V, H]`)."""
-        emb = torch.nn.Embedding.from_pretrained(self.engine.input_embeddings(), freeze=True)
-        return emb
+        return torch.nn.Embedding.from_pretrained(self.engine.input_embeddings(), freeze=True)
 
     def get_lm_head_weight(self) -> torch.Tensor:
         """The target's lm_head weight `[V, H]` (the trainer computes teacher logits with it)."""

@@ -42,18 +42,23 @@ class ShardLedger:
         rec.running, rec.state = True, "running"
         return rec.attempt
 
+    def _live(self, shard_id: int, attempt: int) -> ShardRecord | None:
+        """The shard's record if `attempt` is its running attempt, else None (stale or settled)."""
+        rec = self.records[shard_id]
+        return rec if rec.state == "running" and attempt == rec.attempt else None
+
     def complete(self, shard_id: int, attempt: int) -> bool:
         """True exactly once per shard: for the live attempt's first completion."""
-        rec = self.records[shard_id]
-        if rec.state != "running" or attempt != rec.attempt:
+        rec = self._live(shard_id, attempt)
+        if rec is None:
             return False
         rec.running, rec.state = False, "delivered"
         return True
 
     def fail(self, shard_id: int, attempt: int, reason: str) -> str:
         """Record a failed attempt: returns "retry", "quarantine" or "stale" (an old attempt)."""
-        rec = self.records[shard_id]
-        if rec.state != "running" or attempt != rec.attempt:
+        rec = self._live(shard_id, attempt)
+        if rec is None:
             return "stale"
         rec.running = False
         rec.failures.append(reason)
@@ -72,8 +77,8 @@ class ShardLedger:
 
     def requeue(self, shard_id: int, attempt: int) -> bool:
         """The attempt was lost through no fault of the shard (queued behind one that crashed)."""
-        rec = self.records[shard_id]
-        if rec.state != "running" or attempt != rec.attempt:
+        rec = self._live(shard_id, attempt)
+        if rec is None:
             return False
         rec.running, rec.state = False, "pending"
         return True

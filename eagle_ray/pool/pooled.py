@@ -416,7 +416,8 @@ class PooledTargetModel:
 
     def _budget_allows(self, shard: _Shard, count_held: bool = True) -> bool:
         used = self._inflight_bytes + (self._held_bytes[0] if count_held else 0)
-        return self._inflight_bytes == 0 if used + shard.nbytes > self._max_inflight_bytes else True
+        # over budget, still let one shard run: a consumer holding results slows the stream, never deadlocks it
+        return used + shard.nbytes <= self._max_inflight_bytes or self._inflight_bytes == 0
 
     def _poll(self, timeout: float, completions: bool = True) -> None:
         """Wait for completions (or replica start-ups and deaths); settled shards go to `_settled`.
