@@ -40,3 +40,65 @@ def build_tiny_target(path: str | Path, arch: str = "llama", seed: int = 0, **ov
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
     return path
+
+
+def markov_sequences(
+    num: int, length: int | tuple[int, int], vocab_size: int = 1024, peak: float = 0.9, seed: int = 0
+) -> list[torch.Tensor]:
+    """Text from a fixed first-order "language": each token has one likely successor (prob `peak`).
+
+    The chain's successor map depends only on `vocab_size` (seed 1234), so every call speaks the same
+    language; `seed` picks the samples. A target pretrained on it predicts peaked, context-dependent
+    distributions: a draft can learn them, and acceptance means something.
+    """
+    succ = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (length, length) if isinstance(length, int) else length
+    out = []
+    for _ in range(num):
+        n = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        seq = torch.empty(n, dtype=torch.long)
+        seq[0] = torch.randint(0, vocab_size, (1,), generator=g)
+        noise = torch.rand(n, generator=g) >= peak
+        rand = torch.randint(0, vocab_size, (n,), generator=g)
+        for i in range(1, n):
+            seq[i] = rand[i] if noise[i] else succ[seq[i - 1]]
+        out.append(seq)
+    return out
+
+
+def pretrain_tiny_target(
+    path: str | Path, sequences: list[torch.Tensor], steps: int = 300, batch_size: int = 16, lr: float = 3e-3
+) -> dict[str, float]:
+    """Briefly train the causal LM at `path` on `sequences` (next-token loss) and save it in place.
+
+    Done once: a `pretrained.json` marker records the losses, and a second call returns them.
+    """
+    import json
+
+    marker = Path(path) / "pretrained.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        pick = torch.randint(0, len(sequences), (batch_size,), generator=g).tolist()
+        batch = [sequences[i] for i in pick]
+        width = max(s.numel() for s in batch)
+        ids = torch.zeros(batch_size, width, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        mask = torch.zeros(batch_size, width, dtype=torch.long)
+        for row, s in enumerate(batch):
+            ids[row, : s.numel()], labels[row, : s.numel()], mask[row, : s.numel()] = s, s, 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.save_pretrained(path)
+    result = {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / min(10, len(losses)), "steps": steps}
+    marker.write_text(json.dumps(result))
+    return result

@@ -1,0 +1,268 @@
+"""The EAGLE-3 draft network, laid out as SGLang 0.5.23's `LlamaForCausalLMEagle3` reads it.
+
+One decoder layer (`midlayer`) whose attention sees `[input_layernorm(embed(token)),
+hidden_norm(h)]` (2H wide); `fc` maps the target's three concatenated aux states (3H) to
+H for the first step; the final `norm` output feeds `lm_head` over the draft vocabulary and
+the pre-norm output is the hidden state of the next step. Parameter names are the export's
+names (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`), so export is a state dict.
+
+Attention across training-time-test steps (see `StepCache`): a query at slot t of step k sees
+step 0's keys at slots <= t of its sequence, and its own slot's keys from steps 1..k — the
+keys a chain of k drafted tokens sees at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Eagle3DraftConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int  # the target's
+    draft_vocab_size: int
+    aux_layer_ids: list[int]  # "output of decoder layer i", as the target engines capture them
+    target_hidden_size: int | None = None  # None: same as hidden_size
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    hidden_act: str = "silu"
+    torch_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)  # other HF fields carried through export
+
+    @property
+    def aux_width(self) -> int:
+        return len(self.aux_layer_ids) * (self.target_hidden_size or self.hidden_size)
+
+    @staticmethod
+    def from_target(target_config: Any, draft_vocab_size: int, aux_layer_ids: list[int]) -> Eagle3DraftConfig:
+        """A draft shaped like one layer of the target (the EAGLE-3 recipe); config as dict or HF config."""
+        c = target_config.to_dict() if hasattr(target_config, "to_dict") else dict(target_config)
+        c = c.get("text_config") or c
+        heads = c["num_attention_heads"]
+        rope = c.get("rope_parameters") or {}
+        return Eagle3DraftConfig(
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_attention_heads=heads,
+            num_key_value_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            vocab_size=c["vocab_size"],
+            draft_vocab_size=draft_vocab_size,
+            aux_layer_ids=list(aux_layer_ids),
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            hidden_act=c.get("hidden_act", "silu"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json as SGLang 0.5.23 reads an EAGLE-3 draft (transformers LlamaConfig fields)."""
+        return {
+            **self.extra,
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": 1,
+            "vocab_size": self.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
+            "target_hidden_size": self.target_hidden_size or self.hidden_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": self.torch_dtype,
+            # SGLang's convention for these ids is ours ("output of layer i"); it adds 1 itself
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids)},
+        }
+
+    @staticmethod
+    def from_hf(d: dict[str, Any]) -> Eagle3DraftConfig:
+        if d.get("architectures") != ["LlamaForCausalLMEagle3"] or d.get("num_hidden_layers", 1) != 1:
+            raise ValueError(f"not a one-layer LlamaForCausalLMEagle3 draft config: {d.get('architectures')}")
+        ids = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        if not ids:
+            raise ValueError("draft config has no eagle_config.eagle_aux_hidden_state_layer_ids")
+        names = {f.name for f in fields(Eagle3DraftConfig)} - {"aux_layer_ids", "extra"}
+        known = {k: d[k] for k in names if k in d}
+        rope = d.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            known["rope_theta"] = float(rope["rope_theta"])
+        if known.get("target_hidden_size") == known.get("hidden_size"):
+            known["target_hidden_size"] = None
+        return Eagle3DraftConfig(aux_layer_ids=list(ids), **known)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, as Llama and SGLang compute them
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Neox-style rotary embedding (Llama's rotate_half) of x `[B, heads, S, d]` at `positions [B, S]`."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions.float()[:, None, :, None] * inv  # [B, 1, S, d/2]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class StepCache:
+    """Keys/values of the steps run so far. `base`: step 0 over every slot; `diag`: later steps.
+
+    `base_mask [B, Sq, S]`: which step-0 keys each query row may see (causal within its sequence).
+    Query row r of a later step is the same slot as row r of every `diag` entry.
+    """
+
+    base_mask: torch.Tensor
+    base: tuple[torch.Tensor, torch.Tensor] | None = None
+    diag: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Eagle3DraftConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.theta = c.rope_theta
+        self.q_proj = nn.Linear(2 * c.hidden_size, self.heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(2 * c.hidden_size, self.kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(2 * c.hidden_size, self.kv_heads * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.hd, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: StepCache) -> torch.Tensor:
+        b, s, _ = x.shape
+        split = lambda t, n: t.view(b, s, n, self.hd).transpose(1, 2)  # noqa: E731
+        q = rope(split(self.q_proj(x), self.heads), positions, self.theta)
+        k = rope(split(self.k_proj(x), self.kv_heads), positions, self.theta)
+        v = split(self.v_proj(x), self.kv_heads)
+        eye = torch.eye(s, dtype=torch.bool, device=x.device).expand(b, s, s)
+        if cache.base is None:
+            cache.base = (k, v)
+            keys, values, mask = k, v, cache.base_mask
+        else:
+            cache.diag.append((k, v))
+            keys = torch.cat([cache.base[0]] + [kd for kd, _ in cache.diag], dim=2)
+            values = torch.cat([cache.base[1]] + [vd for _, vd in cache.diag], dim=2)
+            mask = torch.cat([cache.base_mask] + [eye] * len(cache.diag), dim=2)
+        rep = self.heads // self.kv_heads
+        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Eagle3DraftConfig):
+        super().__init__()
+        if c.hidden_act != "silu":
+            raise ValueError(f"draft hidden_act {c.hidden_act!r} unsupported; SGLang's Llama draft uses silu")
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nn.Module):
+    def __init__(self, c: Eagle3DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, embeds, hidden, positions, cache: StepCache) -> torch.Tensor:
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        h = hidden + self.self_attn(x, positions, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.fc = nn.Linear(c.aux_width, c.hidden_size, bias=False)
+        self.midlayer = MidLayer(c)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(c.vocab_size, dtype=torch.bool))
+
+    @staticmethod
+    def from_target(
+        config: Eagle3DraftConfig,
+        embeddings: torch.Tensor,
+        lm_head_weight: torch.Tensor,
+        draft_ids: torch.Tensor,
+        freeze_embeddings: bool = True,
+        seed: int = 0,
+    ) -> Eagle3Draft:
+        """A fresh draft: target embeddings (frozen by default), lm_head from the target's draft-vocab rows."""
+        if embeddings.shape != (config.vocab_size, config.hidden_size):
+            raise ValueError(f"target embeddings {tuple(embeddings.shape)} do not fit the draft config")
+        if draft_ids.numel() != config.draft_vocab_size:
+            raise ValueError(f"{draft_ids.numel()} draft ids for draft_vocab_size {config.draft_vocab_size}")
+        torch.manual_seed(seed)
+        draft = Eagle3Draft(config)
+        with torch.no_grad():
+            draft.embed_tokens.weight.copy_(embeddings)
+            draft.lm_head.weight.copy_(lm_head_weight[draft_ids])
+            draft.d2t.copy_(draft_ids - torch.arange(draft_ids.numel()))
+            draft.t2d.zero_()
+            draft.t2d[draft_ids] = True
+        draft.embed_tokens.weight.requires_grad_(not freeze_embeddings)
+        return draft
+
+    @property
+    def draft_ids(self) -> torch.Tensor:
+        """Target id of each draft id."""
+        return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
+
+    def step(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: StepCache
+    ) -> torch.Tensor:
+        """One draft step over `[B, S]` slots; returns the pre-norm hidden `[B, S, H]` (the next step's input).
+
+        `hidden` is the target's concatenated aux states on the first step (empty `cache`; `fc`
+        projects them), else the previous step's output.
+        """
+        if cache.base is None:
+            hidden = self.fc(hidden)
+        return self.midlayer(self.embed_tokens(input_ids), hidden, positions, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits of pre-norm hidden states."""
+        return self.lm_head(self.norm(hidden))
