@@ -172,3 +172,15 @@ def ttt_loss(
         loss_sum[k], correct[k], count[k] = ce.detach().sum(), hit.sum(), sel.sum()
         ids, idx = _shift(ids, 0), _shift(idx, -1)
     return total, TTTStats(loss_sum.cpu(), correct.cpu(), count.cpu(), chain.detach().cpu())
+
+
+class TTTObjective(torch.nn.Module):
+    """`ttt_loss` as a module's forward, so DistributedDataParallel can wrap it (DDP syncs gradients
+    of parameters used in `forward`; calling the draft's methods directly would bypass it)."""
+
+    def __init__(self, draft: Eagle3Draft, steps: int = DEFAULT_TTT_STEPS, decay: float = DEFAULT_STEP_DECAY):
+        super().__init__()
+        self.draft, self.steps, self.decay = draft, steps, decay
+
+    def forward(self, sup: Supervision, lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, TTTStats]:
+        return ttt_loss(self.draft, sup, lm_head_weight, self.steps, self.decay)

@@ -1,0 +1,220 @@
+"""Feed supervision refs from the driver's pool to each Ray Train worker, step by step.
+
+The driver thread (`SupervisionFeed`) streams the pool in batch order; global batch
+`step * world + rank` goes to rank `rank` as its batch for `step`, through that rank's bounded
+queue (a `ray.util.queue.Queue` actor: the bound is the backpressure). Items carry object refs
+only; workers `ray.get` them zero-copy.
+
+Restarts: a worker announces the step it starts from (0, or its checkpoint's) on the control
+queue. When all ranks of a (re)started group have announced, the feed rewinds the data to that
+step, so batches consumed after the last checkpoint are served again and none is skipped.
+Workers drop items for steps they have already passed (left in a queue by the old group).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.queue import Empty, Full, Queue
+
+from eagle_ray.contract import PackedBatch, Supervision
+
+log = logging.getLogger(__name__)
+
+BatchSource = Callable[[int], Iterator[PackedBatch]]  # batches from a global batch index on
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass
+class FeedHandles:
+    """What a worker needs to read its stream (picklable: queue actor handles)."""
+
+    data: list[Queue]
+    control: Queue
+
+
+class SupervisionFeed:
+    def __init__(
+        self,
+        pool: Any,
+        source: BatchSource,
+        world_size: int,
+        max_steps: int,
+        queue_depth: int = 2,
+        stall_timeout_s: float = 600.0,
+    ):
+        if queue_depth < 1:
+            raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
+        self.pool, self.source, self.world, self.max_steps = pool, source, world_size, max_steps
+        self.stall_timeout_s = stall_timeout_s
+        opts = {"num_cpus": 0}
+        self.handles = FeedHandles(
+            [Queue(queue_depth, actor_options=opts) for _ in range(world_size)], Queue(0, actor_options=opts)
+        )
+        self.error: BaseException | None = None
+        self.stats = {"batches": 0, "sequences": 0, "tokens": 0, "restarts": 0, "wait_s": 0.0}
+        self._served: set[str] = set()  # incarnations of the worker group being served
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eagle-ray-feed", daemon=True)
+
+    def start(self) -> SupervisionFeed:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for q in [*self.handles.data, self.handles.control]:
+            try:
+                q.shutdown(force=True)
+            except Exception:
+                pass
+
+    # -------------------------------------------------------------------------------- driver thread
+
+    def _run(self) -> None:
+        starts: dict[int, tuple[int, str]] = {}  # rank -> (start step, incarnation), latest announcement
+        try:
+            while not self._stop.is_set():
+                step = self._await_group(starts)
+                if step is None or not self._serve_from(step, starts):
+                    return
+                self.stats["restarts"] += 1
+        except _Stopped:
+            return
+        except BaseException as e:  # tell the workers; fit() then fails with this error
+            log.exception("supervision feed failed")
+            self.error = e
+            for q in self.handles.data:
+                try:
+                    q.put({"error": f"{type(e).__name__}: {e}"}, timeout=5)
+                except Exception:
+                    pass
+
+    def _control(self, starts: dict[int, tuple[int, str]], timeout: float | None) -> bool:
+        """Read start announcements (waiting up to `timeout` for the first); True if a new worker announced."""
+        new = False
+        while True:
+            try:
+                _, rank, step, incarnation = (
+                    self.handles.control.get(timeout=timeout) if timeout else self.handles.control.get_nowait()
+                )
+            except Empty:
+                return new
+            timeout = None
+            starts[rank] = (step, incarnation)
+            new = new or incarnation not in self._served
+
+    def _await_group(self, starts: dict[int, tuple[int, str]]) -> int | None:
+        """Block until a whole new worker group has announced its start step; return it."""
+        while not self._stop.is_set():
+            self._control(starts, timeout=0.5)
+            fresh = [(s, inc) for s, inc in starts.values() if inc not in self._served]
+            if len(fresh) == self.world:
+                steps = {s for s, _ in fresh}
+                if len(steps) != 1:
+                    raise RuntimeError(f"workers of one group start from different steps: {sorted(steps)}")
+                self._served = {inc for _, inc in fresh}
+                return steps.pop()
+        return None
+
+    def _serve_from(self, step: int, starts: dict[int, tuple[int, str]]) -> bool:
+        """Serve steps [step, max_steps), then wait. True when a restarted group needs serving."""
+        first = step * self.world
+        sizes: dict[int, int] = {}
+
+        def batches() -> Iterator[PackedBatch]:
+            for i, b in enumerate(self.source(first)):
+                if first + i >= self.max_steps * self.world:
+                    return
+                sizes[i] = b.num_sequences
+                yield b
+
+        parts: dict[int, list] = {}
+        stream = self.pool.stream(batches(), ordered=True, stall_timeout_s=self.stall_timeout_s)
+        try:
+            for res in stream:
+                if res.error:
+                    raise RuntimeError(f"batch {first + res.batch_index} lost a shard: {res.error}")
+                parts.setdefault(res.batch_index, []).append(res)
+                if res.sequences[1] < sizes[res.batch_index]:
+                    continue  # more shards of this batch follow
+                got = parts.pop(res.batch_index)
+                g = first + res.batch_index
+                item = {
+                    "step": g // self.world,
+                    "batch": g,
+                    "refs": [r.ref for r in got],
+                    "tokens": sum(r.num_tokens for r in got),
+                    "sequences": sizes.pop(res.batch_index),
+                }
+                if self._put(g % self.world, item, starts):
+                    return True
+                self.stats["batches"] += 1
+                self.stats["sequences"] += item["sequences"]
+                self.stats["tokens"] += item["tokens"]
+        finally:
+            stream.close()
+        for rank in range(self.world):
+            if self._put(rank, {"step": self.max_steps, "end": True}, starts):
+                return True
+        # stay for restarts: a group may fail after the last batch, before its last checkpoint
+        while not self._stop.is_set():
+            if self._control(starts, timeout=0.5):
+                return True
+        return False
+
+    def _put(self, rank: int, item: dict[str, Any], starts: dict[int, tuple[int, str]]) -> bool:
+        """Blocking put that gives way to a restart (returns True then) or to `close()`."""
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.handles.data[rank].put(item, timeout=0.5)
+                self.stats["wait_s"] += time.monotonic() - t0
+                return False
+            except Full:
+                pass
+            if self._control(starts, timeout=None):
+                return True
+        raise _Stopped
+
+
+# -------------------------------------------------------------------------------- worker side
+
+
+class FeedReader:
+    """A worker's view: announce the start step, then one supervision record per step."""
+
+    def __init__(self, handles: FeedHandles, rank: int, start_step: int, timeout_s: float = 600.0):
+        import uuid
+
+        self.queue, self.next_step, self.timeout_s = handles.data[rank], start_step, timeout_s
+        handles.control.put(("start", rank, start_step, uuid.uuid4().hex))
+
+    def __iter__(self) -> Iterator[tuple[int, Supervision, dict[str, Any]]]:
+        while True:
+            try:
+                item = self.queue.get(timeout=self.timeout_s)
+            except Empty:
+                raise TimeoutError(f"no supervision for step {self.next_step} within {self.timeout_s}s") from None
+            if "error" in item:
+                raise RuntimeError(f"supervision feed failed: {item['error']}")
+            if item["step"] < self.next_step:
+                continue  # left over from before a restart
+            if item["step"] > self.next_step and not item.get("end"):
+                raise RuntimeError(f"feed skipped from step {self.next_step} to {item['step']}")
+            if item.get("end"):
+                return
+            sup = Supervision.concat(ray.get(item["refs"]))
+            meta = {k: item[k] for k in ("batch", "tokens", "sequences")}
+            yield self.next_step, sup, meta
+            self.next_step += 1

@@ -1,0 +1,222 @@
+"""The Ray Train worker loop: read supervision from the feed, train the draft with the TTT loss (DDP),
+checkpoint and resume, export at the end.
+
+A checkpoint holds `draft/` (the export format, fp32), `training_state.pt` (optimizer, LR schedule,
+step, samples and tokens seen) and `rng_rank{r}.pt` for every rank. Resuming from it continues the
+same data order: the feed rewinds to the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from eagle_ray.draft.export import load_draft, save_draft
+from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
+from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, DEFAULT_TTT_STEPS, TTTObjective, TTTStats
+from eagle_ray.train.feed import FeedReader
+
+
+@dataclass
+class DraftTrainConfig:
+    max_steps: int  # optimizer steps; each worker takes one batch per step
+    lr: float = 1e-4
+    warmup_steps: int | None = None  # None: 5% of max_steps
+    weight_decay: float = 0.0
+    grad_clip: float | None = 0.5
+    ttt_steps: int = DEFAULT_TTT_STEPS
+    step_decay: float = DEFAULT_STEP_DECAY
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    freeze_embeddings: bool = True
+    autocast_bf16: bool = True  # on CUDA only; master weights stay fp32
+    stop_at_step: int | None = None  # end this run early (as a preemption would); resume later
+    fail_at_step: int | None = None  # fault injection for tests: fail once at this step
+    fail_mode: str = "raise"  # "raise" an exception, or "exit" the worker process
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0 or self.ttt_steps < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("lr, ttt_steps, checkpoint_every and log_every must be positive")
+        if self.fail_mode not in ("raise", "exit"):
+            raise ValueError(f"fail_mode must be 'raise' or 'exit', got {self.fail_mode!r}")
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 10% at max_steps."""
+        warm = self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 20)
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, self.max_steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _save(path: Path, draft: Eagle3Draft, opt, sched, state: dict[str, Any], rank: int) -> None:
+    if rank == 0:
+        save_draft(draft, path / "draft")
+        torch.save(
+            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state}, path / "training_state.pt"
+        )
+    torch.save(torch.get_rng_state(), path / f"rng_rank{rank}.pt")
+
+
+def _load(path: Path, draft: Eagle3Draft, opt, sched, rank: int) -> dict[str, Any]:
+    saved = load_draft(path / "draft")
+    draft.load_state_dict(saved.state_dict())
+    ts = torch.load(path / "training_state.pt", weights_only=False)
+    opt.load_state_dict(ts.pop("optimizer"))
+    sched.load_state_dict(ts.pop("scheduler"))
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.exists():  # a checkpoint from a run with fewer workers has no state for this rank
+        torch.set_rng_state(torch.load(rng))
+    return ts
+
+
+def _inject_fault(cfg: DraftTrainConfig, step: int, marker: Path, rank: int) -> None:
+    if cfg.fail_at_step != step or rank != 0 or marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    if cfg.fail_mode == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected train worker failure at step {step}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = DraftTrainConfig(**config["train"])
+    cuda = torch.cuda.is_available() and config.get("use_gpu", False)
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
+    torch.manual_seed(cfg.seed + rank)
+
+    embeddings, lm_head, draft_ids = ray.get(config["weights"])
+    draft = Eagle3Draft.from_target(
+        Eagle3DraftConfig(**config["draft_config"]), embeddings, lm_head, draft_ids, cfg.freeze_embeddings, cfg.seed
+    ).to(device)
+    lm_head = lm_head.to(device)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
+    state = {"step": 0, "samples": 0, "tokens": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint(config["resume_from"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state.update(_load(Path(d), draft, opt, sched, rank))
+    objective = TTTObjective(draft, cfg.ttt_steps, cfg.step_decay)
+    model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    metrics_path = Path(config["metrics_path"]) if rank == 0 and config.get("metrics_path") else None
+    marker = Path(config["run_dir"]) / f"injected_failure_step{cfg.fail_at_step}"
+
+    window = None
+    t_window, wait, step_tokens = time.monotonic(), 0.0, 0
+    t_wait = time.monotonic()
+    for step, sup, meta in FeedReader(config["feed"], rank, state["step"], config.get("feed_timeout_s", 600.0)):
+        wait += time.monotonic() - t_wait
+        _inject_fault(cfg, step, marker, rank)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.autocast_bf16):
+            loss, stats = model(sup, lm_head)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        # one all-reduce of a few floats: loss, step sums, samples, tokens
+        flat = torch.cat(
+            [
+                loss.detach().double().reshape(1).cpu(),
+                stats.flat(),
+                torch.tensor([meta["sequences"], meta["tokens"]], dtype=torch.float64),
+            ]
+        )
+        if world > 1:
+            dist.all_reduce(flat)
+        step_loss = float(flat[0]) / world
+        stats = TTTStats.from_flat(flat[1:-2])
+        state["step"], state["samples"], state["tokens"] = (
+            step + 1,
+            state["samples"] + int(flat[-2]),
+            state["tokens"] + int(flat[-1]),
+        )
+        step_tokens += int(flat[-1])
+        window = stats if window is None else window + stats
+        done = state["step"] >= cfg.max_steps or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step)
+        if metrics_path is not None:
+            s = stats.summary()
+            with metrics_path.open("a") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "step": state["step"],
+                            "loss": step_loss,
+                            "acc": s["acc"],
+                            "acceptance_chain": s["acceptance_chain"],
+                            "acceptance_product": s["acceptance_product"],
+                            "lr": sched.get_last_lr()[0],
+                            "samples": state["samples"],
+                        }
+                    )
+                    + "\n"
+                )
+        log_now = state["step"] % cfg.log_every == 0
+        ckpt_now = state["step"] % cfg.checkpoint_every == 0 or done
+        if log_now or ckpt_now:
+            s = window.summary()
+            elapsed = time.monotonic() - t_window
+            metrics = {
+                "step": state["step"],
+                "loss": step_loss,
+                "acc_0": s["acc"][0],
+                "acc_last": s["acc"][-1],
+                "acceptance_chain": s["acceptance_chain"],
+                "acceptance_product": s["acceptance_product"],
+                "lr": sched.get_last_lr()[0],
+                "samples": state["samples"],
+                "tokens": state["tokens"],
+                "trainer_tokens_per_s": step_tokens / max(elapsed, 1e-9),
+                "wait_fraction": wait / max(elapsed, 1e-9),
+            }
+            if rank == 0:
+                print(
+                    f"[eagle_ray] step {state['step']}/{cfg.max_steps} loss {step_loss:.4f} acc0 {s['acc'][0]:.3f} "
+                    f"accept(chain) {s['acceptance_chain']:.2f} tok/s {metrics['trainer_tokens_per_s']:.0f} "
+                    f"wait {100 * metrics['wait_fraction']:.0f}%",
+                    flush=True,
+                )
+            window, t_window, wait, step_tokens = None, time.monotonic(), 0.0, 0
+            if ckpt_now:
+                with tempfile.TemporaryDirectory() as d:
+                    _save(
+                        Path(d),
+                        draft,
+                        opt,
+                        sched,
+                        {
+                            "step": state["step"],
+                            "samples": state["samples"],
+                            "tokens": state["tokens"],
+                            "train": asdict(cfg),
+                        },
+                        rank,
+                    )
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+        if done:
+            break
+        t_wait = time.monotonic()

@@ -1,0 +1,160 @@
+"""Driver entry point: train an EAGLE-3 draft on Ray Train, fed live by a `PooledTargetModel`.
+
+    result = train_draft(pool, batches, DraftTrainConfig(max_steps=1000), num_workers=2, ...)
+
+The pool stays on the driver; its supervision reaches each worker as object refs through
+`feed.py`. The target's embeddings and lm_head are put in the object store once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from eagle_ray.checkpoint import load_config
+from eagle_ray.contract import PackedBatch
+from eagle_ray.draft.model import Eagle3DraftConfig
+from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_tokens
+from eagle_ray.train.feed import BatchSource, SupervisionFeed
+from eagle_ray.train.loop import DraftTrainConfig, train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    export_dir: Path | None  # the SGLang-loadable draft, when training reached max_steps
+    checkpoint: Any  # ray.train.Checkpoint of the last report (None if none)
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics (metrics.jsonl)
+    feed: dict[str, Any] = field(default_factory=dict)
+    vocab: DraftVocab | None = None
+
+
+def _source(data: Sequence[PackedBatch] | BatchSource) -> BatchSource:
+    """Batches from a global index on; a list repeats (epochs) so any step count can be served."""
+    if callable(data):
+        return data
+    if not data:
+        raise ValueError("no training batches")
+    batches = list(data)
+
+    def from_index(start: int) -> Iterator[PackedBatch]:
+        return (batches[i % len(batches)] for i in itertools.count(start))
+
+    return from_index
+
+
+def train_draft(
+    pool: Any,
+    data: Sequence[PackedBatch] | BatchSource,
+    train: DraftTrainConfig,
+    *,
+    storage_path: str | Path,
+    name: str = "eagle3-draft",
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    resources_per_worker: dict[str, float] | None = None,
+    backend: str | None = None,
+    draft_vocab_size: int | None = None,
+    special_token_ids: Sequence[int] = (),
+    vocab_batches: int = 1000,
+    queue_depth: int = 2,
+    max_failures: int = 0,
+    resume_from: str | None = None,
+    export_dir: str | Path | None = None,
+    export_dtype: torch.dtype | None = None,
+    feed_timeout_s: float = 600.0,
+) -> TrainResult:
+    """Train a draft for `train.max_steps` steps of `num_workers` batches each.
+
+    `data`: a list of packed batches (repeated as epochs), or a function from a global batch index
+    to the batches from there on (deterministic: resume and restarts re-read from an index).
+    Rerunning with the same `storage_path`/`name` resumes from that run's latest checkpoint (Ray
+    Train restores it); so does `resume_from` (a checkpoint directory). Worker failures restart from
+    the last checkpoint up to `max_failures` times. The draft is exported to `export_dir`
+    (default `<storage_path>/<name>/draft`) when the run reaches `max_steps`.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    source = _source(data)
+    run_dir = Path(storage_path) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = pool.info
+    target_config = load_config(pool.model_path)
+
+    counts = count_loss_tokens(itertools.islice(source(0), vocab_batches), info.vocab_size)
+    vocab = build_draft_vocab(counts, draft_vocab_size, special_token_ids, cache=run_dir / "draft_vocab.safetensors")
+    draft_config = Eagle3DraftConfig.from_target(target_config, vocab.size, list(info.aux_layer_ids))
+    embeddings = pool.get_input_embeddings().weight.detach()
+    weights = ray.put((embeddings, pool.get_lm_head_weight().detach(), vocab.target_ids))
+
+    feed = SupervisionFeed(pool, source, num_workers, train.max_steps, queue_depth, feed_timeout_s).start()
+    metrics_path = run_dir / "metrics.jsonl"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": asdict(train),
+            "draft_config": draft_config.as_dict(),
+            "weights": weights,
+            "feed": feed.handles,
+            "use_gpu": use_gpu,
+            "metrics_path": str(metrics_path),
+            "run_dir": str(run_dir),
+            "resume_from": resume_from,
+            "feed_timeout_s": feed_timeout_s,
+        },
+        torch_config=TorchConfig(backend=backend) if backend else None,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        if feed.error is not None:
+            raise RuntimeError(f"the supervision feed failed: {feed.error}") from e
+        raise
+    finally:
+        feed.close()
+    if feed.error is not None:
+        raise RuntimeError(f"the supervision feed failed: {feed.error}") from feed.error
+    history = _history(metrics_path)
+    steps = history[-1]["step"] if history else 0
+    exported = None
+    if result.checkpoint is not None and steps >= train.max_steps:
+        exported = Path(export_dir) if export_dir else run_dir / "draft"
+        with result.checkpoint.as_directory() as d:
+            if export_dtype is None:
+                shutil.copytree(Path(d) / "draft", exported, dirs_exist_ok=True)
+            else:
+                from eagle_ray.draft.export import load_draft, save_draft
+
+                save_draft(load_draft(Path(d) / "draft"), exported, dtype=export_dtype)
+    return TrainResult(exported, result.checkpoint, steps, history, dict(feed.stats), vocab)
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    """Per-step metrics; where a restart re-ran steps, the latest run of each step wins."""
+    if not path.exists():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
