@@ -8,7 +8,8 @@ only; workers `ray.get` them zero-copy.
 Restarts: a worker announces the step it starts from (0, or its checkpoint's) on the control
 queue. When all ranks of a (re)started group have announced, the feed rewinds the data to that
 step, so batches consumed after the last checkpoint are served again and none is skipped.
-Workers drop items for steps they have already passed (left in a queue by the old group).
+Every item names the worker incarnation it was served to; a restarted worker drops what is left
+in its queue for its predecessor.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class SupervisionFeed:
                 if len(steps) != 1:
                     raise RuntimeError(f"workers of one group start from different steps: {sorted(steps)}")
                 self._served = {inc for _, inc in fresh}
+                self._serving = {r: inc for r, (_, inc) in starts.items()}
                 return steps.pop()
         return None
 
@@ -175,6 +177,7 @@ class SupervisionFeed:
 
     def _put(self, rank: int, item: dict[str, Any], starts: dict[int, tuple[int, str]]) -> bool:
         """Blocking put that gives way to a restart (returns True then) or to `close()`."""
+        item = {**item, "for": self._serving[rank]}  # the worker incarnation it is meant for
         t0 = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -198,7 +201,8 @@ class FeedReader:
         import uuid
 
         self.queue, self.next_step, self.timeout_s = handles.data[rank], start_step, timeout_s
-        handles.control.put(("start", rank, start_step, uuid.uuid4().hex))
+        self.incarnation = uuid.uuid4().hex
+        handles.control.put(("start", rank, start_step, self.incarnation))
 
     def __iter__(self) -> Iterator[tuple[int, Supervision, dict[str, Any]]]:
         while True:
@@ -208,8 +212,8 @@ class FeedReader:
                 raise TimeoutError(f"no supervision for step {self.next_step} within {self.timeout_s}s") from None
             if "error" in item:
                 raise RuntimeError(f"supervision feed failed: {item['error']}")
-            if item["step"] < self.next_step:
-                continue  # left over from before a restart
+            if item["for"] != self.incarnation:
+                continue  # served to this rank's previous worker, before a restart
             if item["step"] > self.next_step and not item.get("end"):
                 raise RuntimeError(f"feed skipped from step {self.next_step} to {item['step']}")
             if item.get("end"):

@@ -84,6 +84,16 @@ def _load(path: Path, draft: Eagle3Draft, opt, sched, rank: int) -> dict[str, An
     return ts
 
 
+def _checksums(draft: Eagle3Draft, world: int) -> list[float]:
+    """Every rank's weight checksum; DDP ranks that disagree would train different drafts."""
+    mine = torch.tensor([sum(float(p.detach().double().sum()) for p in draft.parameters())], dtype=torch.float64)
+    if world == 1:
+        return [float(mine)]
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return [float(t) for t in every]
+
+
 def _inject_fault(cfg: DraftTrainConfig, step: int, marker: Path, rank: int) -> None:
     if cfg.fail_at_step != step or rank != 0 or marker.exists():
         return
@@ -156,64 +166,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_tokens += int(flat[-1])
         window = stats if window is None else window + stats
         done = state["step"] >= cfg.max_steps or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step)
-        if metrics_path is not None:
-            s = stats.summary()
-            with metrics_path.open("a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": state["step"],
-                            "loss": step_loss,
-                            "acc": s["acc"],
-                            "acceptance_chain": s["acceptance_chain"],
-                            "acceptance_product": s["acceptance_product"],
-                            "lr": sched.get_last_lr()[0],
-                            "samples": state["samples"],
-                        }
-                    )
-                    + "\n"
-                )
-        log_now = state["step"] % cfg.log_every == 0
+        s = stats.summary()
+        row = {
+            "step": state["step"],
+            "loss": step_loss,
+            "acc": s["acc"],
+            "acceptance_chain": s["acceptance_chain"],
+            "acceptance_product": s["acceptance_product"],
+            "lr": sched.get_last_lr()[0],
+            "samples": state["samples"],
+            "tokens": state["tokens"],
+        }
         ckpt_now = state["step"] % cfg.checkpoint_every == 0 or done
-        if log_now or ckpt_now:
-            s = window.summary()
+        if ckpt_now:
+            row["weight_checksums"] = sums = _checksums(draft, world)
+            if len(set(sums)) != 1:
+                raise RuntimeError(f"DDP ranks hold different weights at step {state['step']}: {sums}")
+        if metrics_path is not None:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if state["step"] % cfg.log_every == 0 or ckpt_now:
             elapsed = time.monotonic() - t_window
+            w = window.summary()
             metrics = {
-                "step": state["step"],
-                "loss": step_loss,
-                "acc_0": s["acc"][0],
-                "acc_last": s["acc"][-1],
-                "acceptance_chain": s["acceptance_chain"],
-                "acceptance_product": s["acceptance_product"],
-                "lr": sched.get_last_lr()[0],
-                "samples": state["samples"],
-                "tokens": state["tokens"],
+                **{k: v for k, v in row.items() if k not in ("acc", "weight_checksums")},
+                "acc_0": w["acc"][0],
+                "acc_last": w["acc"][-1],
+                "window_acceptance_chain": w["acceptance_chain"],
                 "trainer_tokens_per_s": step_tokens / max(elapsed, 1e-9),
                 "wait_fraction": wait / max(elapsed, 1e-9),
             }
             if rank == 0:
                 print(
-                    f"[eagle_ray] step {state['step']}/{cfg.max_steps} loss {step_loss:.4f} acc0 {s['acc'][0]:.3f} "
-                    f"accept(chain) {s['acceptance_chain']:.2f} tok/s {metrics['trainer_tokens_per_s']:.0f} "
+                    f"[eagle_ray] step {state['step']}/{cfg.max_steps} loss {step_loss:.4f} acc0 {w['acc'][0]:.3f} "
+                    f"accept(chain) {w['acceptance_chain']:.2f} tok/s {metrics['trainer_tokens_per_s']:.0f} "
                     f"wait {100 * metrics['wait_fraction']:.0f}%",
                     flush=True,
                 )
             window, t_window, wait, step_tokens = None, time.monotonic(), 0.0, 0
             if ckpt_now:
                 with tempfile.TemporaryDirectory() as d:
-                    _save(
-                        Path(d),
-                        draft,
-                        opt,
-                        sched,
-                        {
-                            "step": state["step"],
-                            "samples": state["samples"],
-                            "tokens": state["tokens"],
-                            "train": asdict(cfg),
-                        },
-                        rank,
-                    )
+                    saved = {k: state[k] for k in ("step", "samples", "tokens")}
+                    _save(Path(d), draft, opt, sched, {**saved, "train": asdict(cfg)}, rank)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
