@@ -25,16 +25,30 @@ Seams (all 0.5.23):
      (vocab-parallel lm_head with its TP all-gather), sliced to the real vocabulary.
   S9 `req_to_token_pool.clear()` / `token_to_kv_pool_allocator.clear()` free the KV after a batch.
   S10 teardown: `parallel_state.destroy_model_parallel()` + `destroy_distributed_environment()`.
+
+Seams of the exported-draft check (`check_eagle3_draft_load`), also 0.5.23:
+  S11 `ModelConfig.from_server_args(server_args, model_path=<draft dir>, is_draft_model=True)`: reads the export's
+     config.json the way SGLang reads `speculative_draft_model_path` (a transformers `LlamaConfig`).
+  S12 `model_loader.loader._initialize_model(model_config, LoadConfig())` under `set_default_torch_dtype`: builds
+     the class SGLang's model registry maps `architectures` to, as `DefaultModelLoader.load_model` does. Needs S2
+     and S3 (TP/PP groups: gloo, one rank) but no KV pool and no attention backend.
+  S13 `LlamaForCausalLMEagle3.load_weights(iterable of (name, tensor))` (`srt/models/llama_eagle3.py`): renames
+     `midlayer` -> `layers.0`, stacks q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, sets
+     `hot_token_id = d2t + arange`, skips `t2d`, and SILENTLY skips any name it has no parameter for. Vocab-parallel
+     parameters pad their rows to a multiple of 64 and zero the padding.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import math
 import os
 import traceback
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from eagle_ray.engines import _vllm_compat
@@ -55,9 +69,12 @@ from sglang.benchmark.one_batch import TreeCacheNamespace, _init_process_global_
 from sglang.srt.configs.model_config import ModelConfig  # noqa: E402
 from sglang.srt.distributed import bootstrap, parallel_state  # noqa: E402
 from sglang.srt.layers.logits_processor import LogitsMetadata  # noqa: E402
+from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding  # noqa: E402
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch  # noqa: E402
 from sglang.srt.model_executor.model_runner import ModelRunner  # noqa: E402
+from sglang.srt.model_loader.loader import LoadConfig, _initialize_model  # noqa: E402
+from sglang.srt.model_loader.utils import set_default_torch_dtype  # noqa: E402
 from sglang.srt.runtime_context import SpawnRanks, get_device, get_schedule, publish, spawn_world_rank  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
@@ -259,3 +276,229 @@ def tp_worker_main(
             # see the peer gone) instead of leaving it to the process-group timeout
             os._exit(1)
     rank.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exported EAGLE-3 draft: load it into SGLang's own draft class on the CPU (S11-S13) and compare every parameter.
+# ---------------------------------------------------------------------------------------------------------------
+
+EAGLE3_DRAFT_ARCH = "LlamaForCausalLMEagle3"
+_SPECIAL_EXPORT_TENSORS = ("d2t", "t2d")  # S13: d2t becomes hot_token_id, t2d is skipped by SGLang
+_STACKED = {  # S13: SGLang parameter -> the export tensors it concatenates (dim 0), in order
+    ".qkv_proj.": (".q_proj.", ".k_proj.", ".v_proj."),
+    ".gate_up_proj.": (".gate_proj.", ".up_proj."),
+}
+
+
+def _export_sources(param_name: str) -> list[str]:
+    """The export tensor name(s) an SGLang draft parameter is loaded from: S13's renaming, inverted."""
+    name = param_name.removeprefix("model.").replace("layers.0.", "midlayer.")
+    for stacked, parts in _STACKED.items():
+        if stacked in name:
+            return [name.replace(stacked, part) for part in parts]
+    return [name]
+
+
+def _read_export(draft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    config_file = draft_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{draft_dir}: no config.json")
+    config = json.loads(config_file.read_text())
+    if config.get("architectures") != [EAGLE3_DRAFT_ARCH]:
+        raise ValueError(f"{config_file}: architectures is {config.get('architectures')}, want [{EAGLE3_DRAFT_ARCH!r}]")
+    files = sorted(draft_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{draft_dir}: no *.safetensors files")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(f))
+    return config, weights
+
+
+def _dtype_name(config: dict[str, Any]) -> str:
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    if str(dtype) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"draft config dtype {dtype!r} unsupported; use float32, bfloat16 or float16")
+    return str(dtype)
+
+
+def _load_one_by_one(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[dict, dict, list]:
+    """Feed each export tensor alone through S13 into a NaN-filled model.
+
+    Returns (param -> export names that filled some of it, export name -> load error, export names that filled
+    nothing). A parameter is "touched" by a tensor when its NaN count drops.
+    """
+    params = dict(model.named_parameters())
+    for p in params.values():
+        if p.is_floating_point():
+            p.data.fill_(math.nan)
+    nan_left = {n: int(torch.isnan(p).sum()) for n, p in params.items()}
+    filled_by: dict[str, list[str]] = {n: [] for n in params}
+    errors: dict[str, str] = {}
+    unused: list[str] = []
+    for name, tensor in weights.items():
+        try:
+            model.load_weights([(name, tensor)])
+        except Exception as e:  # a mis-shaped tensor trips an assertion in SGLang's weight loaders
+            errors[name] = f"{type(e).__name__}: {e}".strip()
+        touched = []
+        for n in [n for n, left in nan_left.items() if left]:
+            left = int(torch.isnan(params[n]).sum())
+            if left < nan_left[n]:
+                touched.append(n)
+                filled_by[n].append(name)
+            nan_left[n] = left
+        if not touched and name not in errors and name not in _SPECIAL_EXPORT_TENSORS:
+            unused.append(name)
+    return filled_by, errors, unused
+
+
+def _compare_param(
+    param: torch.Tensor, sources: list[str], weights: dict[str, torch.Tensor], vocab_parallel: bool
+) -> dict[str, Any]:
+    """One SGLang parameter against the export tensor(s) it should hold."""
+    missing = [s for s in sources if s not in weights]
+    if missing:
+        return {"match": False, "missing_export_tensors": missing}
+    parts = [weights[s] for s in sources]
+    if len({p.shape[1:] for p in parts}) > 1:
+        return {"match": False, "expected_shape": [list(p.shape) for p in parts]}
+    want = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    got = param.detach()
+    entry: dict[str, Any] = {}
+    rows = want.shape[0] if want.dim() else 0
+    if vocab_parallel and got.dim() == want.dim() and got.shape[0] > rows and got.shape[1:] == want.shape[1:]:
+        # S13: vocab-parallel padding rows; SGLang zeroes them
+        entry["padding_rows_zero"] = bool((got[rows:] == 0).all())
+        got = got[:rows]
+    if got.shape != want.shape:
+        return {**entry, "match": False, "expected_shape": list(want.shape)}
+    want = want.to(got.dtype)
+    diff = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
+    return {**entry, "match": torch.equal(got, want) and entry.get("padding_rows_zero", True), "max_abs_diff": diff}
+
+
+def _hot_token_report(model, weights: dict[str, torch.Tensor], vocab_size: int) -> dict[str, Any]:
+    d2t, t2d = weights.get("d2t"), weights.get("t2d")
+    hot = model.get_hot_token_id()
+    report: dict[str, Any] = {"d2t_present": d2t is not None, "ids": None if hot is None else hot.detach().cpu()}
+    if d2t is None or hot is None:
+        return {**report, "match": False}
+    ids = hot.detach().cpu()
+    report["match"] = torch.equal(ids, d2t + torch.arange(d2t.shape[0], dtype=d2t.dtype))
+    report["in_range"] = bool(((ids >= 0) & (ids < vocab_size)).all())
+    report["unique"] = ids.unique().numel() == ids.numel()
+    if t2d is not None:  # t2d marks exactly the hot target ids
+        report["t2d_consistent"] = (
+            t2d.shape == (vocab_size,) and bool(t2d[ids.clamp(0, vocab_size - 1)].all()) and int(t2d.sum()) == len(ids)
+        )
+    return report
+
+
+@torch.no_grad()
+def check_eagle3_draft_load(draft_dir: str) -> dict[str, Any]:
+    """Load an exported EAGLE-3 draft into SGLang's own `LlamaForCausalLMEagle3` on the CPU, and compare.
+
+    Builds the model from the export's config.json as SGLang's draft worker would (S11, S12), fills every
+    parameter with NaN, feeds the export's tensors one at a time through the model's own `load_weights` (S13),
+    then compares each parameter with the export tensor(s) it should hold (q/k/v and gate/up concatenated for the
+    stacked ones) and `hot_token_id` with `d2t + arange`. The 1-rank parallel state it needs is torn down again,
+    so an SGLang engine can be built in this process afterwards; no engine may be open while it runs.
+
+    Returns a report; `report["ok"]` is True only when every parameter was loaded and equals the export, no
+    tensor failed to load or went unused, and the hot-token map round-trips.
+    """
+    from eagle_ray.engines import sglang as adapter  # lazily, as that module imports this one
+
+    if adapter._live is not None:
+        raise RuntimeError(
+            f"an SGLang engine for {adapter._live.model_path} is open in this process; SGLang's runtime config is "
+            "process-global, so run the draft check in another process (verify_eagle3_export does)"
+        )
+    path = Path(draft_dir)
+    config, weights = _read_export(path)
+    dtype = _dtype_name(config)
+    kwargs = {
+        **adapter.CPU_DEFAULTS,
+        "model_path": str(path),
+        "dtype": dtype,
+        "skip_tokenizer_init": True,
+        "disable_cuda_graph": True,
+    }
+    server_args = build_server_args(kwargs)  # S1
+    _store, env = adapter.hold_dist_port()  # held (bound) until we return
+    saved_init_group = parallel_state.init_model_parallel_group
+    model = None
+    try:
+        with adapter._scoped_env(env):
+            publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))  # S2
+            _init_process_global_configs()
+            model_config = ModelConfig.from_server_args(server_args, model_path=str(path), is_draft_model=True)  # S11
+            parallel_state.init_model_parallel_group = _init_group_without_pynccl  # S4
+            try:
+                bootstrap.init_parallel_runtime(  # S3
+                    server_args=server_args, device="cpu", dist_port=int(env["MASTER_PORT"])
+                )
+                bootstrap.init_layer_runtime(model_config=model_config)
+                with set_default_torch_dtype(model_config.dtype), torch.device("cpu"):  # S12
+                    model = _initialize_model(model_config, LoadConfig())
+                report = _draft_report(model, model_config, weights, dtype)
+            finally:
+                model = None
+                gc.collect()
+                parallel_state.destroy_model_parallel()  # S10
+                parallel_state.destroy_distributed_environment()
+    finally:
+        parallel_state.init_model_parallel_group = saved_init_group
+    report["draft_dir"] = str(path)
+    return report
+
+
+def _draft_report(model, model_config: ModelConfig, weights: dict[str, torch.Tensor], dtype: str) -> dict[str, Any]:
+    if type(model).__name__ != EAGLE3_DRAFT_ARCH:
+        raise ValueError(f"SGLang built {type(model).__name__} from the export, not {EAGLE3_DRAFT_ARCH}")
+    filled_by, errors, unused = _load_one_by_one(model, weights)  # S13
+    params: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        sources = _export_sources(name)
+        entry = {
+            "shape": list(param.shape),
+            "sources": sources,
+            "loaded_from": filled_by[name],
+            "loaded": not bool(torch.isnan(param).any()),
+        }
+        owner = model.get_submodule(name.rpartition(".")[0])
+        entry.update(_compare_param(param, sources, weights, isinstance(owner, VocabParallelEmbedding)))
+        entry["ok"] = entry["loaded"] and entry["match"] and sorted(entry["loaded_from"]) == sorted(sources)
+        params[name] = entry
+    hf = model_config.hf_config
+    attn = model.model.layers[0].self_attn
+    hot = _hot_token_report(model, weights, hf.vocab_size)
+    ok = all(p["ok"] for p in params.values()) and not errors and not unused and hot["match"]
+    return {
+        "ok": ok,
+        "sglang_version": sglang.__version__,
+        "model_class": type(model).__name__,
+        "dtype": dtype,
+        "config": {  # as SGLang read it
+            "hidden_size": hf.hidden_size,
+            "target_hidden_size": model.model.hidden_size_in,
+            "num_aux_hidden_states": model.model.num_aux_hidden_states,
+            "num_attention_heads": attn.total_num_heads,
+            "num_key_value_heads": attn.total_num_kv_heads,
+            "head_dim": attn.head_dim,
+            "vocab_size": hf.vocab_size,
+            "draft_vocab_size": hf.draft_vocab_size,
+            "eagle_aux_hidden_state_layer_ids": (getattr(hf, "eagle_config", None) or {}).get(
+                "eagle_aux_hidden_state_layer_ids"
+            ),
+        },
+        "params": params,
+        "not_loaded": [n for n, p in params.items() if not p["loaded"]],
+        "mismatched": [n for n, p in params.items() if p["loaded"] and not p["ok"]],
+        "load_errors": errors,
+        "unused_export_tensors": unused,
+        "hot_token_id": hot,
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -268,3 +269,25 @@ class SGLangEngine:
             proc.join(timeout=30)
         self._kill_workers()
         self._store = None
+
+
+def verify_eagle3_export(draft_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check an exported EAGLE-3 draft against SGLang's own loader: build SGLang's `LlamaForCausalLMEagle3` from
+    the export (on the CPU), load its tensors through SGLang's `load_weights`, and compare every parameter.
+
+    Returns the report of `_sglang_runner.check_eagle3_draft_load`: `report["ok"]`, and per SGLang parameter
+    whether it was loaded and equals the export, plus load errors, unused tensors and the hot-token map. Runs in
+    this process when no SGLang engine is open here (and leaves none of its state behind), else in a fresh one.
+    """
+    if _live is None:
+        from eagle_ray.engines._sglang_runner import check_eagle3_draft_load
+
+        return check_eagle3_draft_load(str(draft_dir))
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_verify_in_fresh_process, str(draft_dir)).result()
+
+
+def _verify_in_fresh_process(draft_dir: str) -> dict[str, Any]:
+    from eagle_ray.engines._sglang_runner import check_eagle3_draft_load
+
+    return check_eagle3_draft_load(draft_dir)
