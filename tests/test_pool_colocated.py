@@ -74,3 +74,27 @@ def test_colocated_rejects_tensor_parallel(one_gpu_cluster, tiny_paths):
         PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="sglang", tp_size=2, placement="colocated")
     assert os.environ.get("CUDA_VISIBLE_DEVICES") in (None, "")  # the driver itself pins nothing
     assert torch.cuda.device_count() == 0
+
+
+def test_draft_training_colocated_with_the_replica(one_gpu_cluster, tiny_paths, tmp_path):
+    """The whole trainer on one (fake) GPU: replica and Ray Train worker each take half of it."""
+    from eagle_ray.train.loop import DraftTrainConfig
+    from eagle_ray.train.trainer import train_draft
+
+    batches = [random_batch([9, 14, 5], seed=s) for s in range(4)]
+    with PooledTargetModel.from_pretrained(
+        tiny_paths["llama"], engine="hf", replicas=1, placement="colocated", gpu_fraction=0.5
+    ) as pool:
+        result = train_draft(
+            pool,
+            batches,
+            DraftTrainConfig(max_steps=6, lr=1e-3, ttt_steps=3, checkpoint_every=3, log_every=3),
+            storage_path=tmp_path,
+            name="colocated",
+            use_gpu=True,
+            resources_per_worker={"CPU": 1, "GPU": 0.5},
+            backend="gloo",  # fake GPUs: no CUDA here
+        )
+    assert result.steps == 6 and [r["step"] for r in result.history] == list(range(1, 7))
+    assert result.history[-1]["samples"] == 6 * 3  # 6 steps of one 3-sequence batch
+    assert (result.export_dir / "model.safetensors").exists()
