@@ -11,7 +11,20 @@ from eagle_ray.contract import (
     shift_left,
     validate_packed,
 )
-from eagle_ray.draft import DraftVocab, build_draft_vocab, count_loss_tokens
+from eagle_ray.draft import (
+    DraftVocab,
+    Eagle3Draft,
+    Eagle3DraftConfig,
+    SpecDecodeResult,
+    TTTStats,
+    build_draft_vocab,
+    count_loss_tokens,
+    load_draft,
+    save_draft,
+    speculative_greedy,
+    ttt_loss,
+)
+from eagle_ray.engines.sglang import verify_eagle3_export
 from eagle_ray.pool import PooledTargetModel, ShardQuarantinedError, ShardResult
 from eagle_ray.target import (
     Eagle3TargetBatch,
@@ -20,10 +33,14 @@ from eagle_ray.target import (
     SGLangEagle3TargetModel,
     load_target,
 )
-from eagle_ray.tiny import build_tiny_target
+from eagle_ray.tiny import build_tiny_target, markov_sequences, pretrain_tiny_target
+from eagle_ray.train import DraftTrainConfig, TrainResult, train_draft
 
 __all__ = [
+    "DraftTrainConfig",
     "DraftVocab",
+    "Eagle3Draft",
+    "Eagle3DraftConfig",
     "Eagle3TargetBatch",
     "Eagle3TargetModel",
     "HFEagle3TargetModel",
@@ -34,14 +51,25 @@ __all__ = [
     "SGLangEagle3TargetModel",
     "ShardQuarantinedError",
     "ShardResult",
+    "SpecDecodeResult",
     "Supervision",
+    "TTTStats",
+    "TrainResult",
     "build_draft_vocab",
     "build_tiny_target",
     "count_loss_tokens",
     "default_aux_layer_ids",
+    "load_draft",
     "load_target",
+    "markov_sequences",
     "pack_padded",
+    "pretrain_tiny_target",
     "resolve_aux_layer_ids",
+    "save_draft",
     "shift_left",
+    "speculative_greedy",
+    "train_draft",
+    "ttt_loss",
     "validate_packed",
+    "verify_eagle3_export",
 ]

@@ -1,5 +1,23 @@
-"""The EAGLE-3 draft side (no Ray here): vocabulary mapping so far; the draft network, TTT loss and export follow."""
+"""The EAGLE-3 draft side (no Ray here): vocabulary, network, TTT loss, export, speculative evaluator."""
 
+from eagle_ray.draft.export import load_draft, save_draft
+from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
+from eagle_ray.draft.speculate import SpecDecodeResult, speculative_greedy, target_greedy
+from eagle_ray.draft.ttt import TTTStats, teacher_targets, ttt_loss
 from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_tokens
 
-__all__ = ["DraftVocab", "build_draft_vocab", "count_loss_tokens"]
+__all__ = [
+    "DraftVocab",
+    "Eagle3Draft",
+    "Eagle3DraftConfig",
+    "SpecDecodeResult",
+    "TTTStats",
+    "build_draft_vocab",
+    "count_loss_tokens",
+    "load_draft",
+    "save_draft",
+    "speculative_greedy",
+    "target_greedy",
+    "teacher_targets",
+    "ttt_loss",
+]

@@ -30,8 +30,9 @@ def save_draft(draft: Eagle3Draft, path: str | Path, dtype: torch.dtype | None =
             t = t.to(dtype)
         tensors[name] = t.contiguous()
     config = module.config.to_hf()
-    if dtype is not None:
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(floats) == 1:  # say what was written, whatever the config believed
+        config["torch_dtype"] = str(floats.pop()).removeprefix("torch.")
     tmp = path / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / WEIGHTS)  # a crash never leaves a half-written export behind

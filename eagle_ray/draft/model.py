@@ -13,7 +13,7 @@ keys a chain of k drafted tokens sees at inference.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -102,6 +102,11 @@ class Eagle3DraftConfig:
             raise ValueError("draft config has no eagle_config.eagle_aux_hidden_state_layer_ids")
         names = {f.name for f in fields(Eagle3DraftConfig)} - {"aux_layer_ids", "extra"}
         known = {k: d[k] for k in names if k in d}
+        required = [f.name for f in fields(Eagle3DraftConfig) if f.default is MISSING and f.name in names]
+        absent = [k for k in required if k not in known]
+        if absent:
+            raise ValueError(f"draft config lacks {absent}")
+        known["extra"] = {k: v for k, v in d.items() if k not in names and k not in _HF_KEYS}
         rope = d.get("rope_parameters") or {}
         if "rope_theta" in rope:
             known["rope_theta"] = float(rope["rope_theta"])
@@ -111,6 +116,10 @@ class Eagle3DraftConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# keys `to_hf` writes itself; anything else in a config.json is carried in `extra`
+_HF_KEYS = set(Eagle3DraftConfig(0, 0, 0, 0, 0, 0, 0, []).to_hf())
 
 
 class RMSNorm(nn.Module):
