@@ -7,9 +7,10 @@ The output therefore equals target-only greedy decoding token for token (checked
 a target-only run), and the acceptance length is tokens produced per verify forward, the number
 SGLang reports as accept length.
 
-The target is anything with `forward_packed(PackedBatch, return_logits=True)` (an engine-backed
-target or a pool); it recomputes the whole sequence each round (no KV cache): an evaluator,
-not a server. All prompts share each round's target forward.
+The target is anything with `forward_packed(PackedBatch)` and `get_lm_head_weight()` (an
+engine-backed target or a pool): greedy tokens come from its last hidden states and lm_head, so
+no full-vocabulary logits are shipped. It recomputes the whole sequence each round (no KV
+cache): an evaluator, not a server. All prompts share each round's target forward.
 """
 
 from __future__ import annotations
@@ -50,16 +51,23 @@ def propose(draft: Eagle3Draft, aux: torch.Tensor, next_ids: torch.Tensor, k: in
 
 def _forward(target: Any, seqs: list[list[int]]) -> Any:
     ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
-    return target.forward_packed(PackedBatch.from_sequences(ids, [torch.ones_like(t) for t in ids]), return_logits=True)
+    return target.forward_packed(PackedBatch.from_sequences(ids, [torch.ones_like(t) for t in ids]))
+
+
+def _greedy(sup: Any, rows: torch.Tensor | slice, lm_head: torch.Tensor) -> torch.Tensor:
+    """The target's greedy next tokens at `rows`, from its last hidden states (no full logits shipped)."""
+    h = sup.last_hidden_states[rows]
+    return (h.to(lm_head.dtype) @ lm_head.T).argmax(-1)
 
 
 def target_greedy(target: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Target-only greedy decoding, one token per forward (the reference)."""
     outs: list[list[int]] = [[] for _ in prompts]
+    lm_head = target.get_lm_head_weight()
     for _ in range(max_new_tokens):
         sup = _forward(target, [p + o for p, o in zip(prompts, outs, strict=True)])
-        for i, end in enumerate(sup.cu_seqlens[1:].tolist()):
-            outs[i].append(int(sup.logits[end - 1].argmax()))
+        for i, tok in enumerate(_greedy(sup, sup.cu_seqlens[1:] - 1, lm_head).tolist()):
+            outs[i].append(tok)
     return outs
 
 
@@ -104,9 +112,10 @@ def speculative_greedy(
     if any(len(p) < 1 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     draft.eval()
+    lm_head = target.get_lm_head_weight()
     sup = _forward(target, prompts)
     ends = sup.cu_seqlens[1:].tolist()
-    outs = [[int(sup.logits[e - 1].argmax())] for e in ends]
+    outs = [[t] for t in _greedy(sup, sup.cu_seqlens[1:] - 1, lm_head).tolist()]
     aux = [sup.aux_hidden_states[s:e] for s, e in zip(sup.cu_seqlens[:-1].tolist(), ends, strict=True)]
     forwards = produced = accepted = proposed = 0
     while True:
@@ -121,7 +130,7 @@ def speculative_greedy(
         starts = sup.cu_seqlens[:-1].tolist()
         for i, chain, s in zip(active, chains, starts, strict=True):
             n0 = len(prompts[i]) + len(outs[i])
-            greedy = sup.logits[s + n0 - 1 : s + n0 + len(chain)].argmax(-1).tolist()
+            greedy = _greedy(sup, slice(s + n0 - 1, s + n0 + len(chain)), lm_head).tolist()
             a = 0
             while a < len(chain) and chain[a] == greedy[a]:
                 a += 1

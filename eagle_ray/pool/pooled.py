@@ -10,6 +10,7 @@ consumer, never through the driver (except for the single-target compatibility c
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -106,7 +107,10 @@ class PooledTargetModel:
         start_timeout_s: float = 900.0,
     ):
         if not ray.is_initialized():
-            ray.init(_system_config=RAY_SYSTEM_CONFIG, runtime_env={"env_vars": ZERO_COPY_ENV})
+            if os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit): its own system config applies
+                ray.init(runtime_env={"env_vars": ZERO_COPY_ENV})
+            else:  # a private local Ray, never one another process left running
+                ray.init(address="local", _system_config=RAY_SYSTEM_CONFIG, runtime_env={"env_vars": ZERO_COPY_ENV})
         if replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
         if engine not in ("sglang", "hf"):

@@ -131,12 +131,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     metrics_path = Path(config["metrics_path"]) if rank == 0 and config.get("metrics_path") else None
     marker = Path(config["run_dir"]) / f"injected_failure_step{cfg.fail_at_step}"
+    sink = config.get("metrics_sink") if rank == 0 else None
 
     window = None
     t_window, wait, step_tokens = time.monotonic(), 0.0, 0
     t_wait = time.monotonic()
     for step, sup, meta in FeedReader(config["feed"], rank, state["step"], config.get("feed_timeout_s", 600.0)):
-        wait += time.monotonic() - t_wait
+        t_got = time.monotonic()
+        step_wait = t_got - t_wait
+        wait += step_wait
         _inject_fault(cfg, step, marker, rank)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.autocast_bf16):
             loss, stats = model(sup, lm_head)
@@ -182,6 +185,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row["weight_checksums"] = sums = _checksums(draft, world)
             if len(set(sums)) != 1:
                 raise RuntimeError(f"DDP ranks hold different weights at step {state['step']}: {sums}")
+        row["wait_s"], row["step_s"] = step_wait, time.monotonic() - t_wait
+        if sink is not None:
+            sink.push.remote(row)  # fire and forget: the driver's progress line
         if metrics_path is not None:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -27,6 +27,7 @@ from eagle_ray.draft.model import Eagle3DraftConfig
 from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_tokens
 from eagle_ray.train.feed import BatchSource, SupervisionFeed
 from eagle_ray.train.loop import DraftTrainConfig, train_loop_per_worker
+from eagle_ray.train.progress import MetricsSink, Progress
 
 
 @dataclass
@@ -73,6 +74,9 @@ def train_draft(
     export_dir: str | Path | None = None,
     export_dtype: torch.dtype | None = None,
     feed_timeout_s: float = 600.0,
+    progress: str = "off",
+    progress_every_s: float = 10.0,
+    tensorboard_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train a draft for `train.max_steps` steps of `num_workers` batches each.
 
@@ -81,7 +85,8 @@ def train_draft(
     Rerunning with the same `storage_path`/`name` resumes from that run's latest checkpoint (Ray
     Train restores it); so does `resume_from` (a checkpoint directory). Worker failures restart from
     the last checkpoint up to `max_failures` times. The draft is exported to `export_dir`
-    (default `<storage_path>/<name>/draft`) when the run reaches `max_steps`.
+    (default `<storage_path>/<name>/draft`) when the run reaches `max_steps`. `progress`: "bar", "lines",
+    "auto" (bar on a terminal) or "off"; `tensorboard_dir`: scalars per step.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -97,7 +102,11 @@ def train_draft(
     embeddings = pool.get_input_embeddings().weight.detach()
     weights = ray.put((embeddings, pool.get_lm_head_weight().detach(), vocab.target_ids))
 
+    sink = MetricsSink.remote()
     feed = SupervisionFeed(pool, source, num_workers, train.max_steps, queue_depth, feed_timeout_s).start()
+    monitor = Progress(sink, train.max_steps, pool, progress, progress_every_s, tensorboard_dir)
+    if progress != "off" or tensorboard_dir is not None:
+        monitor.start()
     metrics_path = run_dir / "metrics.jsonl"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -111,6 +120,7 @@ def train_draft(
             "run_dir": str(run_dir),
             "resume_from": resume_from,
             "feed_timeout_s": feed_timeout_s,
+            "metrics_sink": sink,
         },
         torch_config=TorchConfig(backend=backend) if backend else None,
         scaling_config=ScalingConfig(
@@ -131,6 +141,8 @@ def train_draft(
         raise
     finally:
         feed.close()
+        if monitor._thread.is_alive():
+            monitor.stop()
     if feed.error is not None:
         raise RuntimeError(f"the supervision feed failed: {feed.error}") from feed.error
     history = _history(metrics_path)

@@ -1,0 +1,183 @@
+"""Live progress of a training run, seen from the driver.
+
+Rank 0 pushes one row per step to a `MetricsSink` actor (fire and forget). A driver thread
+(`Progress`) joins those rows with the pool's own counters and shows one line: a tqdm bar on
+a terminal, plain periodic lines in job logs. It also writes TensorBoard scalars and sets Ray
+metrics (`ray.util.metrics`, visible in Ray's Prometheus endpoint / dashboard).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class MetricsSink:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def push(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def since(self, n: int) -> list[dict[str, Any]]:
+        return self.rows[n:]
+
+
+class _RayMetrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.inflight = Gauge("eagle_ray_pool_inflight_bytes", "supervision bytes dispatched or held by consumers")
+        self.ready = Gauge("eagle_ray_pool_replicas_ready", "target replicas serving")
+        self.target_tokens = Counter("eagle_ray_pool_tokens", "tokens the target pool has processed")
+        self.trainer_tokens = Counter("eagle_ray_trainer_tokens", "tokens the draft trainer has consumed")
+        self.loss = Gauge("eagle_ray_train_loss", "TTT loss of the last step")
+        self.acceptance = Gauge("eagle_ray_train_acceptance", "simulated acceptance length (chain) of the last step")
+
+
+class Progress:
+    def __init__(
+        self,
+        sink: Any,
+        total_steps: int,
+        pool: Any = None,
+        mode: str = "auto",
+        every_s: float = 10.0,
+        tensorboard_dir: str | Path | None = None,
+    ):
+        self.sink, self.pool, self.total = sink, pool, total_steps
+        self.mode = ("bar" if sys.stderr.isatty() else "lines") if mode == "auto" else mode
+        self.every_s = every_s
+        self.rows: dict[int, dict[str, Any]] = {}  # step -> latest row (a restart re-runs steps)
+        self._seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eagle-ray-progress", daemon=True)
+        self._tb = self._writer(tensorboard_dir)
+        self._metrics: _RayMetrics | None = None
+        self._bar = None
+        self._last = {"t": time.monotonic(), "target_tokens": self._target_tokens(), "tokens": 0}
+        self.rates = {"target_tokens_per_s": 0.0, "trainer_tokens_per_s": 0.0}
+
+    @staticmethod
+    def _writer(path: str | Path | None) -> Any:
+        if path is None:
+            return None
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # optional: the run goes on without it
+            log.warning("tensorboardX is not installed; no TensorBoard scalars")
+            return None
+        return SummaryWriter(str(path))
+
+    def start(self) -> Progress:
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc="draft", unit="step", dynamic_ncols=True)
+        try:
+            self._metrics = _RayMetrics()
+        except Exception as e:  # metrics are best effort (e.g. a driver without a metrics agent)
+            log.warning("Ray metrics unavailable: %s", e)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._tick(final=True)
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def history(self) -> list[dict[str, Any]]:
+        return [self.rows[s] for s in sorted(self.rows)]
+
+    def _target_tokens(self) -> int:
+        if self.pool is None or not hasattr(self.pool, "stats"):
+            return 0
+        try:
+            return sum(r["tokens_done"] for r in self.pool.stats()["replicas"])
+        except Exception:
+            return 0
+
+    def _run(self) -> None:
+        last_line = time.monotonic()
+        while not self._stop.wait(1.0):
+            self._tick()
+            if self.mode == "lines" and time.monotonic() - last_line >= self.every_s:
+                last_line = time.monotonic()
+                print(self.line(), flush=True)
+
+    def _tick(self, final: bool = False) -> None:
+        try:
+            new = ray.get(self.sink.since.remote(self._seen), timeout=10)
+        except Exception:
+            return
+        self._seen += len(new)
+        for row in new:
+            self.rows[row["step"]] = row
+            if self._tb is not None:
+                for k in ("loss", "acceptance_chain", "acceptance_product", "lr"):
+                    self._tb.add_scalar(f"train/{k}", row[k], row["step"])
+                for k, a in enumerate(row["acc"]):
+                    self._tb.add_scalar(f"acc/step{k}", a, row["step"])
+        now = time.monotonic()
+        dt = max(now - self._last["t"], 1e-9)
+        target = self._target_tokens()
+        tokens = self.rows[max(self.rows)]["tokens"] if self.rows else 0
+        if dt >= 2.0 or final:
+            self.rates = {
+                "target_tokens_per_s": (target - self._last["target_tokens"]) / dt,
+                "trainer_tokens_per_s": max(tokens - self._last["tokens"], 0) / dt,
+            }
+            if self._metrics is not None:
+                m = self._metrics
+                m.target_tokens.inc(max(target - self._last["target_tokens"], 0))
+                m.trainer_tokens.inc(max(tokens - self._last["tokens"], 0))
+            self._last = {"t": now, "target_tokens": target, "tokens": tokens}
+        if self._metrics is not None and self.pool is not None and hasattr(self.pool, "stats"):
+            try:
+                s = self.pool.stats()
+                self._metrics.inflight.set(s["inflight_bytes"] + s["held_bytes"])
+                self._metrics.ready.set(sum(r["state"] == "ready" for r in s["replicas"]))
+            except Exception:
+                pass
+        if self.rows:
+            row = self.rows[max(self.rows)]
+            if self._metrics is not None:
+                self._metrics.loss.set(row["loss"])
+                self._metrics.acceptance.set(row["acceptance_chain"])
+            if self._bar is not None:
+                self._bar.n = row["step"]
+                self._bar.set_postfix_str(self.line(short=True), refresh=True)
+
+    def line(self, short: bool = False) -> str:
+        if not self.rows:
+            return "waiting for the first step"
+        row = self.rows[max(self.rows)]
+        recent = [self.rows[s] for s in sorted(self.rows)[-20:]]
+        busy = sum(r.get("step_s", 0.0) for r in recent)
+        wait = sum(r.get("wait_s", 0.0) for r in recent) / max(busy, 1e-9)
+        inflight = ""
+        if self.pool is not None and hasattr(self.pool, "stats"):
+            try:
+                s = self.pool.stats()
+                inflight = f" inflight {(s['inflight_bytes'] + s['held_bytes']) / 2**20:.0f}MiB"
+            except Exception:
+                pass
+        text = (
+            f"samples {row['samples']} target {self.rates['target_tokens_per_s']:.0f} tok/s "
+            f"trainer {self.rates['trainer_tokens_per_s']:.0f} tok/s wait {100 * wait:.0f}%{inflight} "
+            f"loss {row['loss']:.3f} accept {row['acceptance_chain']:.2f}"
+        )
+        return text if short else f"[eagle_ray] step {row['step']}/{self.total} {text}"
