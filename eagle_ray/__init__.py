@@ -11,6 +11,7 @@ from eagle_ray.contract import (
     shift_left,
     validate_packed,
 )
+from eagle_ray.data import DataError, DataStats, iter_texts, load_tokenizer, make_batch_source, sharegpt_path
 from eagle_ray.draft import (
     DraftVocab,
     Eagle3Draft,
@@ -25,6 +26,7 @@ from eagle_ray.draft import (
     ttt_loss,
 )
 from eagle_ray.engines.sglang import verify_eagle3_export
+from eagle_ray.offline import OfflineSupervision, dump_supervision
 from eagle_ray.pool import PooledTargetModel, ShardQuarantinedError, ShardResult
 from eagle_ray.target import (
     Eagle3TargetBatch,
@@ -37,6 +39,8 @@ from eagle_ray.tiny import build_tiny_target, markov_sequences, pretrain_tiny_ta
 from eagle_ray.train import DraftTrainConfig, TrainResult, train_draft
 
 __all__ = [
+    "DataError",
+    "DataStats",
     "DraftTrainConfig",
     "DraftVocab",
     "Eagle3Draft",
@@ -46,6 +50,7 @@ __all__ = [
     "HFEagle3TargetModel",
     "InvalidBatchError",
     "ModelInfo",
+    "OfflineSupervision",
     "PackedBatch",
     "PooledTargetModel",
     "SGLangEagle3TargetModel",
@@ -59,13 +64,18 @@ __all__ = [
     "build_tiny_target",
     "count_loss_tokens",
     "default_aux_layer_ids",
+    "dump_supervision",
+    "iter_texts",
     "load_draft",
     "load_target",
+    "load_tokenizer",
+    "make_batch_source",
     "markov_sequences",
     "pack_padded",
     "pretrain_tiny_target",
     "resolve_aux_layer_ids",
     "save_draft",
+    "sharegpt_path",
     "shift_left",
     "speculative_greedy",
     "train_draft",

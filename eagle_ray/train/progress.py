@@ -64,7 +64,8 @@ class Progress:
         self._tb = self._writer(tensorboard_dir)
         self._metrics: _RayMetrics | None = None
         self._bar = None
-        self._last = {"t": time.monotonic(), "target_tokens": self._target_tokens(), "tokens": 0}
+        self._t0 = time.monotonic()
+        self._first = self._last = {"target_tokens": self._target_tokens(), "tokens": 0}
         self.rates = {"target_tokens_per_s": 0.0, "trainer_tokens_per_s": 0.0}
 
     @staticmethod
@@ -93,7 +94,10 @@ class Progress:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        self._tick(final=True)
+        try:
+            self._tick(final=True)
+        except Exception:
+            log.exception("progress update failed")
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
@@ -110,10 +114,17 @@ class Progress:
         except Exception:
             return 0
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         last_line = time.monotonic()
         while not self._stop.wait(1.0):
-            self._tick()
+            try:
+                self._tick()
+            except Exception:  # progress must never take the run down
+                log.exception("progress update failed")
             if self.mode == "lines" and time.monotonic() - last_line >= self.every_s:
                 last_line = time.monotonic()
                 print(self.line(), flush=True)
@@ -124,6 +135,9 @@ class Progress:
         except Exception:
             return
         self._seen += len(new)
+        if new and not self.rows:  # rates count from the first step, not from Ray Train's start-up
+            self._t0 = time.monotonic()
+            self._first = {"target_tokens": self._target_tokens(), "tokens": 0}
         for row in new:
             self.rows[row["step"]] = row
             if self._tb is not None:
@@ -132,19 +146,23 @@ class Progress:
                 for k, a in enumerate(row["acc"]):
                     self._tb.add_scalar(f"acc/step{k}", a, row["step"])
         now = time.monotonic()
-        dt = max(now - self._last["t"], 1e-9)
         target = self._target_tokens()
         tokens = self.rows[max(self.rows)]["tokens"] if self.rows else 0
-        if dt >= 2.0 or final:
-            self.rates = {
-                "target_tokens_per_s": (target - self._last["target_tokens"]) / dt,
-                "trainer_tokens_per_s": max(tokens - self._last["tokens"], 0) / dt,
-            }
-            if self._metrics is not None:
-                m = self._metrics
-                m.target_tokens.inc(max(target - self._last["target_tokens"], 0))
-                m.trainer_tokens.inc(max(tokens - self._last["tokens"], 0))
-            self._last = {"t": now, "target_tokens": target, "tokens": tokens}
+        elapsed = max(now - self._t0, 1e-9)  # averages since the start: shards arrive in bursts
+        self.rates = {
+            "target_tokens_per_s": (target - self._first["target_tokens"]) / elapsed,
+            "trainer_tokens_per_s": tokens / elapsed,
+        }
+        if self._metrics is not None:
+            m = self._metrics
+            deltas = (
+                (m.target_tokens, target - self._last["target_tokens"]),
+                (m.trainer_tokens, tokens - self._last["tokens"]),
+            )
+            for counter, delta in deltas:
+                if delta > 0:  # Ray counters refuse 0
+                    counter.inc(delta)
+        self._last = {"target_tokens": target, "tokens": tokens}
         if self._metrics is not None and self.pool is not None and hasattr(self.pool, "stats"):
             try:
                 s = self.pool.stats()

@@ -141,7 +141,7 @@ def train_draft(
         raise
     finally:
         feed.close()
-        if monitor._thread.is_alive():
+        if monitor.running:
             monitor.stop()
     if feed.error is not None:
         raise RuntimeError(f"the supervision feed failed: {feed.error}") from feed.error

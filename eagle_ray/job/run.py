@@ -1,0 +1,344 @@
+"""The training job, end to end: Ray, target, data, pool, Ray Train, export, evaluation, summary.
+
+`jobs/train_eagle3.py` is the `ray job submit` entrypoint; it calls `main`. With no arguments it
+runs the tiny default on a local Ray (see `config.py` for every option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from eagle_ray.job.config import ConfigError, JobConfig, describe, load_job_config
+
+log = logging.getLogger("eagle_ray.job")
+
+TINY_CACHE = Path("~/.cache/eagle_ray").expanduser()
+
+
+def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="train_eagle3.py",
+        description="Train an EAGLE-3 draft on Ray: a pool of target replicas feeds Ray Train draft workers.",
+        epilog="options (section.key=value overrides; defaults are the tiny laptop run):\n" + "\n".join(describe()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config (sections as below)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        return load_job_config(args.config, args.overrides), args
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
+
+
+def _engine(name: str) -> str:
+    if name != "auto":
+        return name
+    return "sglang" if importlib.util.find_spec("sglang") is not None else "hf"
+
+
+def _init_ray(c: JobConfig) -> None:
+    from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+
+    address = c.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster (ray job submit sets RAY_ADDRESS): its runtime_env and system config apply
+        ray.init(address=address, runtime_env={"env_vars": ZERO_COPY_ENV})
+        return
+    # logical CPUs enough for every replica and worker: on a laptop they share the cores
+    need = c.target.replicas * (c.target.cpus_per_replica or c.target.tp_size)
+    need += c.training.num_workers * c.training.cpus_per_worker + 1
+    ray.init(
+        address="local",  # a private local Ray, never one another process left running
+        num_cpus=c.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
+        num_gpus=c.ray.num_gpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": ZERO_COPY_ENV},
+        _system_config=RAY_SYSTEM_CONFIG,
+    )
+
+
+def tiny_target(tokenizer: Any, c: JobConfig) -> str:
+    """The default target: a tiny Qwen3 with the tokenizer's vocabulary, pretrained briefly on ShareGPT text.
+
+    Built once per shape/tokenizer and cached under ~/.cache/eagle_ray (about 2 minutes on 2 cores).
+    """
+    from eagle_ray.data import iter_texts
+    from eagle_ray.tiny import build_tiny_target, pretrain_tiny_target
+
+    vocab = -(-tokenizer.vocab_size // 64) * 64
+    path = TINY_CACHE / f"tiny-qwen3-sharegpt-v{vocab}-h64-l8"
+    if (path / "pretrained.json").exists():
+        return str(path)
+    log.info("building the tiny target once (cached in %s): pretraining on ShareGPT text", path)
+    chunks: list[torch.Tensor] = []
+    for text in iter_texts(max_records=4000):
+        ids = tokenizer.encode(text)
+        chunks += [torch.tensor(ids[i : i + 128]) for i in range(0, len(ids) - 16, 128)]
+        if len(chunks) >= 4000:
+            break
+    tmp = path.with_name(path.name + ".partial")
+    build_tiny_target(tmp, "qwen3", vocab_size=vocab, max_position_embeddings=4096)
+    stats = pretrain_tiny_target(tmp, chunks, steps=80, batch_size=8, lr=5e-3)
+    log.info("tiny target pretrained: loss %.2f -> %.2f", stats["first_loss"], stats["last_loss"])
+    tmp.rename(path)
+    return str(path)
+
+
+def _plot(history: list[dict[str, Any]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no plot")
+        return None
+    steps = [r["step"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(steps, [r["loss"] for r in history])
+    a.set(xlabel="step", ylabel="TTT loss", title="loss")
+    b.plot(steps, [r["acceptance_chain"] for r in history], label="chain")
+    b.plot(steps, [r["acceptance_product"] for r in history], label="product")
+    b.set(xlabel="step", ylabel="tokens per verify", title="simulated acceptance")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _prompts(source: Any, start_batch: int, n: int) -> list[list[int]]:
+    """Held-out prompts: each sequence up to its first loss token (the user turn and assistant header)."""
+    prompts: list[list[int]] = []
+    for batch in itertools.islice(source(start_batch), 100):
+        for i in range(batch.num_sequences):
+            sl = batch.sequence(i)
+            ids, mask = batch.input_ids[sl], batch.loss_mask[sl]
+            first = int(mask.nonzero()[0]) if mask.any() else 0
+            if first >= 4:
+                prompts.append(ids[:first].tolist())
+            if len(prompts) == n:
+                return prompts
+    return prompts
+
+
+def run(c: JobConfig) -> dict[str, Any]:
+    from eagle_ray.data import load_tokenizer, make_batch_source
+    from eagle_ray.train import DraftTrainConfig, train_draft
+
+    t0 = time.monotonic()
+    run_dir = c.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    own = c.target.model_path and (Path(c.target.model_path) / "tokenizer.json").exists()
+    tok_spec = c.data.tokenizer or (c.target.model_path if own else "qwen")
+    tokenizer = load_tokenizer(tok_spec)
+    model_path = c.target.model_path or tiny_target(tokenizer, c)
+    source, data_stats = make_batch_source(
+        c.data.format,
+        c.data.paths,
+        tokenizer,
+        template=c.data.chat_template,
+        max_length=c.data.max_length,
+        batch_tokens=c.data.batch_tokens,
+        max_sequences=c.data.max_sequences,
+        shuffle_buffer=c.data.shuffle_buffer,
+        seed=c.data.seed,
+        strict=c.data.strict,
+        max_records=c.data.max_records,
+        index_path=run_dir / "data_index.jsonl",  # restarts seek to a batch without re-tokenising
+    )
+    tr = c.training
+    max_steps = tr.max_steps
+    if tr.epochs is not None:
+        n = source.batches_per_epoch()
+        max_steps = max(1, int(tr.epochs * n) // tr.num_workers)
+        log.info("%d batches per epoch: %s epochs = %d steps", n, tr.epochs, max_steps)
+    _init_ray(c)
+    engine = _engine(c.target.engine)
+    dtype = getattr(torch, c.target.dtype) if c.target.dtype else None
+    pool = _target_pool(c, model_path, engine, dtype)
+    summary: dict[str, Any] = {"target": model_path, "engine": engine, "run_dir": str(run_dir)}
+    try:
+        if c.offline.mode == "dump":
+            from eagle_ray.offline import dump_supervision
+
+            out = Path(c.offline.dir).expanduser() if c.offline.dir else run_dir / "supervision"
+            manifest = dump_supervision(pool, source, out, num_batches=max_steps * tr.num_workers)
+            summary.update(dump=str(out), batches=len(manifest.get("batches", [])))
+            return summary
+        gpus = tr.gpus_per_worker
+        if tr.use_gpu and gpus is None:
+            gpus = 1 - c.placement.gpu_fraction if c.placement.mode == "colocated" else 1.0
+        resources = {"CPU": tr.cpus_per_worker, **({"GPU": gpus} if tr.use_gpu else {})}
+        result = train_draft(
+            pool,
+            source,
+            DraftTrainConfig(
+                max_steps=max_steps,
+                lr=tr.lr,
+                warmup_steps=tr.warmup_steps,
+                weight_decay=tr.weight_decay,
+                grad_clip=tr.grad_clip,
+                ttt_steps=tr.ttt_steps,
+                step_decay=tr.step_decay,
+                checkpoint_every=c.checkpoint.every,
+                log_every=c.logging.log_every,
+                seed=tr.seed,
+                freeze_embeddings=c.draft.freeze_embeddings,
+            ),
+            storage_path=Path(c.checkpoint.storage_path).expanduser(),
+            name=c.checkpoint.name,
+            num_workers=tr.num_workers,
+            use_gpu=tr.use_gpu,
+            resources_per_worker=resources,
+            backend=tr.backend,
+            draft_vocab_size=c.draft.vocab_size,
+            special_token_ids=_end_tokens(tokenizer),
+            vocab_batches=c.draft.vocab_batches,
+            queue_depth=tr.queue_depth,
+            max_failures=tr.max_failures,
+            resume_from=c.checkpoint.resume_from,
+            export_dir=c.export.dir,
+            export_dtype=getattr(torch, c.export.dtype) if c.export.dtype else None,
+            progress="off" if c.logging.progress == "off" else c.logging.progress,
+            tensorboard_dir=run_dir / "tensorboard" if c.logging.tensorboard else None,
+        )
+        last = result.history[-10:]
+        summary.update(
+            steps=result.steps,
+            samples=result.history[-1]["samples"] if result.history else 0,
+            tokens=result.history[-1]["tokens"] if result.history else 0,
+            trainer_tokens_per_s=_rate(result.history),
+            wait_fraction=sum(r["wait_s"] for r in last) / max(sum(r["step_s"] for r in last), 1e-9),
+            loss=_mean(last, "loss"),
+            acceptance_chain=_mean(last, "acceptance_chain"),
+            acceptance_product=_mean(last, "acceptance_product"),
+            export=str(result.export_dir) if result.export_dir else None,
+            data=data_stats.as_dict() if hasattr(data_stats, "as_dict") else str(data_stats),
+        )
+        summary["target_tokens_per_s"] = _pool_rate(pool, result)
+        if c.logging.plot and result.history:
+            plot = _plot(result.history, run_dir / "training.png")
+            summary["plot"] = str(plot) if plot else None
+        if c.eval.enabled and result.export_dir is not None and hasattr(pool, "forward_packed"):
+            from eagle_ray.draft import load_draft, speculative_greedy
+
+            batches_used = result.steps * tr.num_workers
+            prompts = _prompts(source, batches_used, c.eval.prompts)
+            spec = speculative_greedy(
+                pool,
+                load_draft(result.export_dir, dtype=torch.float32),
+                prompts,
+                c.eval.max_new_tokens,
+                c.eval.num_draft_tokens,
+            )
+            summary["measured"] = spec.summary()
+        summary["wall_s"] = time.monotonic() - t0
+        return summary
+    finally:
+        pool.shutdown() if hasattr(pool, "shutdown") else None
+
+
+def _rate(rows: list[dict[str, Any]]) -> float:
+    """Trainer tokens/s: tokens consumed over the time steps took (waiting included)."""
+    if not rows:
+        return 0.0
+    return rows[-1]["tokens"] / max(sum(r.get("step_s", 0.0) for r in rows), 1e-9)
+
+
+def _end_tokens(tokenizer: Any) -> list[int]:
+    """Turn/sequence end tokens: always in the draft vocabulary, whatever their count."""
+    ends = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+    return sorted({i for name, i in tokenizer.special_tokens.items() if name in ends} | {tokenizer.eos_id})
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def _pool_rate(pool: Any, result: Any) -> float:
+    """Target tokens/s over the run: the pool's tokens over the trainer's busy time."""
+    if not hasattr(pool, "stats"):
+        return 0.0
+    tokens = sum(r["tokens_done"] for r in pool.stats()["replicas"])
+    busy = sum(r.get("step_s", 0.0) for r in result.history)
+    return tokens / max(busy, 1e-9)
+
+
+def _target_pool(c: JobConfig, model_path: str, engine: str, dtype: torch.dtype | None) -> Any:
+    if c.offline.mode == "from_dump":
+        from eagle_ray.offline import OfflineSupervision
+
+        return OfflineSupervision(Path(c.offline.dir).expanduser() if c.offline.dir else c.run_dir() / "supervision")
+    from eagle_ray.pool import PooledTargetModel
+
+    return PooledTargetModel.from_pretrained(
+        model_path,
+        engine=engine,
+        replicas=c.target.replicas,
+        tp_size=c.target.tp_size,
+        aux_layer_ids=c.target.aux_layer_ids,
+        dtype=dtype,
+        placement=c.placement.mode,
+        engine_kwargs=c.target.engine_kwargs,
+        use_gpu=c.placement.use_gpu,
+        cpus_per_replica=c.target.cpus_per_replica,
+        gpu_fraction=c.placement.gpu_fraction,
+        max_inflight_bytes=c.target.max_inflight_bytes,
+    )
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    print("\n=== eagle_ray: draft training done ===")
+    for key in (
+        "engine",
+        "target",
+        "steps",
+        "samples",
+        "tokens",
+        "target_tokens_per_s",
+        "trainer_tokens_per_s",
+        "wait_fraction",
+        "loss",
+        "acceptance_chain",
+        "acceptance_product",
+        "measured",
+        "export",
+        "plot",
+        "dump",
+        "wall_s",
+    ):
+        if key in s and s[key] is not None:
+            v = s[key]
+            print(f"{key:>22}: {v:.3f}" if isinstance(v, float) else f"{key:>22}: {v}")
+    print(f"{'summary':>22}: {Path(s['run_dir']) / 'summary.json'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config, args = parse_args(argv)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    summary = run(config)
+    (config.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""Offline supervision: dump a pool's supervision to disk once, then train from the dump without a pool.
+
+    manifest = dump_supervision(pool, batches, "/data/sup", num_batches=10_000)   # resumable
+    result = train_draft(OfflineSupervision("/data/sup"), batches, DraftTrainConfig(...), ...)
+
+A dump directory holds:
+  batch_{index:08d}.safetensors  one per batch: input_ids, loss_mask, cu_seqlens, aux_hidden_states,
+                                 last_hidden_states (unshifted, exactly what the pool returned); its
+                                 header metadata names the batch index, its size and content hash
+  target.safetensors             embed_tokens [V, H], lm_head [V, H]
+  target/config.json             the target's config.json (so `load_config(model_path)` works)
+  manifest.json                  format version, ModelInfo, target facts, one entry per batch
+
+Every file is written to `<name>.tmp` and renamed into place, so a crash never leaves a half file
+under a real name. A shard file is the commit record of its batch: the manifest is rewritten after
+each shard, and a shard that a crash left out of the manifest is taken back from its own header.
+
+Batches are identified by content (a hash of input_ids, loss_mask and cu_seqlens), not by position:
+a resumed dump verifies each batch it skips against its shard, and `OfflineSupervision` serves any
+batch sequence whose batches were dumped (epochs, a resumed trainer's rewind), refusing any other.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, validate_packed
+from eagle_ray.pool.pooled import ShardResult
+
+log = logging.getLogger(__name__)
+
+FORMAT = "eagle_ray.offline_supervision"
+VERSION = 1
+SHARD_FIELDS = ("input_ids", "loss_mask", "cu_seqlens", "aux_hidden_states", "last_hidden_states")
+# fields that name the model rather than the replica shape it ran on (those may differ between runs)
+_IDENTITY = ("hidden_size", "vocab_size", "num_layers", "aux_layer_ids", "dtype")
+
+
+class DumpMismatchError(ValueError):
+    """The dump directory holds different data (or a different target) than the caller's."""
+
+
+class MissingSupervisionError(LookupError):
+    """A batch asked of `OfflineSupervision` is not in the dump."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Format helpers
+
+
+def shard_name(index: int) -> str:
+    return f"batch_{index:08d}.safetensors"
+
+
+def content_hash(batch: PackedBatch) -> str:
+    """sha256 over the batch's canonical (int64) tensors; the sizes lead so no two layouts collide."""
+    h = hashlib.sha256(f"{batch.num_tokens},{batch.num_sequences};".encode())
+    for t in (batch.input_ids, batch.loss_mask, batch.cu_seqlens):
+        h.update(t.to(torch.long).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _weights_hash(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _info_to_json(info: ModelInfo) -> dict[str, Any]:
+    d = asdict(info)
+    d["aux_layer_ids"] = list(info.aux_layer_ids)
+    d["dtype"] = str(info.dtype).removeprefix("torch.")
+    return d
+
+
+def _info_from_json(d: dict[str, Any]) -> ModelInfo:
+    kw = {f.name: d[f.name] for f in fields(ModelInfo)}
+    return ModelInfo(**{**kw, "aux_layer_ids": tuple(kw["aux_layer_ids"]), "dtype": getattr(torch, kw["dtype"])})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path, fsync: bool) -> None:
+    """Rename a fully written temp file into place: readers see the whole file or none."""
+    if fsync:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    if fsync:
+        _fsync_dir(final.parent)
+
+
+def _write_json(path: Path, obj: Any, fsync: bool) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    _commit(tmp, path, fsync)
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{root}: no manifest.json (not a supervision dump, or its first write crashed)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+            f"expected {FORMAT!r} version {VERSION}"
+        )
+    return manifest
+
+
+def _entry_from_header(path: Path) -> dict[str, Any]:
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    return {
+        "index": int(meta["batch_index"]),
+        "file": path.name,
+        "num_tokens": int(meta["num_tokens"]),
+        "num_sequences": int(meta["num_sequences"]),
+        "content_hash": meta["content_hash"],
+        "bytes": path.stat().st_size,
+    }
+
+
+def _reconcile(root: Path, manifest: dict[str, Any], strict: bool) -> dict[int, dict[str, Any]]:
+    """Per-batch entries agreeing with the shard files on disk (the files are the truth).
+
+    A shard missing from the manifest (a crash between its rename and the manifest update) is
+    taken from its header. A listed shard whose file is gone is an error when `strict` (reading),
+    else dropped so the dump recomputes it.
+    """
+    entries = {e["index"]: e for e in manifest["batches"]}
+    on_disk = {p.name for p in root.glob("batch_*.safetensors")}
+    for i, e in list(entries.items()):
+        if e["file"] not in on_disk:
+            if strict:
+                raise FileNotFoundError(f"{root}: the manifest lists batch {i} but {e['file']} is missing")
+            log.warning("%s: %s is listed but missing; it will be dumped again", root, e["file"])
+            del entries[i]
+    listed = {e["file"] for e in entries.values()}
+    for name in sorted(on_disk - listed):
+        e = _entry_from_header(root / name)
+        if e["file"] != shard_name(e["index"]):
+            raise ValueError(f"{root / name}: its header says batch {e['index']}")
+        entries[e["index"]] = e
+    return dict(sorted(entries.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """One writer per dump directory: a second dump_supervision on it fails instead of interleaving."""
+    with open(root / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{root}: another dump_supervision is writing this directory") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _target_facts(pool: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    embed = pool.get_input_embeddings().weight.detach().contiguous()
+    head = pool.get_lm_head_weight().detach().contiguous()
+    if head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr():
+        head = head.clone()  # tied embeddings: safetensors refuses tensors that share memory
+    facts = {
+        "model_path": str(pool.model_path),
+        "engine": getattr(pool, "engine_name", None),
+        "weights_sha256": _weights_hash(embed, head),
+    }
+    return facts, embed, head
+
+
+def _init_or_check(root: Path, pool: Any, fsync: bool) -> dict[str, Any]:
+    """Start a dump (target files, then the manifest) or check that `pool` serves the dumped target."""
+    info = _info_to_json(pool.info)
+    facts, embed, head = _target_facts(pool)
+    src = Path(pool.model_path) / "config.json"
+    if (root / "manifest.json").exists():
+        manifest = _read_manifest(root)
+        config = json.loads((root / "target" / "config.json").read_text())
+        mine = {k: info[k] for k in _IDENTITY}, facts["weights_sha256"]
+        theirs = {k: manifest["info"][k] for k in _IDENTITY}, manifest["target"]["weights_sha256"]
+        if mine != theirs or (src.exists() and json.loads(src.read_text()) != config):
+            raise DumpMismatchError(
+                f"{root} holds supervision of another target ({manifest['target']['model_path']}, "
+                f"{theirs[0]}) than this pool serves ({pool.model_path}, {mine[0]})"
+            )
+        return manifest
+    if any(root.glob("batch_*.safetensors")):
+        raise DumpMismatchError(f"{root} holds batch shards but no manifest.json; refusing to guess their target")
+    (root / "target").mkdir(exist_ok=True)
+    tmp = root / "target" / "config.json.tmp"
+    if src.exists():
+        shutil.copyfile(src, tmp)  # verbatim: load_config(model_path) reads the same config
+    else:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(pool.model_path).to_json_file(tmp)
+    _commit(tmp, root / "target" / "config.json", fsync)
+    save_file({"embed_tokens": embed, "lm_head": head}, root / "target.safetensors.tmp", metadata={"format": FORMAT})
+    _commit(root / "target.safetensors.tmp", root / "target.safetensors", fsync)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "info": info,
+        "target": {**facts, "config": json.loads((root / "target" / "config.json").read_text())},
+        "batches": [],
+    }
+    _write_json(root / "manifest.json", manifest, fsync)  # last: its presence means "initialised"
+    return manifest
+
+
+def _write_shard(root: Path, index: int, sup: Supervision, digest: str, fsync: bool) -> dict[str, Any]:
+    final = root / shard_name(index)
+    if final.exists():  # the resume filter skips existing shards; reaching here is a bug, never overwrite
+        raise RuntimeError(f"internal error: {final} exists already")
+    meta = {
+        "format": FORMAT,
+        "batch_index": str(index),
+        "num_tokens": str(sup.num_tokens),
+        "num_sequences": str(sup.cu_seqlens.numel() - 1),
+        "content_hash": digest,
+        "dtype": str(sup.aux_hidden_states.dtype).removeprefix("torch."),
+    }
+    tmp = final.with_name(final.name + ".tmp")
+    save_file({k: getattr(sup, k).contiguous() for k in SHARD_FIELDS}, tmp, metadata=meta)
+    _commit(tmp, final, fsync)
+    return _entry_from_header(final)
+
+
+def _summarise(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The manifest to write: the dump's fixed facts, run facts (`extra`) and every batch, by index."""
+    rows = [entries[i] for i in sorted(entries)]
+    return {
+        **{k: manifest[k] for k in ("format", "version", "info", "target")},
+        **extra,
+        "num_batches": len(rows),
+        "num_tokens": sum(e["num_tokens"] for e in rows),
+        "num_sequences": sum(e["num_sequences"] for e in rows),
+        "bytes": sum(e["bytes"] for e in rows),
+        "batches": rows,
+    }
+
+
+def _batches_of(data: Iterable[PackedBatch] | Callable[[int], Iterator[PackedBatch]]) -> Iterator[PackedBatch]:
+    """A list/iterable is read once; a BatchSource (index -> batches) is read from index 0."""
+    return iter(data(0) if callable(data) else data)
+
+
+def dump_supervision(
+    pool: Any,
+    data: Iterable[PackedBatch] | Callable[[int], Iterator[PackedBatch]],
+    out_dir: str | Path,
+    num_batches: int | None = None,
+    *,
+    progress_every: int = 10,
+    stall_timeout_s: float = 600.0,
+    fsync: bool = True,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Write the pool's supervision for the first `num_batches` batches of `data` (all, if None) to `out_dir`.
+
+    Resumable: batches whose shard exists are verified (content hash) and skipped, never recomputed or
+    rewritten; a batch that differs from its shard raises `DumpMismatchError`, as does a pool serving
+    another target. Returns the manifest, with `last_run` counts (written, skipped, seconds, bytes).
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root):
+        for stale in root.glob("*.tmp"):  # a crash mid-write: never under a real name, safe to drop
+            stale.unlink()
+        for stale in (root / "target").glob("*.tmp"):
+            stale.unlink()
+        manifest = _init_or_check(root, pool, fsync)
+        entries = _reconcile(root, manifest, strict=False)
+        run = {"written": 0, "skipped": 0, "bytes_written": 0, "tokens_written": 0, "seconds": 0.0}
+        queued: dict[int, tuple[int, PackedBatch, str]] = {}  # stream index -> (batch index, batch, hash)
+        state = {"complete": False, "streamed": 0}
+
+        def todo() -> Iterator[PackedBatch]:
+            for index, batch in enumerate(itertools.islice(_batches_of(data), num_batches)):
+                digest = content_hash(batch)
+                if index in entries:
+                    if entries[index]["content_hash"] != digest:
+                        raise DumpMismatchError(
+                            f"batch {index} differs from {root / shard_name(index)} (content hash "
+                            f"{digest[:12]} != {entries[index]['content_hash'][:12]}): not the data this dump holds"
+                        )
+                    run["skipped"] += 1
+                    continue
+                queued[state["streamed"]] = (index, batch, digest)  # the pool counts what it is given from 0
+                state["streamed"] += 1
+                yield batch
+            state["complete"] = True
+
+        t0 = time.monotonic()
+        parts: list[ShardResult] = []
+        stream = pool.stream(todo(), ordered=True, stall_timeout_s=stall_timeout_s)
+        try:
+            for res in stream:
+                index, batch, digest = queued[res.batch_index]
+                if res.error:
+                    raise RuntimeError(f"batch {index}: the pool lost a shard: {res.error}")
+                parts.append(res)
+                if res.sequences[1] < batch.num_sequences:
+                    continue  # more shards of this batch follow (ordered stream)
+                sup = Supervision.concat(ray.get([r.ref for r in parts]))
+                parts.clear()
+                del queued[res.batch_index]
+                if not (torch.equal(sup.input_ids, batch.input_ids.long()) and sup.num_tokens == batch.num_tokens):
+                    raise RuntimeError(f"batch {index}: the pool returned supervision of other tokens")
+                entries[index] = _write_shard(root, index, sup, digest, fsync)
+                del sup
+                _write_json(root / "manifest.json", _summarise(manifest, entries, complete=False), fsync)
+                run["written"] += 1
+                run["bytes_written"] += entries[index]["bytes"]
+                run["tokens_written"] += batch.num_tokens
+                if progress and progress_every and run["written"] % progress_every == 0:
+                    progress(_progress_line(run, len(entries), num_batches, time.monotonic() - t0))
+        finally:
+            stream.close()
+        run["seconds"] = round(time.monotonic() - t0, 3)
+        if progress:
+            progress(_progress_line(run, len(entries), num_batches, time.monotonic() - t0, done=True))
+        final = _summarise(manifest, entries, complete=state["complete"], requested_batches=num_batches)
+        final["last_run"] = run
+        _write_json(root / "manifest.json", final, fsync)
+        return final
+
+
+def _progress_line(run: dict[str, Any], have: int, total: int | None, seconds: float, done: bool = False) -> str:
+    rate = run["tokens_written"] / max(seconds, 1e-9)
+    return (
+        f"[eagle_ray] dump{' done:' if done else ''} {have}/{total if total is not None else '?'} batches "
+        f"({run['written']} written, {run['skipped']} resumed) {run['tokens_written']} tokens "
+        f"{rate:,.0f} tok/s {run['bytes_written'] / 2**20:,.1f} MiB written"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: the pool surface train_draft and SupervisionFeed use, served from a dump
+
+
+class OfflineSupervision:
+    """A finished (or partial) dump with the surface of a `PooledTargetModel` for training.
+
+    `stream(batches)` looks each batch up by content hash, loads its shard (one at a time), puts it
+    in the object store and yields a `ShardResult` for the whole batch. A batch the dump does not
+    hold raises `MissingSupervisionError`.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.root = Path(out_dir)
+        self.manifest = _read_manifest(self.root)
+        self.info: ModelInfo = _info_from_json(self.manifest["info"])
+        self.model_path = str(self.root / "target")  # holds the target's config.json
+        self.entries = _reconcile(self.root, self.manifest, strict=True)
+        self._by_hash: dict[str, dict[str, Any]] = {}
+        for e in self.entries.values():
+            self._by_hash.setdefault(e["content_hash"], e)  # equal content, equal supervision: either will do
+        self._weights: dict[str, torch.Tensor] | None = None
+        self._next_shard_id = 0
+        self._served = {"batches": 0, "tokens": 0}
+        if not self.manifest.get("complete"):
+            log.warning("%s: the dump is incomplete (%d batches); resume it to add the rest", self.root, len(self))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _target(self) -> dict[str, torch.Tensor]:
+        if self._weights is None:
+            self._weights = load_file(self.root / "target.safetensors")
+        return self._weights
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return torch.nn.Embedding.from_pretrained(self._target()["embed_tokens"].clone(), freeze=True)
+
+    def get_lm_head_weight(self) -> torch.Tensor:
+        return self._target()["lm_head"]
+
+    def load(self, batch: PackedBatch, position: int | None = None) -> Supervision:
+        """The dumped supervision of `batch` (checked token for token against it)."""
+        batch = validate_packed(batch, self.info.vocab_size)
+        digest = content_hash(batch)
+        entry = self._by_hash.get(digest)
+        where = f"batch {position} of the stream" if position is not None else "the batch"
+        if entry is None:
+            raise MissingSupervisionError(
+                f"{where} ({batch.num_sequences} sequences, {batch.num_tokens} tokens, content hash "
+                f"{digest[:12]}) is not in the dump at {self.root} ({len(self)} batches"
+                f"{'' if self.manifest.get('complete') else ', incomplete'}); dump it first"
+            )
+        t = load_file(self.root / entry["file"])
+        if not all(torch.equal(t[k], getattr(batch, k)) for k in ("input_ids", "loss_mask", "cu_seqlens")):
+            raise DumpMismatchError(f"{self.root / entry['file']} does not hold {where} despite its hash")
+        return Supervision(**{k: t[k] for k in SHARD_FIELDS})
+
+    def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
+        if return_logits:
+            raise ValueError("a supervision dump holds no logits; apply the lm_head to last_hidden_states")
+        return self.load(batch)
+
+    def stream(
+        self,
+        batches: Iterable[PackedBatch],
+        *,
+        ordered: bool = True,
+        return_logits: bool = False,
+        stall_timeout_s: float = 600.0,
+        **_: Any,
+    ) -> Iterator[ShardResult]:
+        """One `ShardResult` per batch, in order (`ordered` and the pool's other knobs are moot here)."""
+        if return_logits:
+            raise ValueError("a supervision dump holds no logits")
+        for i, batch in enumerate(batches):
+            sup = self.load(batch, i)
+            ref = ray.put(sup)
+            del sup  # the object store holds it now; keep one shard at a time on the driver
+            shard_id, self._next_shard_id = self._next_shard_id, self._next_shard_id + 1
+            self._served["batches"] += 1
+            self._served["tokens"] += batch.num_tokens
+            yield ShardResult(shard_id, i, (0, batch.num_sequences), batch.num_tokens, ref)
+
+    def stats(self) -> dict[str, Any]:
+        """Shaped like the pool's for progress monitors: no replicas, nothing in flight; what was served."""
+        served = {f"{k}_served": v for k, v in self._served.items()}
+        return {"replicas": [], "inflight_bytes": 0, "held_bytes": 0, **served}
+
+    def shutdown(self) -> None:
+        """Nothing runs: present so code written for a pool can treat both alike."""
+
+    def __enter__(self) -> OfflineSupervision:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,213 @@
+"""Offline mode: dump a real pool's supervision (HF replica, local Ray), resume after a crash, the dump
+job's CLI end to end, and training from the dump with the pool shut down (last: it stops the pool).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from eagle_ray import PackedBatch, ShardResult, Supervision
+from eagle_ray.checkpoint import load_config
+from eagle_ray.offline import (
+    SHARD_FIELDS,
+    DumpMismatchError,
+    MissingSupervisionError,
+    OfflineSupervision,
+    _exclusive,
+    dump_supervision,
+    shard_name,
+)
+from eagle_ray.pool import PooledTargetModel
+from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+from eagle_ray.tiny import markov_sequences
+from eagle_ray.train.loop import DraftTrainConfig
+from eagle_ray.train.trainer import train_draft
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, WORKERS = 8, 1
+
+
+def _batches(n: int, per_batch: int = 4, seed: int = 5) -> list[PackedBatch]:
+    seqs = markov_sequences(n * per_batch, (16, 32), seed=seed)
+    masks = [(torch.arange(s.numel()) >= 4).long() for s in seqs]  # a prompt part, not trained on
+    return [
+        PackedBatch.from_sequences(seqs[i : i + per_batch], masks[i : i + per_batch])
+        for i in range(0, len(seqs), per_batch)
+    ]
+
+
+def _assert_same(a, b) -> None:
+    for k in SHARD_FIELDS:
+        x, y = getattr(a, k), getattr(b, k)
+        assert x.dtype == y.dtype and torch.equal(x, y), k
+
+
+def _shards(d: Path) -> dict[str, tuple[int, int]]:
+    """Shard file -> (inode, mtime): a rewritten shard changes both."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(d.glob("batch_*.safetensors"))}
+
+
+class TwoShardsPerBatch(OfflineSupervision):
+    """A dump served the way a pool serves a batch it split over two replicas: two ShardResults."""
+
+    def stream(self, batches, **_):
+        for i, b in enumerate(batches):
+            sup, mid = self.load(b), b.num_sequences // 2
+            for lo, hi in ((0, mid), (mid, b.num_sequences)):
+                t0, t1 = int(sup.cu_seqlens[lo]), int(sup.cu_seqlens[hi])
+                rows = {k: getattr(sup, k)[t0:t1] for k in SHARD_FIELDS if k != "cu_seqlens"}
+                part = Supervision(cu_seqlens=sup.cu_seqlens[lo : hi + 1] - t0, **rows)
+                yield ShardResult(2 * i + (lo > 0), i, (lo, hi), t1 - t0, ray.put(part))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(
+        address="local",  # a cluster of its own, even while another test run has one
+        num_cpus=4,
+        object_store_memory=256 * 2**20,
+        include_dashboard=False,
+        runtime_env={"env_vars": ZERO_COPY_ENV},
+        _system_config=RAY_SYSTEM_CONFIG,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(cluster, tiny_paths):
+    with PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="hf", replicas=1, cpus_per_replica=1) as p:
+        yield p
+
+
+def test_dump_is_bit_identical_to_the_pool(pool, tiny_paths, tmp_path):
+    batches = _batches(4)
+    manifest = dump_supervision(pool, batches, tmp_path, progress_every=2)
+    assert manifest["complete"] and manifest["num_batches"] == 4 and manifest["last_run"]["written"] == 4
+    assert [e["file"] for e in manifest["batches"]] == [shard_name(i) for i in range(4)]
+    assert manifest["num_tokens"] == sum(b.num_tokens for b in batches)
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    off = OfflineSupervision(tmp_path)
+    for b in batches:
+        _assert_same(off.forward_packed(b), pool.forward_packed(b))
+    assert off.info == pool.info
+    assert torch.equal(off.get_input_embeddings().weight, pool.get_input_embeddings().weight)
+    assert torch.equal(off.get_lm_head_weight(), pool.get_lm_head_weight())
+    config = lambda path: {k: v for k, v in load_config(path).to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert config(off.model_path) == config(tiny_paths["llama"])
+    results = list(off.stream(batches, ordered=True, stall_timeout_s=5))  # the pool surface the feed reads
+    assert [(r.batch_index, r.sequences, r.num_tokens) for r in results] == [
+        (i, (0, b.num_sequences), b.num_tokens) for i, b in enumerate(batches)
+    ]
+    _assert_same(ray.get(results[2].ref), pool.forward_packed(batches[2]))
+    served = {"batches_served": 4, "tokens_served": sum(b.num_tokens for b in batches)}
+    assert off.stats() == {"replicas": [], "inflight_bytes": 0, "held_bytes": 0, **served}
+    with pytest.raises(MissingSupervisionError, match="batch 1 of the stream"):
+        list(off.stream([batches[0], _batches(1, seed=9)[0]]))
+    # a batch that comes back in several shards is joined before it is written
+    copy = dump_supervision(TwoShardsPerBatch(tmp_path), batches, tmp_path / "copy")
+    assert copy["batches"] == manifest["batches"]
+    for i in range(4):
+        a, b = load_file(tmp_path / shard_name(i)), load_file(tmp_path / "copy" / shard_name(i))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_resume_writes_each_batch_exactly_once(pool, tmp_path):
+    batches = _batches(6)
+
+    def crashing():
+        for i, b in enumerate(batches):
+            if i == 4:
+                raise RuntimeError("simulated crash")
+            yield b
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        dump_supervision(pool, crashing(), tmp_path)
+    before = _shards(tmp_path)
+    k = len(before)
+    assert 1 <= k < 6 and list(before) == [shard_name(i) for i in range(k)]  # an ordered prefix
+    # a crash mid-write leaves only a temp file; one between a shard's rename and the manifest update
+    # leaves a shard the manifest does not list
+    (tmp_path / (shard_name(k) + ".tmp")).write_bytes(b"half a shard")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["batches"] = manifest["batches"][:-1]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+
+    resumed = dump_supervision(pool, batches, tmp_path)
+    assert resumed["last_run"]["written"] == 6 - k and resumed["last_run"]["skipped"] == k
+    assert list(_shards(tmp_path)) == [shard_name(i) for i in range(6)] and not list(tmp_path.glob("*.tmp"))
+    assert {n: v for n, v in _shards(tmp_path).items() if n in before} == before  # never rewritten
+    assert [e["index"] for e in resumed["batches"]] == list(range(6)) and resumed["complete"]
+    assert resumed["num_tokens"] == sum(b.num_tokens for b in batches)
+    off = OfflineSupervision(tmp_path)
+    for i, b in enumerate(batches):
+        _assert_same(off.load(b), pool.forward_packed(b))
+        assert load_file(tmp_path / shard_name(i))["input_ids"].equal(b.input_ids)
+
+    state = _shards(tmp_path)
+    again = dump_supervision(pool, batches, tmp_path)  # complete already: nothing to do
+    assert again["last_run"] == {**again["last_run"], "written": 0, "skipped": 6} and _shards(tmp_path) == state
+
+    # other data, or another target, on the same directory: refused, nothing touched
+    with pytest.raises(DumpMismatchError, match="batch 0 differs"):
+        dump_supervision(pool, _batches(6, seed=11), tmp_path)
+
+    class OtherTarget(OfflineSupervision):
+        def get_lm_head_weight(self):
+            return super().get_lm_head_weight() + 1
+
+    with pytest.raises(DumpMismatchError, match="another target"):
+        dump_supervision(OtherTarget(tmp_path), batches, tmp_path)
+    with _exclusive(tmp_path), pytest.raises(RuntimeError, match="another dump_supervision"):
+        dump_supervision(pool, batches, tmp_path)
+    assert _shards(tmp_path) == state
+
+
+def test_cli_dumps_the_job_data(cluster, tmp_path, tiny_paths, monkeypatch):
+    out = tmp_path / "dump"
+    args = ["--target", tiny_paths["llama"], "--engine", "hf", "--replicas", "1", "--out", str(out)]
+    args += ["--num-batches", "3", "--sequences-per-batch", "2", "--max-len", "24", "--progress-every", "1"]
+    # joins this module's cluster through RAY_ADDRESS, as under `ray job submit` (and faster than its own Ray)
+    env = {**os.environ, "EAGLE_RAY_CACHE": str(tmp_path / "cache")}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, "jobs/dump_supervision.py", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"supervision dump: {out}" in proc.stdout and "[eagle_ray] dump done: 3/3 batches" in proc.stdout
+    off = OfflineSupervision(out)
+    assert len(off) == 3 and off.manifest["complete"] and off.manifest["last_run"]["written"] == 3
+    spec = importlib.util.spec_from_file_location("dump_job", ROOT / "jobs" / "dump_supervision.py")
+    job = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, job)  # its dataclass resolves annotations through it
+    spec.loader.exec_module(job)
+    for b in job.job_batches(job.parse_args(args), off.info.vocab_size):  # the job's data, regenerated
+        assert torch.equal(off.load(b).input_ids, b.input_ids)
+
+
+def test_training_from_the_dump_matches_training_from_the_pool(pool, tmp_path):
+    batches = _batches(STEPS * WORKERS)
+    config = DraftTrainConfig(max_steps=STEPS, lr=3e-3, warmup_steps=2, checkpoint_every=STEPS, log_every=4)
+    common = dict(storage_path=tmp_path / "runs", num_workers=WORKERS, backend="gloo", resources_per_worker={"CPU": 1})
+    live = train_draft(pool, batches, config, name="live", **common)
+    dump_supervision(pool, batches, tmp_path / "dump")
+    pool.shutdown()  # from here on no target runs anywhere
+    assert pool.stats()["replicas"] == []
+    offline = train_draft(OfflineSupervision(tmp_path / "dump"), batches, config, name="offline", **common)
+    assert [r["step"] for r in offline.history] == list(range(1, STEPS + 1))
+    for mine, ref in zip(offline.history, live.history, strict=True):
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-6), mine["step"]
+        assert mine["samples"] == ref["samples"]
+    assert offline.feed["batches"] == live.feed["batches"] == STEPS * WORKERS
+    assert offline.export_dir is not None and (offline.export_dir / "config.json").exists()
