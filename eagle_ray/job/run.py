@@ -55,7 +55,10 @@ def _init_ray(c: JobConfig) -> None:
 
     address = c.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # a cluster (ray job submit sets RAY_ADDRESS): its runtime_env and system config apply
-        ray.init(address=address, runtime_env={"env_vars": ZERO_COPY_ENV})
+        # a job's runtime_env (cluster/runtime_env.yaml) also reaches this driver's environment; adding
+        # the same variable again is a conflict Ray refuses
+        have = all(os.environ.get(k) == v for k, v in ZERO_COPY_ENV.items())
+        ray.init(address=address, runtime_env=None if have else {"env_vars": ZERO_COPY_ENV})
         return
     # logical CPUs enough for every replica and worker: on a laptop they share the cores
     need = c.target.replicas * (c.target.cpus_per_replica or c.target.tp_size)
