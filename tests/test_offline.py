@@ -4,7 +4,6 @@ job's CLI end to end, and training from the dump with the pool shut down (last: 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -173,27 +172,47 @@ def test_crash_resume_writes_each_batch_exactly_once(pool, tmp_path):
     assert _shards(tmp_path) == state
 
 
-def test_cli_dumps_the_job_data(cluster, tmp_path, tiny_paths, monkeypatch):
-    out = tmp_path / "dump"
-    args = ["--target", tiny_paths["llama"], "--engine", "hf", "--replicas", "1", "--out", str(out)]
-    args += ["--num-batches", "3", "--sequences-per-batch", "2", "--max-len", "24", "--progress-every", "1"]
+def test_job_dumps_then_trains_from_the_dump(cluster, tmp_path, tiny_paths):
+    """The job's config switch: `jobs/dump_supervision.py` writes shards, `offline.mode=from_dump` trains on them."""
+    data = tmp_path / "tokens.jsonl"
+    g = torch.Generator().manual_seed(5)
+    with data.open("w") as f:
+        for _ in range(40):
+            n = int(torch.randint(8, 30, (1,), generator=g))
+            ids = torch.randint(0, 1024, (n,), generator=g).tolist()
+            f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * 3 + [1] * (n - 3)}) + "\n")
+    common = [
+        f"target.model_path={tiny_paths['llama']}",
+        "target.engine=hf",
+        "target.replicas=1",
+        "data.format=pretokenized",
+        f"data.paths=[{data}]",
+        "data.max_length=64",
+        "data.batch_tokens=128",
+        "data.shuffle_buffer=0",
+        "draft.vocab_size=256",
+        "training.max_steps=4",
+        "training.ttt_steps=2",
+        "checkpoint.every=2",
+        f"checkpoint.storage_path={tmp_path}",
+        "logging.plot=false",
+        "eval.enabled=false",
+        f"offline.dir={tmp_path / 'sup'}",
+    ]
     # joins this module's cluster through RAY_ADDRESS, as under `ray job submit` (and faster than its own Ray)
-    env = {**os.environ, "EAGLE_RAY_CACHE": str(tmp_path / "cache")}
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    proc = subprocess.run(
-        [sys.executable, "jobs/dump_supervision.py", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"supervision dump: {out}" in proc.stdout and "[eagle_ray] dump done: 3/3 batches" in proc.stdout
-    off = OfflineSupervision(out)
-    assert len(off) == 3 and off.manifest["complete"] and off.manifest["last_run"]["written"] == 3
-    spec = importlib.util.spec_from_file_location("dump_job", ROOT / "jobs" / "dump_supervision.py")
-    job = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, job)  # its dataclass resolves annotations through it
-    spec.loader.exec_module(job)
-    for b in job.job_batches(job.parse_args(args), off.info.vocab_size):  # the job's data, regenerated
-        assert torch.equal(off.load(b).input_ids, b.input_ids)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+    def job(script: str, name: str, *extra: str) -> dict:
+        cmd = [sys.executable, script, *common, f"checkpoint.name={name}", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    dumped = job("jobs/dump_supervision.py", "dump")
+    off = OfflineSupervision(tmp_path / "sup")
+    assert dumped["batches"] == len(off) == 4 and off.manifest["complete"]
+    trained = job("jobs/train_eagle3.py", "from-dump", "offline.mode=from_dump")
+    assert trained["steps"] == 4 and trained["engine"] == "offline" and Path(trained["export"]).exists()
 
 
 def test_training_from_the_dump_matches_training_from_the_pool(pool, tmp_path):

@@ -173,7 +173,8 @@ def run(c: JobConfig) -> dict[str, Any]:
     engine = _engine(c.target.engine)
     dtype = getattr(torch, c.target.dtype) if c.target.dtype else None
     pool = _target_pool(c, model_path, engine, dtype)
-    summary: dict[str, Any] = {"target": model_path, "engine": engine, "run_dir": str(run_dir)}
+    live = c.offline.mode != "from_dump"
+    summary: dict[str, Any] = {"target": model_path, "engine": engine if live else "offline", "run_dir": str(run_dir)}
     try:
         if c.offline.mode == "dump":
             from eagle_ray.offline import dump_supervision
@@ -209,7 +210,7 @@ def run(c: JobConfig) -> dict[str, Any]:
             resources_per_worker=resources,
             backend=tr.backend,
             draft_vocab_size=c.draft.vocab_size,
-            special_token_ids=_end_tokens(tokenizer),
+            special_token_ids=[i for i in _end_tokens(tokenizer) if i < pool.info.vocab_size],
             vocab_batches=c.draft.vocab_batches,
             queue_depth=tr.queue_depth,
             max_failures=tr.max_failures,
@@ -236,7 +237,7 @@ def run(c: JobConfig) -> dict[str, Any]:
         if c.logging.plot and result.history:
             plot = _plot(result.history, run_dir / "training.png")
             summary["plot"] = str(plot) if plot else None
-        if c.eval.enabled and result.export_dir is not None and hasattr(pool, "forward_packed"):
+        if c.eval.enabled and result.export_dir is not None and live:  # a dump holds no target to verify with
             from eagle_ray.draft import load_draft, speculative_greedy
 
             batches_used = result.steps * tr.num_workers
