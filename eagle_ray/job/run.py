@@ -233,7 +233,7 @@ def run(c: JobConfig) -> dict[str, Any]:
             export=str(result.export_dir) if result.export_dir else None,
             data=data_stats.as_dict() if hasattr(data_stats, "as_dict") else str(data_stats),
         )
-        summary["target_tokens_per_s"] = _pool_rate(pool, result)
+        summary["target_tokens_per_s"] = _pool_rate(pool, result) if live else None
         if c.logging.plot and result.history:
             plot = _plot(result.history, run_dir / "training.png")
             summary["plot"] = str(plot) if plot else None
