@@ -35,7 +35,7 @@ class TrainResult:
     export_dir: Path | None  # the SGLang-loadable draft, when training reached max_steps
     checkpoint: Any  # ray.train.Checkpoint of the last report (None if none)
     steps: int
-    history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics (metrics.jsonl)
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics; a re-run step's latest
     feed: dict[str, Any] = field(default_factory=dict)
     vocab: DraftVocab | None = None
 
@@ -145,7 +145,10 @@ def train_draft(
             monitor.stop()
     if feed.error is not None:
         raise RuntimeError(f"the supervision feed failed: {feed.error}") from feed.error
-    history = _history(metrics_path)
+    # rank 0's file has earlier runs' steps (if it is on this node); the sink has this run's, from anywhere
+    by_step = {r["step"]: r for r in _history(metrics_path)}
+    by_step.update((r["step"], r) for r in ray.get(sink.since.remote(0)))
+    history = [by_step[k] for k in sorted(by_step)]
     steps = history[-1]["step"] if history else 0
     exported = None
     if result.checkpoint is not None and steps >= train.max_steps:
