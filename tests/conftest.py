@@ -6,13 +6,38 @@ SGLang targets come from `sglang_target(...)`, which closes the previous one fir
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
+import ray
 import torch
 
 from eagle_ray import HFEagle3TargetModel, PackedBatch, SGLangEagle3TargetModel, build_tiny_target
+from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
 from eagle_ray.tiny import markov_sequences, pretrain_tiny_target
 
 ARCHS = ["llama", "qwen3"]
+
+
+@contextmanager
+def local_ray(num_cpus: int, num_gpus: int | None = None, store_mb: int = 256, env: dict | None = None):
+    """A private local Ray for one test module: the pool's system config, zero-copy tensors, no dashboard.
+
+    `num_cpus` is logical (replicas and workers mostly wait); `num_gpus` gives fake GPU ids.
+    """
+    ray.init(
+        address="local",  # never join a cluster another process left running
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        object_store_memory=store_mb * 2**20,
+        include_dashboard=False,
+        runtime_env={"env_vars": {**ZERO_COPY_ENV, **(env or {})}},
+        _system_config=RAY_SYSTEM_CONFIG,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

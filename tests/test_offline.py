@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from conftest import local_ray
 from safetensors.torch import load_file
 
 from eagle_ray import PackedBatch, ShardResult, Supervision
@@ -27,7 +28,6 @@ from eagle_ray.offline import (
     shard_name,
 )
 from eagle_ray.pool import PooledTargetModel
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
 from eagle_ray.tiny import markov_sequences
 from eagle_ray.train.loop import DraftTrainConfig
 from eagle_ray.train.trainer import train_draft
@@ -71,16 +71,8 @@ class TwoShardsPerBatch(OfflineSupervision):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(
-        address="local",  # a cluster of its own, even while another test run has one
-        num_cpus=4,
-        object_store_memory=256 * 2**20,
-        include_dashboard=False,
-        runtime_env={"env_vars": ZERO_COPY_ENV},
-        _system_config=RAY_SYSTEM_CONFIG,
-    )
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=4):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,26 +10,17 @@ import time
 import pytest
 import ray
 import torch
-from conftest import random_batch
+from conftest import local_ray, random_batch
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
 from eagle_ray import HFEagle3TargetModel, InvalidBatchError, PackedBatch
 from eagle_ray.pool import PooledTargetModel, ShardResult
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(
-        num_cpus=8,  # logical: replicas that mostly wait; torch threads follow each replica's share
-        num_gpus=4,  # fake GPU ids: placement is testable on a CPU machine
-        object_store_memory=256 * 2**20,
-        include_dashboard=False,
-        runtime_env={"env_vars": ZERO_COPY_ENV},
-        _system_config=RAY_SYSTEM_CONFIG,
-    )
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=8, num_gpus=4):  # fake GPU ids: placement is testable on a CPU machine
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,27 +8,18 @@ import os
 import pytest
 import ray
 import torch
-from conftest import random_batch
+from conftest import local_ray, random_batch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from eagle_ray.pool import PooledTargetModel
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
 
 
 @pytest.fixture(scope="module")
 def one_gpu_cluster():
-    ray.init(
-        num_cpus=4,
-        num_gpus=1,
-        object_store_memory=128 * 2**20,
-        include_dashboard=False,
-        # workers import this module to unpickle the train function
-        runtime_env={"env_vars": {**ZERO_COPY_ENV, "PYTHONPATH": os.path.dirname(__file__)}},
-        _system_config=RAY_SYSTEM_CONFIG,
-    )
-    yield
-    ray.shutdown()
+    # workers import this module to unpickle the train function
+    with local_ray(num_cpus=4, num_gpus=1, store_mb=128, env={"PYTHONPATH": os.path.dirname(__file__)}):
+        yield
 
 
 def _train_worker(config: dict) -> None:

@@ -8,15 +8,14 @@ the last checkpoint). Both must follow the reference's loss curve step for step.
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
+from conftest import local_ray
 
 from eagle_ray import PackedBatch
 from eagle_ray.draft.export import load_draft
 from eagle_ray.draft.speculate import speculative_greedy
 from eagle_ray.engines.sglang import verify_eagle3_export
 from eagle_ray.pool import PooledTargetModel
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
 from eagle_ray.target import HFEagle3TargetModel
 from eagle_ray.tiny import markov_sequences
 from eagle_ray.train.loop import DraftTrainConfig
@@ -27,15 +26,8 @@ STEPS = 120
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(
-        num_cpus=4,
-        object_store_memory=256 * 2**20,
-        include_dashboard=False,
-        runtime_env={"env_vars": ZERO_COPY_ENV},
-        _system_config=RAY_SYSTEM_CONFIG,
-    )
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=4):
+        yield
 
 
 def _batches(n: int, per_batch: int = 8, seed: int = 2) -> list[PackedBatch]:
