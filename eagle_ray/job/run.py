@@ -73,7 +73,7 @@ def _init_ray(c: JobConfig) -> None:
     )
 
 
-def tiny_target(tokenizer: Any, c: JobConfig) -> str:
+def tiny_target(tokenizer: Any) -> str:
     """The default target: a tiny Qwen3 with the tokenizer's vocabulary, pretrained briefly on ShareGPT text.
 
     Built once per shape/tokenizer and cached under ~/.cache/eagle_ray (about 2 minutes on 2 cores).
@@ -148,7 +148,7 @@ def run(c: JobConfig) -> dict[str, Any]:
     own = c.target.model_path and (Path(c.target.model_path) / "tokenizer.json").exists()
     tok_spec = c.data.tokenizer or (c.target.model_path if own else "qwen")
     tokenizer = load_tokenizer(tok_spec)
-    model_path = c.target.model_path or tiny_target(tokenizer, c)
+    model_path = c.target.model_path or tiny_target(tokenizer)
     source, data_stats = make_batch_source(
         c.data.format,
         c.data.paths,

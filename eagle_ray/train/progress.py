@@ -95,7 +95,7 @@ class Progress:
         self._stop.set()
         self._thread.join(timeout=30)
         try:
-            self._tick(final=True)
+            self._tick()
         except Exception:
             log.exception("progress update failed")
         if self._bar is not None:
@@ -129,7 +129,7 @@ class Progress:
                 last_line = time.monotonic()
                 print(self.line(), flush=True)
 
-    def _tick(self, final: bool = False) -> None:
+    def _tick(self) -> None:
         try:
             new = ray.get(self.sink.since.remote(self._seen), timeout=10)
         except Exception:
