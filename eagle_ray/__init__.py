@@ -1,85 +1,68 @@
-"""eagle_ray: serve an EAGLE-3 target model (SGLang or transformers) to draft trainers on Ray."""
+"""eagle_ray: serve an EAGLE-3 target model (SGLang or transformers) to draft trainers on Ray.
 
-from eagle_ray.contract import (
-    InvalidBatchError,
-    ModelInfo,
-    PackedBatch,
-    Supervision,
-    default_aux_layer_ids,
-    pack_padded,
-    resolve_aux_layer_ids,
-    shift_left,
-    validate_packed,
-)
-from eagle_ray.data import DataError, DataStats, iter_texts, load_tokenizer, make_batch_source, sharegpt_path
-from eagle_ray.draft import (
-    DraftVocab,
-    Eagle3Draft,
-    Eagle3DraftConfig,
-    SpecDecodeResult,
-    TTTStats,
-    build_draft_vocab,
-    count_loss_tokens,
-    load_draft,
-    save_draft,
-    speculative_greedy,
-    ttt_loss,
-)
-from eagle_ray.engines.sglang import verify_eagle3_export
-from eagle_ray.offline import OfflineSupervision, dump_supervision
-from eagle_ray.pool import PooledTargetModel, ShardQuarantinedError, ShardResult
-from eagle_ray.target import (
-    Eagle3TargetBatch,
-    Eagle3TargetModel,
-    HFEagle3TargetModel,
-    SGLangEagle3TargetModel,
-    load_target,
-)
-from eagle_ray.tiny import build_tiny_target, markov_sequences, pretrain_tiny_target
-from eagle_ray.train import DraftTrainConfig, TrainResult, train_draft
+The public names are imported lazily (PEP 562), each from its submodule on first use, so the
+Ray-free parts (contract, engines, draft, target) import on a machine without Ray or SGLang;
+`from eagle_ray import X` and `eagle_ray.X` work as with eager imports.
+"""
 
-__all__ = [
-    "DataError",
-    "DataStats",
-    "DraftTrainConfig",
-    "DraftVocab",
-    "Eagle3Draft",
-    "Eagle3DraftConfig",
-    "Eagle3TargetBatch",
-    "Eagle3TargetModel",
-    "HFEagle3TargetModel",
-    "InvalidBatchError",
-    "ModelInfo",
-    "OfflineSupervision",
-    "PackedBatch",
-    "PooledTargetModel",
-    "SGLangEagle3TargetModel",
-    "ShardQuarantinedError",
-    "ShardResult",
-    "SpecDecodeResult",
-    "Supervision",
-    "TTTStats",
-    "TrainResult",
-    "build_draft_vocab",
-    "build_tiny_target",
-    "count_loss_tokens",
-    "default_aux_layer_ids",
-    "dump_supervision",
-    "iter_texts",
-    "load_draft",
-    "load_target",
-    "load_tokenizer",
-    "make_batch_source",
-    "markov_sequences",
-    "pack_padded",
-    "pretrain_tiny_target",
-    "resolve_aux_layer_ids",
-    "save_draft",
-    "sharegpt_path",
-    "shift_left",
-    "speculative_greedy",
-    "train_draft",
-    "ttt_loss",
-    "validate_packed",
-    "verify_eagle3_export",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "eagle_ray.contract": (
+        "InvalidBatchError",
+        "ModelInfo",
+        "PackedBatch",
+        "Supervision",
+        "default_aux_layer_ids",
+        "pack_padded",
+        "resolve_aux_layer_ids",
+        "shift_left",
+        "validate_packed",
+    ),
+    "eagle_ray.data": ("DataError", "DataStats", "iter_texts", "load_tokenizer", "make_batch_source", "sharegpt_path"),
+    "eagle_ray.draft": (
+        "DraftVocab",
+        "Eagle3Draft",
+        "Eagle3DraftConfig",
+        "SpecDecodeResult",
+        "TTTStats",
+        "build_draft_vocab",
+        "count_loss_tokens",
+        "load_draft",
+        "save_draft",
+        "speculative_greedy",
+        "ttt_loss",
+    ),
+    "eagle_ray.engines.sglang": ("verify_eagle3_export",),
+    "eagle_ray.offline": ("OfflineSupervision", "dump_supervision"),
+    "eagle_ray.pool": ("ChaosMonkey", "PooledTargetModel", "ShardQuarantinedError", "ShardResult"),
+    "eagle_ray.target": (
+        "Eagle3TargetBatch",
+        "Eagle3TargetModel",
+        "HFEagle3TargetModel",
+        "SGLangEagle3TargetModel",
+        "load_target",
+    ),
+    "eagle_ray.tiny": ("build_tiny_target", "markov_batches", "markov_sequences", "pretrain_tiny_target"),
+    "eagle_ray.train": ("DraftTrainConfig", "TrainResult", "train_draft"),
+    "eagle_ray.train.sample_ledger": ("audit_run", "expected_samples"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cached: later lookups no longer reach __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

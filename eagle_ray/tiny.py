@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
+from eagle_ray.contract import PackedBatch
+
 TINY_SHAPE = dict(
     vocab_size=1024,
     hidden_size=64,
@@ -65,6 +67,17 @@ def markov_sequences(
             seq[i] = rand[i] if noise[i] else succ[seq[i - 1]]
         out.append(seq)
     return out
+
+
+def markov_batches(
+    num_batches: int, per_batch: int = 8, length: tuple[int, int] = (20, 60), seed: int = 2
+) -> list[PackedBatch]:
+    """`num_batches` packed batches of `markov_sequences`, every token in the loss."""
+    seqs = markov_sequences(num_batches * per_batch, length, seed=seed)
+    return [
+        PackedBatch.from_sequences(seqs[i : i + per_batch], [torch.ones_like(s) for s in seqs[i : i + per_batch]])
+        for i in range(0, len(seqs), per_batch)
+    ]
 
 
 def pretrain_tiny_target(

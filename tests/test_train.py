@@ -2,7 +2,10 @@
 
 One uninterrupted reference run; a second run is stopped half-way, resumed from its checkpoint
 and, in the resumed part, loses a worker to an injected failure (Ray Train restarts the group from
-the last checkpoint). Both must follow the reference's loss curve step for step.
+the last checkpoint). Both must follow the reference's loss curve step for step. A chaos run on a
+pool of two SGLang TP-2 replicas loses replicas (`ray.kill`, SIGKILL of TP rank 0 and of TP rank 1)
+and a SIGKILLed draft worker, and its sample ledger must equal the reference's: nothing lost, nothing
+consumed twice.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ import pytest
 import torch
 from conftest import local_ray
 
-from eagle_ray import PackedBatch
 from eagle_ray.draft.export import load_draft
 from eagle_ray.draft.speculate import speculative_greedy
 from eagle_ray.engines.sglang import verify_eagle3_export
+from eagle_ray.job.chaos import ChaosSettings, chaos_training, print_report
 from eagle_ray.pool import PooledTargetModel
 from eagle_ray.target import HFEagle3TargetModel
-from eagle_ray.tiny import markov_sequences
+from eagle_ray.tiny import markov_batches, markov_sequences
 from eagle_ray.train.loop import DraftTrainConfig
+from eagle_ray.train.sample_ledger import audit_run
 from eagle_ray.train.trainer import train_draft
 
 STEPS = 120
@@ -26,16 +30,8 @@ STEPS = 120
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_ray(num_cpus=4):
+    with local_ray(num_cpus=6):  # logical: 3 replicas of one CPU and 2 workers, on 2 cores
         yield
-
-
-def _batches(n: int, per_batch: int = 8, seed: int = 2) -> list[PackedBatch]:
-    seqs = markov_sequences(n * per_batch, (20, 60), seed=seed)
-    return [
-        PackedBatch.from_sequences(seqs[i : i + per_batch], [torch.ones_like(s) for s in seqs[i : i + per_batch]])
-        for i in range(0, len(seqs), per_batch)
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,7 @@ def _config(**kw) -> DraftTrainConfig:
 def _train(pool, tmp, name: str, **kw):
     return train_draft(
         pool,
-        _batches(STEPS),  # 120 distinct batches; 2 workers take 2 a step, so the data repeats once
+        markov_batches(STEPS),  # 120 distinct batches; 2 workers take 2 a step, so the data repeats once
         kw.pop("train", _config()),
         storage_path=tmp,
         name=name,
@@ -112,7 +108,26 @@ def test_stop_resume_and_worker_failure_reproduce_the_loss_curve(pool, reference
     for mine, ref in zip(resumed.history, reference.history, strict=True):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-6), mine["step"]
         assert mine["samples"] == ref["samples"]
+    audit = audit_run(tmp_path / "resumed", 2)  # the ledger agrees: steps 80-99 rolled back once, none lost
+    assert audit.ok and audit.restarts == 2 and audit.rolled_back == 2 * (100 - 80), audit.problems
+    assert audit.samples == audit_run(reference.export_dir.parent, 2).samples
     assert load_draft(resumed.export_dir).state_dict().keys() == load_draft(reference.export_dir).state_dict().keys()
     a, b = load_draft(resumed.export_dir), load_draft(reference.export_dir)
     for name, t in a.state_dict().items():
         torch.testing.assert_close(t, b.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chaos_replica_and_worker_kills_lose_and_duplicate_nothing(reference, markov_target, tmp_path):
+    clean = audit_run(reference.export_dir.parent, 2)
+    assert clean.ok and clean.restarts == 0 and len(clean.samples) == 2 * STEPS * 8, clean.problems
+    settings = ChaosSettings(steps=STEPS, faults=3, every_s=(2.0, 6.0), kill_worker_at=70, checkpoint_every=40)
+    with PooledTargetModel.from_pretrained(
+        markov_target, engine="sglang", replicas=2, tp_size=2, cpus_per_replica=1
+    ) as pool:
+        report = chaos_training(pool, markov_batches(STEPS), settings, tmp_path, baseline=clean.samples)
+    print_report(report)
+    assert [f["kind"] for f in report["replica_faults"]] == ["ray_kill", "sigkill", "sigkill_tp"]
+    assert report["replicas_replaced"] >= 3 and report["worker_restarts"] == 1
+    assert report["rolled_back_steps"] == 2 * (70 - 40)  # both ranks redo steps 40-69 from the checkpoint
+    assert report["duplicates"] == 0 and report["losses"] == 0 and report["problems"] == []
+    assert report["samples_checked"] == len(clean.samples) and report["ok"]

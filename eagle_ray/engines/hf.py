@@ -31,7 +31,7 @@ class HFEngine:
 
     def __init__(
         self,
-        model_path: str,
+        model_path: str | torch.nn.Module,
         aux_layer_ids: list[int] | None = None,
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
@@ -40,12 +40,16 @@ class HFEngine:
         attn_implementation: str = "sdpa",
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            dtype=dtype or "auto",
-            trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-        ).to(self.device)
+        if isinstance(model_path, torch.nn.Module):  # already built (benchmarks): used as is, dtype and attn ignored
+            model = model_path
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path,
+                dtype=dtype or "auto",
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+            )
+        self.model = model.to(self.device)
         self.model.eval().requires_grad_(False)
         self.max_batch_tokens = max_batch_tokens
         layers = decoder_layers(self.model)

@@ -26,11 +26,13 @@ from eagle_ray.engines.base import forward_in_runs
 
 # On a machine without CUDA: SGLang's plain CPU path (not its AMX engine, which needs a CPU
 # build of sgl-kernel) with a KV pool sized explicitly, since SGLang cannot size it from
-# free device memory there.
+# free device memory there. SGLang still refuses to start when free memory fell by more than
+# 1 - mem_fraction_static while it loaded; other processes starting beside it (replicas, train
+# workers) easily take 6% of a host's memory, so tolerate up to half.
 CPU_DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "attention_backend": "torch_native",
-    "mem_fraction_static": 0.05,
+    "mem_fraction_static": 0.5,
     "max_total_tokens": 8192,
     "disable_custom_all_reduce": True,
 }

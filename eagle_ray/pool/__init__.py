@@ -1,7 +1,16 @@
-"""The target pool: replica actors (replica.py), driver-side pool (pooled.py), shard ledger, placement."""
+"""The target pool: replica actors (replica.py), driver-side pool (pooled.py), shard ledger, placement, chaos."""
 
+from eagle_ray.pool.chaos import ChaosMonkey, Fault
 from eagle_ray.pool.ledger import ShardLedger, ShardQuarantinedError
 from eagle_ray.pool.pooled import PooledTargetModel, ShardResult
 from eagle_ray.pool.replica import TargetReplica
 
-__all__ = ["PooledTargetModel", "ShardLedger", "ShardQuarantinedError", "ShardResult", "TargetReplica"]
+__all__ = [
+    "ChaosMonkey",
+    "Fault",
+    "PooledTargetModel",
+    "ShardLedger",
+    "ShardQuarantinedError",
+    "ShardResult",
+    "TargetReplica",
+]

@@ -638,10 +638,11 @@ class PooledTargetModel:
         with self._lock:
             self._target_replicas = 0
             for r in list(self._replicas.values()):
-                try:
-                    ray.get(r.actor.shutdown.remote(), timeout=30)
-                except Exception:
-                    pass
+                if r.state != "starting":  # one still building its engine would answer only after that
+                    try:
+                        ray.get(r.actor.shutdown.remote(), timeout=30)
+                    except Exception:
+                        pass
                 self._remove(r)
 
     def __enter__(self) -> PooledTargetModel:

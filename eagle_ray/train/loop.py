@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,9 @@ from eagle_ray.draft.export import load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
 from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, DEFAULT_TTT_STEPS, TTTObjective, TTTStats
 from eagle_ray.train.feed import FeedReader
+from eagle_ray.train.sample_ledger import LedgerWriter, fingerprints
+
+FAIL_MODES = ("raise", "exit", "sigkill")
 
 
 @dataclass
@@ -44,15 +48,15 @@ class DraftTrainConfig:
     autocast_bf16: bool = True  # on CUDA only; master weights stay fp32
     stop_at_step: int | None = None  # end this run early (as a preemption would); resume later
     fail_at_step: int | None = None  # fault injection for tests: fail once at this step
-    fail_mode: str = "raise"  # "raise" an exception, or "exit" the worker process
+    fail_mode: str = "raise"  # "raise" an exception, "exit" the worker process, or "sigkill" it
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.lr <= 0 or self.ttt_steps < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("lr, ttt_steps, checkpoint_every and log_every must be positive")
-        if self.fail_mode not in ("raise", "exit"):
-            raise ValueError(f"fail_mode must be 'raise' or 'exit', got {self.fail_mode!r}")
+        if self.fail_mode not in FAIL_MODES:
+            raise ValueError(f"fail_mode must be one of {FAIL_MODES}, got {self.fail_mode!r}")
 
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10% at max_steps."""
@@ -101,6 +105,8 @@ def _inject_fault(cfg: DraftTrainConfig, step: int, marker: Path, rank: int) -> 
     marker.write_text(str(step))
     if cfg.fail_mode == "exit":
         os._exit(1)
+    if cfg.fail_mode == "sigkill":  # as the OOM killer or a lost node would: no cleanup, no goodbye
+        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected train worker failure at step {step}")
 
 
@@ -136,7 +142,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = None
     t_window, wait, step_tokens = time.monotonic(), 0.0, 0
     t_wait = time.monotonic()
-    for step, sup, meta in FeedReader(config["feed"], rank, state["step"], config.get("feed_timeout_s", 600.0)):
+    reader = FeedReader(config["feed"], rank, state["step"], config.get("feed_timeout_s", 600.0))
+    ledger = LedgerWriter(config["run_dir"], rank)
+    ledger.start(state["step"], reader.incarnation)
+    for step, sup, meta in reader:
         t_got = time.monotonic()
         step_wait = t_got - t_wait
         wait += step_wait
@@ -149,6 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
+        ledger.step(step, meta["batch"], fingerprints(sup.input_ids, sup.loss_mask, sup.cu_seqlens))
         # one all-reduce of a few floats: loss, step sums, samples, tokens
         flat = torch.cat(
             [

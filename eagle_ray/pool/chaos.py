@@ -1,0 +1,135 @@
+"""Chaos for a live pool: kill target replicas at random moments while a run goes on.
+
+Three faults, the ways replicas die on a real cluster:
+  ray_kill    `ray.kill` of the replica actor (an operator, an autoscaler, a preempted node's drain)
+  sigkill     SIGKILL of the replica's own process, TP rank 0 (the OOM killer, a segfault)
+  sigkill_tp  SIGKILL of a TP rank other than 0, a child process of the replica (tp_size > 1 only)
+
+OS kills run as a Ray task pinned to the replica's node, so they work on a multi-node cluster too.
+Faults start once the pool has delivered a shard of the run; each hits a random ready replica, even while
+earlier victims are still being replaced (so the run may find no replica for a while, and must wait).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+log = logging.getLogger(__name__)
+
+FAULTS = ("ray_kill", "sigkill", "sigkill_tp")
+
+
+@dataclass
+class Fault:
+    at_s: float  # seconds after the monkey started
+    kind: str
+    replica_id: int
+    pid: int | None  # the process killed (None for ray_kill)
+    tp_rank: int | None
+
+
+@ray.remote(num_cpus=0)
+def _kill_pid(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class ChaosMonkey:
+    """A driver thread that injects up to `max_faults` faults into `pool`, one every `every_s` seconds
+    (uniform in the range, seeded), cycling through `kinds` so each kind is exercised.
+    `recover_timeout_s`: how long to wait for a ready replica to hit before giving up (an error)."""
+
+    def __init__(
+        self,
+        pool: Any,
+        kinds: tuple[str, ...] = FAULTS,
+        every_s: tuple[float, float] = (5.0, 15.0),
+        max_faults: int = 3,
+        seed: int = 0,
+        recover_timeout_s: float = 300.0,
+    ):
+        bad = [k for k in kinds if k not in FAULTS]
+        if bad or not kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {FAULTS}, got {kinds}")
+        replicas = pool.replicas()
+        if "sigkill_tp" in kinds and all(len(d["ranks"]) < 2 for d in replicas):
+            raise ValueError("sigkill_tp needs replicas with tp_size > 1")
+        self.pool, self.kinds, self.every_s, self.max_faults = pool, kinds, every_s, max_faults
+        self.recover_timeout_s = recover_timeout_s
+        self.rng = random.Random(seed)
+        self.faults: list[Fault] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eagle-ray-chaos", daemon=True)
+        self._t0, self._delivered0 = 0.0, 0
+
+    def start(self) -> ChaosMonkey:
+        self._t0 = time.monotonic()
+        self._delivered0 = self.pool.stats()["shards_delivered"]
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[Fault]:
+        self._stop.set()
+        self._thread.join(timeout=self.recover_timeout_s + 30)
+        return self.faults
+
+    def __enter__(self) -> ChaosMonkey:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            if not self._wait(lambda st: st["shards_delivered"] > self._delivered0, "the first shard"):
+                return  # faults start once the run is being served, not while it sets up
+            while len(self.faults) < self.max_faults:
+                if self._stop.wait(self.rng.uniform(*self.every_s)):
+                    return
+                if not self._wait(lambda st: any(r["state"] == "ready" for r in st["replicas"]), "a ready replica"):
+                    return
+                self.faults.append(self.inject(self.kinds[len(self.faults) % len(self.kinds)]))
+                log.warning("chaos: %s", self.faults[-1])
+        except BaseException as e:  # noticed by the caller, never raised into the run
+            log.exception("chaos monkey failed")
+            self.error = e
+
+    def _wait(self, until: Any, what: str) -> bool:
+        """Poll the pool's stats until `until(stats)`; False if stopped first."""
+        deadline = time.monotonic() + self.recover_timeout_s
+        while not self._stop.is_set():
+            if until(self.pool.stats()):
+                return True
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"chaos: no {what} within {self.recover_timeout_s}s")
+            self._stop.wait(0.2)
+        return False
+
+    def inject(self, kind: str) -> Fault:
+        """Kill one randomly chosen ready replica, the `kind` way."""
+        desc = self.rng.choice(self.pool.replicas())
+        rid, at = desc["replica_id"], time.monotonic() - self._t0
+        if kind == "ray_kill":
+            with self.pool._lock:  # the pool owns the handle; a fault tool may borrow it
+                actor = self.pool._replicas[rid].actor
+            ray.kill(actor, no_restart=True)
+            return Fault(at, kind, rid, None, None)
+        ranks = [r for r in desc["ranks"] if (r["tp_rank"] != 0) == (kind == "sigkill_tp")]
+        rank = self.rng.choice(ranks)
+        on_node = NodeAffinitySchedulingStrategy(desc["node_id"], soft=False)
+        ray.get(_kill_pid.options(scheduling_strategy=on_node).remote(rank["pid"]))
+        return Fault(at, kind, rid, rank["pid"], rank["tp_rank"])
