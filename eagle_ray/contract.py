@@ -182,6 +182,13 @@ def validate_packed(batch: PackedBatch, vocab_size: int, max_seq_len: int | None
         raise InvalidBatchError("bad_tensor", f"cu_seqlens must be an integer tensor, got {cu.dtype}")
     if not (_is_int(mask) or mask.dtype == torch.bool):
         raise InvalidBatchError("bad_tensor", f"loss_mask must be a bool or integer tensor, got {mask.dtype}")
+    # Check and ship int64 with unit stride. In a narrow or unsigned dtype comparisons wrap (uint8
+    # `ids >= 1024` is all true, a uint8 cu_seqlens.diff() is never negative) and torch lacks most ops for
+    # uint16/32/64. And one element of a strided or expanded view counts as contiguous yet keeps its stride,
+    # which Ray's zero-copy tensor serializer cannot store: the replica's result for it would be an error.
+    ids, mask, cu = (
+        t.to(torch.long, copy=t.stride() != (1,), memory_format=torch.contiguous_format) for t in (ids, mask, cu)
+    )
     if cu.numel() < 2 or ids.numel() == 0:
         raise InvalidBatchError("empty_batch", "the batch holds no tokens")
     if int(cu[0]) != 0:
@@ -221,7 +228,7 @@ def validate_packed(batch: PackedBatch, vocab_size: int, max_seq_len: int | None
         raise InvalidBatchError(
             "sequence_too_long", f"{int(lens[i])} tokens exceed the target's context of {max_seq_len}", i
         )
-    return PackedBatch(ids.to(torch.long), mask.to(torch.long), cu.to(torch.long))
+    return PackedBatch(ids, mask, cu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +240,8 @@ def pack_padded(
 ) -> PackedBatch:
     """Drop the padding of a [B, S] batch. Each row's attention mask must be one contiguous run
     of ones (left or right padding); pad tokens never reach the engine."""
+    if attention_mask is None:
+        raise InvalidBatchError("bad_attention_mask", "attention_mask is required (ones on real tokens)")
     for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("loss_mask", loss_mask)):
         if t is None:
             continue
@@ -249,6 +258,10 @@ def pack_padded(
             "bad_attention_mask",
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}",
         )
+    if not (_is_int(attention_mask) or attention_mask.dtype == torch.bool) or bool(
+        ((attention_mask != 0) & (attention_mask != 1)).any()
+    ):
+        raise InvalidBatchError("bad_attention_mask", "attention_mask must hold only 0 and 1 (bool or integers)")
     if loss_mask is None:
         loss_mask = attention_mask
     if loss_mask.shape != input_ids.shape:
