@@ -15,6 +15,7 @@ in its queue for its predecessor.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -195,7 +196,11 @@ class SupervisionFeed:
 
 
 class FeedReader:
-    """A worker's view: announce the start step, then one supervision record per step."""
+    """A worker's view: announce the start step, then one supervision record per step.
+
+    A thread fetches the next record (queue actor round trip, `ray.get` of its refs) while the
+    worker trains on the current one, so a step waits only when supply is really behind.
+    """
 
     def __init__(self, handles: FeedHandles, rank: int, start_step: int, timeout_s: float = 600.0):
         import uuid
@@ -204,21 +209,54 @@ class FeedReader:
         self.incarnation = uuid.uuid4().hex
         handles.control.put(("start", rank, start_step, self.incarnation))
 
+    def _fetch(self, out: queue.Queue, stop: threading.Event) -> None:
+        """Prefetch thread: put (item, supervision) records, then ("end",) or ("error", message)."""
+        try:
+            while not stop.is_set():
+                deadline = time.monotonic() + self.timeout_s
+                while True:
+                    try:
+                        item = self.queue.get(timeout=1.0)
+                        break
+                    except Empty:
+                        if stop.is_set():
+                            return
+                        if time.monotonic() > deadline:
+                            out.put(("error", f"no supervision within {self.timeout_s}s", TimeoutError))
+                            return
+                if "error" in item:
+                    out.put(("error", f"supervision feed failed: {item['error']}", RuntimeError))
+                    return
+                if item["for"] != self.incarnation:
+                    continue  # served to this rank's previous worker, before a restart
+                if item.get("end"):
+                    out.put(("end", item))
+                    return
+                out.put(("item", item, Supervision.concat(ray.get(item["refs"]))))
+        except BaseException as e:  # surfaced in the training loop, not lost in a thread
+            out.put(("error", f"{type(e).__name__}: {e}", RuntimeError))
+
     def __iter__(self) -> Iterator[tuple[int, Supervision, dict[str, Any]]]:
-        while True:
-            try:
-                item = self.queue.get(timeout=self.timeout_s)
-            except Empty:
-                raise TimeoutError(f"no supervision for step {self.next_step} within {self.timeout_s}s") from None
-            if "error" in item:
-                raise RuntimeError(f"supervision feed failed: {item['error']}")
-            if item["for"] != self.incarnation:
-                continue  # served to this rank's previous worker, before a restart
-            if item["step"] > self.next_step and not item.get("end"):
-                raise RuntimeError(f"feed skipped from step {self.next_step} to {item['step']}")
-            if item.get("end"):
-                return
-            sup = Supervision.concat(ray.get(item["refs"]))
-            meta = {k: item[k] for k in ("batch", "tokens", "sequences")}
-            yield self.next_step, sup, meta
-            self.next_step += 1
+        records: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        threading.Thread(target=self._fetch, args=(records, stop), name="eagle-ray-prefetch", daemon=True).start()
+        try:
+            while True:
+                kind, *rest = records.get()
+                if kind == "error":
+                    message, exc = rest
+                    raise exc(f"step {self.next_step}: {message}")
+                item = rest[0]
+                if item["step"] > self.next_step and not item.get("end"):
+                    raise RuntimeError(f"feed skipped from step {self.next_step} to {item['step']}")
+                if kind == "end":
+                    return
+                meta = {k: item[k] for k in ("batch", "tokens", "sequences")}
+                yield self.next_step, rest[1], meta
+                self.next_step += 1
+        finally:
+            stop.set()
+            try:  # unblock a prefetch waiting to hand over a record nobody will take
+                records.get_nowait()
+            except queue.Empty:
+                pass
