@@ -382,8 +382,11 @@ class PooledTargetModel:
 
     def _shards(self, batch: PackedBatch, batch_index: int, logits: bool) -> list[_Shard]:
         batch = validate_packed(batch, self.info.vocab_size, self.info.max_context)
-        n = max(len(self._ready()), 1)
-        even = -(-batch.num_tokens // n)  # split one batch evenly over the live replicas
+        # split over the idle replicas only: one batch alone (submit, a stream's start) is served by all of
+        # them at once, while in a busy stream each replica takes whole batches (fewer, larger forwards)
+        idle = [r for r in self._ready() if not r.inflight] if not self._retry else []
+        n = max(len(idle), 1)
+        even = -(-batch.num_tokens // n)
         cap = min(self.info.kv_capacity_tokens, self._shard_tokens or even, even)
         shards = []
         for start, stop in plan_runs(batch.seqlens, max(cap, 1)):
