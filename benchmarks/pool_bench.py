@@ -69,7 +69,7 @@ def transport(sizes_mb: list[int], repeats: int) -> list[dict]:
     for mb in sizes_mb:
         hidden = 1024
         tokens = max(1, mb * 2**20 // (16 * hidden))  # fp32: 16H bytes per token
-        ratios, gbps, mem, view = [], [], [], []
+        ratios, gbps, mem, view, get_ms = [], [], [], [], []
         for _ in range(repeats):
             ref = producer.make.remote(tokens, hidden)
             ray.wait([ref])
@@ -79,13 +79,14 @@ def transport(sizes_mb: list[int], repeats: int) -> list[dict]:
             gbps.append(nbytes / get_copy_s / 1e9)
             mem.append(nbytes / copy_s / 1e9)
             view.append(nbytes / view_s / 1e9)
+            get_ms.append(1e3 * view_s)  # the fixed cost of one get, whatever the size
             ratios.append(copy_s / get_copy_s)
         rows.append(
             ratio_row(
                 f"transport {mb} MB (get+copy / memcpy)",
                 ratios,
                 goal=0.8,
-                extra={"GB/s": gbps, "memcpy GB/s": mem, "zero-copy get GB/s": view},
+                extra={"GB/s": gbps, "memcpy GB/s": mem, "get ms": get_ms, "zero-copy get GB/s": view},
             )
         )
     return rows
