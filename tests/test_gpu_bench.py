@@ -95,3 +95,12 @@ def test_smoke_run_without_ray(tmp_path):
     [step] = r["draft"]["cases"]
     assert step["ms_per_step"] > 0 and step["tokens_per_s"] > 0 and step["mfu"] > 0 and step["flops"] > 0
     assert len(step["step"]["times_s"]) >= 1 and all(x == x for x in step["loss_first_last"])  # finite, not NaN
+
+    # the benchmark suite turns a GPU run's JSON into table rows (MFU against the 50% goal)
+    spec = importlib.util.spec_from_file_location("suite", ROOT / "benchmarks" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    rows = suite.gpu_rows(out)
+    assert [row["name"].split(": ")[1].split(",")[0] for row in rows] == ["HF engine prefill MFU", "draft train step"]
+    assert rows[0]["ratio_median"] == case["mfu"] and rows[0]["goal"] == 0.5
+    assert rows[0]["meets_goal"] == (case["mfu"] >= 0.5) and rows[1]["ratio_median"] == step["ms_per_step"]
