@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import sys
 import traceback
 from array import array
 from dataclasses import dataclass
@@ -245,13 +246,28 @@ def rank_placement(tp_rank: int) -> dict[str, Any]:
 
 
 def tp_worker_main(
-    conn, kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size: int, rendezvous_env: dict[str, str]
+    conn,
+    kwargs: dict[str, Any],
+    tp_rank: int,
+    dist_port: int,
+    vocab_size: int,
+    rendezvous_env: dict[str, str],
+    parent_pid: int | None = None,
+    parent_thread_is_main: bool = True,
 ) -> None:
     """Body of a TP-rank process (ranks >= 1): build, then run every batch rank 0 runs.
 
     Messages: ("forward", input_ids, cu_seqlens, return_logits) -> ("ok",) | ("error", text);
     ("close",) -> exits. Results stay with rank 0; this rank only takes part in the collectives.
+    `parent_pid` (rank 0's process; default: the multiprocessing parent) and `parent_thread_is_main` (did rank 0
+    spawn us from its main thread) tie this process's life to rank 0's: see `sglang.die_with_parent`.
     """
+    import multiprocessing
+
+    from eagle_ray.engines.sglang import die_with_parent  # lazily, as that module imports this one
+
+    # first: a rank blocked in a collective must not outlive rank 0 (Ray SIGKILLs replica actors)
+    die_with_parent(parent_pid or multiprocessing.parent_process().pid, parent_thread_is_main)
     try:
         rank = build_rank(kwargs, tp_rank, dist_port, vocab_size)
         for k in rendezvous_env:  # inherited for the rendezvous only
@@ -276,6 +292,11 @@ def tp_worker_main(
             # see the peer gone) instead of leaving it to the process-group timeout
             os._exit(1)
     rank.close()
+    # skip interpreter teardown: with torch and SGLang loaded it spends seconds in C++ destructors, time a
+    # stopping job lacks (`ray job stop` SIGKILLs after 3 s); nothing but stdio is left to flush
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

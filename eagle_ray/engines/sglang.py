@@ -10,8 +10,13 @@ collectives meet in the forward); only rank 0 returns tensors.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -79,6 +84,45 @@ def hold_dist_port() -> tuple[TCPStore, dict[str, str]]:
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     return store, env
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int, parent_thread_is_main: bool = True) -> None:
+    """Make this process (a TP rank >= 1) end when `parent_pid` (rank 0's process) dies, whatever it is doing.
+
+    Called first thing in each rank's process. Ray SIGKILLs a replica actor on `ray.kill` and owner death, the OOM
+    killer does, a crash ends it: a rank waiting on its pipe then sees EOF and leaves, but one blocked inside a
+    collective never reads the pipe again (NCCL waits indefinitely; a wedged process notices nothing), and Ray
+    reaps a dead worker's children only when its process-group cleanup is on and sees them: such a rank would
+    outlive its replica, holding its GPU. On Linux the kernel SIGKILLs us when the parent dies
+    (PR_SET_PDEATHSIG). It fires when the parent's *thread* that spawned us exits, so it is armed only when rank
+    0 spawned the ranks from its main thread (a Ray actor builds its engine there); otherwise, and off Linux, a
+    daemon thread polls the parent pid (it needs the GIL, which collectives release while they wait).
+    """
+    armed = False
+    if parent_thread_is_main and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):  # no prctl in this libc: poll instead
+            armed = False
+    # the parent may have died before the signal was armed (a rank imports SGLang first: seconds); we were
+    # re-parented then, and no signal will ever come
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        threading.Thread(
+            target=_exit_when_orphaned, args=(parent_pid,), name="eagle-ray-parent-watch", daemon=True
+        ).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def server_kwargs(
@@ -150,8 +194,12 @@ class SGLangEngine:
             ctx = mp.get_context("spawn")  # a fresh interpreter per rank: SGLang state is process-global
             for r in range(1, tp_size):
                 parent, child = ctx.Pipe()
+                # rank r dies with this process, even when blocked in a collective (see die_with_parent)
+                spawner = (os.getpid(), threading.current_thread() is threading.main_thread())
                 proc = ctx.Process(
-                    target=sr.tp_worker_main, args=(child, kwargs, r, port, config.vocab_size, env), daemon=True
+                    target=sr.tp_worker_main,
+                    args=(child, kwargs, r, port, config.vocab_size, env, *spawner),
+                    daemon=True,
                 )
                 proc.start()
                 self._workers.append((proc, parent))

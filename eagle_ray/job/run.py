@@ -2,6 +2,11 @@
 
 `jobs/train_eagle3.py` is the `ray job submit` entrypoint; it calls `main`. With no arguments it
 runs the tiny default on a local Ray (see `config.py` for every option).
+
+Stopping: Ctrl-C (SIGINT) or `ray job stop` (SIGTERM, then SIGKILL after the cluster's grace period) unwinds
+the job through its `finally` blocks: the supervision feed stops, the pool shuts down (engines closed, replica
+actors killed, placement groups released) and Ray is shut down; the job prints one line saying so and exits
+with 128 + the signal number. See `StopSignals`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,75 @@ from eagle_ray.job.config import ConfigError, JobConfig, describe, load_job_conf
 log = logging.getLogger("eagle_ray.job")
 
 TINY_CACHE = Path("~/.cache/eagle_ray").expanduser()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (`ray job stop`, `kill`) stop the job through its `finally` blocks.
+
+    The first one becomes a KeyboardInterrupt in the main thread, so the cleanup code on the way out (feed,
+    pool, Ray) runs. A second one while that cleanup runs is only logged (raising again would cut the cleanup
+    short); a third exits at once. Others install handlers of their own in this process: `ray.init` one for
+    SIGTERM (a bare `sys.exit(15)`), Ray Train's `fit()` one for SIGINT (it aborts the training run, then
+    raises SystemExit(0), and is never removed), so `install()` is called again after each. Every signal that
+    arrives is recorded through the wakeup fd whoever's handler ran, so `main` can tell an interruption from a
+    failure and name the signal. Signals are the main thread's: in another thread this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._pipe: tuple[int, int] | None = None
+        self._saved: dict[int, Any] = {}
+        self._saved_wakeup = -1
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)  # the C-level handler must never block on it
+        self._pipe = (r, w)
+        self._saved_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        self.install()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pipe is None:
+            return
+        for s, handler in self._saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        signal.set_wakeup_fd(self._saved_wakeup)
+        for fd in self._pipe:
+            os.close(fd)
+        self._pipe = None
+
+    def install(self) -> None:
+        """(Re)install our handlers: after `ray.init` and after Ray Train's `fit()` replaced them."""
+        if self._pipe is not None:
+            for s in STOP_SIGNALS:
+                signal.signal(s, self._handle)
+
+    def signals(self) -> list[int]:
+        """The stop signals received so far, in order, whichever handler ran for them."""
+        if self._pipe is not None:
+            try:
+                self.received += [b for b in os.read(self._pipe[0], 4096) if b in STOP_SIGNALS]
+            except BlockingIOError:
+                pass
+        return self.received
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        n = len(self.signals())  # includes this one: the wakeup byte is written before Python handlers run
+        if n <= 1:
+            log.warning("%s received: shutting down (feed, target pool, Ray); a third %s exits at once", name, name)
+            raise KeyboardInterrupt(name)
+        if n == 2:
+            log.warning("%s received again: still shutting down; a third one exits at once", name)
+            return
+        log.error("%s received a third time: exiting without finishing the shutdown", name)
+        os._exit(128 + signum)
 
 
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
@@ -138,7 +214,8 @@ def _prompts(source: Any, start_batch: int, n: int) -> list[list[int]]:
     return prompts
 
 
-def run(c: JobConfig) -> dict[str, Any]:
+def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
+    """The job; `stop`: the signal handlers `main` installed, re-installed after whoever replaces them."""
     from eagle_ray.data import load_tokenizer, make_batch_source
     from eagle_ray.train import DraftTrainConfig, train_draft
 
@@ -170,6 +247,8 @@ def run(c: JobConfig) -> dict[str, Any]:
         max_steps = max(1, int(tr.epochs * n) // tr.num_workers)
         log.info("%d batches per epoch: %s epochs = %d steps", n, tr.epochs, max_steps)
     _init_ray(c)
+    if stop is not None:
+        stop.install()  # ray.init replaced our SIGTERM handler
     engine = _engine(c.target.engine)
     dtype = getattr(torch, c.target.dtype) if c.target.dtype else None
     pool = _target_pool(c, model_path, engine, dtype)
@@ -220,6 +299,8 @@ def run(c: JobConfig) -> dict[str, Any]:
             progress="off" if c.logging.progress == "off" else c.logging.progress,
             tensorboard_dir=run_dir / "tensorboard" if c.logging.tensorboard else None,
         )
+        if stop is not None:
+            stop.install()  # Ray Train's fit() replaced our SIGINT handler, and leaves its own installed
         last = result.history[-10:]
         summary.update(
             steps=result.steps,
@@ -253,7 +334,12 @@ def run(c: JobConfig) -> dict[str, Any]:
         summary["wall_s"] = time.monotonic() - t0
         return summary
     finally:
-        pool.shutdown() if hasattr(pool, "shutdown") else None
+        if stop is not None:
+            stop.install()  # on the way out of fit() by an exception, Ray Train's SIGINT handler is still there
+        if hasattr(pool, "shutdown"):
+            t_stop = time.monotonic()
+            pool.shutdown()  # engines closed, replica actors killed, placement groups released
+            log.info("target pool shut down in %.1f s", time.monotonic() - t_stop)
 
 
 def _rate(rows: list[dict[str, Any]]) -> float:
@@ -338,10 +424,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    summary = run(config)
+    with StopSignals() as stop:
+        try:
+            summary = run(config, stop)
+        except BaseException as e:
+            # KeyboardInterrupt: ours or Python's; SystemExit: Ray Train's SIGINT handler or Ray's SIGTERM one
+            if not stop.signals() and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise  # a failure, not an interruption (Ray is shut down at exit, as always)
+            return _interrupted(stop, e)
     (config.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print_summary(summary)
     return 0
+
+
+def _interrupted(stop: StopSignals, err: BaseException) -> int:
+    """After an interruption has unwound `run` (feed stopped, pool shut down): check, shut Ray down, say so.
+
+    Returns the exit code, 128 + the first signal's number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    from eagle_ray.pool.placement import live_groups
+
+    received = stop.signals() or [signal.SIGINT]  # an interruption with no signal seen: Ctrl-C's
+    name = signal.Signals(received[0]).name
+    problems = []
+    if ray.is_initialized():
+        try:
+            left = live_groups()
+            if left:
+                problems.append(f"placement groups still reserved: {left}")
+        except Exception as e:  # the cluster is going away too: Ray removes the job's groups when it ends
+            log.warning("could not list placement groups: %s", e)
+        try:
+            ray.shutdown()
+        except Exception as e:
+            problems.append(f"ray.shutdown: {type(e).__name__}: {e}")
+    line = f"interrupted: {name}; " + (
+        "shutdown incomplete: " + "; ".join(problems)
+        if problems
+        else "shut down cleanly (feed, target pool and Ray stopped)"
+    )
+    if not isinstance(err, (KeyboardInterrupt, SystemExit)):  # something failed while unwinding: say what
+        line += f"; on the way out: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    print(line, file=sys.stderr, flush=True)
+    return 128 + received[0]
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import ray
+from ray.util import placement_group_table
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 PLACEMENTS = ("separate", "colocated")
+GROUP_PREFIX = "eagle_ray-replica-"  # every replica's group is named so (PooledTargetModel._start_replica)
 
 
 @dataclass(frozen=True)
@@ -67,3 +69,18 @@ def release(pg: PlacementGroup) -> None:
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def live_groups(this_job_only: bool = True) -> list[str]:
+    """Names of eagle_ray replica placement groups still reserved (any state but REMOVED) in the cluster.
+
+    A pool's `shutdown()` releases its groups, and Ray removes a job's groups when its driver exits; this is
+    how to check either. `this_job_only`: only the groups this driver's job created (a group id ends with its
+    job's id), else every job's.
+    """
+    job = ray.get_runtime_context().get_job_id() if this_job_only else ""
+    return sorted(
+        g["name"]
+        for g in placement_group_table().values()
+        if g["name"].startswith(GROUP_PREFIX) and g["state"] != "REMOVED" and g["placement_group_id"].endswith(job)
+    )
