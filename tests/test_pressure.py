@@ -171,6 +171,9 @@ def test_stream_of_10x_the_object_store_stays_bounded(tmp_path):
             cpus_per_replica=1,
             aux_layer_ids=AUX,
             max_inflight_per_replica=8,  # deep queues: 16 shards (> the store) would run ahead without the budget
+            # shards of at most ~6 MiB, a third of the budget: the budget, not the one-shard minimum
+            # (which lets a shard run whatever the consumer holds), is what bounds the stream
+            shard_tokens=384,
         ) as pool:
             budget = pool.stats()["max_inflight_bytes"]
             assert budget == int(0.25 * store_bytes)  # the default budget, not one tuned for this test
