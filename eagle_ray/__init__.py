@@ -36,7 +36,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "speculative_greedy",
         "ttt_loss",
     ),
-    "eagle_ray.engines.sglang": ("verify_eagle3_export",),
+    "eagle_ray.engines.base": ("UnsupportedTargetError",),
+    "eagle_ray.engines.sglang": ("verify_eagle3_export", "verify_eagle3_exports"),
     "eagle_ray.offline": ("OfflineSupervision", "dump_supervision"),
     "eagle_ray.pool": ("ChaosMonkey", "PooledTargetModel", "ShardQuarantinedError", "ShardResult"),
     "eagle_ray.target": (
@@ -46,7 +47,14 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "SGLangEagle3TargetModel",
         "load_target",
     ),
-    "eagle_ray.tiny": ("build_tiny_target", "markov_batches", "markov_sequences", "pretrain_tiny_target"),
+    "eagle_ray.tiny": (
+        "TINY_ARCHS",
+        "build_tiny_target",
+        "markov_batches",
+        "markov_sequences",
+        "pretrain_tiny_target",
+        "tiny_config",
+    ),
     "eagle_ray.train": ("DraftTrainConfig", "TrainResult", "train_draft"),
     "eagle_ray.train.sample_ledger": ("audit_run", "expected_samples"),
 }

@@ -52,7 +52,7 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
 
 
 def resolve_aux_layer_ids(aux_layer_ids: list[int] | tuple[int, ...] | None, num_layers: int) -> list[int]:
-    """Default or validate aux ids: exactly three distinct ints in [0, num_layers), order kept."""
+    """Default or validate aux ids: exactly three increasing ints in [0, num_layers)."""
     explicit = aux_layer_ids is not None
     ids = list(aux_layer_ids) if explicit else default_aux_layer_ids(num_layers)
     origin = "aux_layer_ids" if explicit else f"the default aux_layer_ids for {num_layers} layers"
@@ -66,6 +66,9 @@ def resolve_aux_layer_ids(aux_layer_ids: list[int] | tuple[int, ...] | None, num
     bad = [i for i in ids if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"{origin} {ids}: {bad} outside [0, {num_layers}) for a {num_layers}-layer target{hint}")
+    if ids != sorted(ids):
+        # SGLang (and so every server) concatenates aux states in layer order, whatever order the ids came in
+        raise ValueError(f"{origin} must be increasing, got {ids}: aux states are concatenated in layer order")
     return ids
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+import transformers
+from transformers import AutoModelForCausalLM
 
 from eagle_ray.contract import PackedBatch
 
@@ -27,17 +28,86 @@ TINY_SHAPE = dict(
     # so engine comparisons test something
     initializer_range=0.05,
 )
-CONFIGS = {"llama": LlamaConfig, "qwen3": Qwen3Config}
+# The target families users train drafts for, each as transformers' own config class plus the fields that make
+# it that family at a tiny size (8 layers, H=64). What the real checkpoints carry beyond transformers' defaults
+# is spelled out where an engine reads it (DeepSeek-V3's `moe_layer_freq`, `topk_method`, `scoring_func` and
+# YaRN rope; gpt-oss's YaRN rope; Gemma-3's tied lm_head). tests/test_targets.py runs every one through both
+# engines; the README's support matrix is what that test checks.
+_YARN = dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0)
+TINY_ARCHS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "mistral": ("MistralConfig", {}),
+    "phi3": ("Phi3Config", {"head_dim": None, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {"sliding_window": 8, "query_pre_attn_scalar": 16, "tie_word_embeddings": True, "pad_token_id": 0},
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "deepseek_v3": (  # MLA (q and kv LoRA) + MoE with a shared expert and sigmoid top-k routing; layer 0 dense
+        "DeepseekV3Config",
+        {
+            "head_dim": None,
+            "num_key_value_heads": 4,
+            "q_lora_rank": 48,
+            "kv_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 16,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "moe_layer_freq": 1,
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
+            "rope_parameters": dict(_YARN, rope_theta=10000.0, mscale=1.0, mscale_all_dim=1.0),
+        },
+    ),
+    "gpt_oss": (  # attention sinks, alternating sliding-window layers, MoE
+        "GptOssConfig",
+        {
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "sliding_window": 8,
+            "rope_parameters": dict(_YARN, rope_theta=150000.0, truncate=False),
+        },
+    ),
+    "llama4": (  # text-only Llama-4: chunked attention, NoPE layers, MoE on every second layer
+        "Llama4TextConfig",
+        {
+            "intermediate_size_mlp": 128,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 2,
+            "attention_chunk_size": 16,
+            "pad_token_id": 0,
+        },
+    ),
+}
+
+
+def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
+    """The tiny `arch` config (see TINY_ARCHS), with `overrides` applied last."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {sorted(TINY_ARCHS)}")
+    cls, fields = TINY_ARCHS[arch]
+    kwargs = {**TINY_SHAPE, **fields, **overrides}
+    if kwargs.get("head_dim", 0) is None:  # families that derive it (Phi-3) or split it (MLA)
+        del kwargs["head_dim"]
+    return getattr(transformers, cls)(**kwargs)
 
 
 def build_tiny_target(path: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a randomly initialised tiny `arch` causal LM (fp32) to `path`; return the path."""
-    if arch not in CONFIGS:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {sorted(CONFIGS)}")
+    config = tiny_config(arch, **overrides)
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    config = CONFIGS[arch](**{**TINY_SHAPE, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)

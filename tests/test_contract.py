@@ -61,9 +61,11 @@ def test_default_aux_layer_ids(num_layers, expected):
     assert resolve_aux_layer_ids(None, num_layers) == expected
 
 
-def test_resolve_aux_layer_ids_keeps_explicit_order():
-    assert resolve_aux_layer_ids([5, 0, 31], 32) == [5, 0, 31]
+def test_resolve_aux_layer_ids_wants_layer_order():
+    # SGLang concatenates aux states in layer order: [5, 0, 31] would mean one thing to HF, another to a server
     assert resolve_aux_layer_ids((2, 4, 6), 8) == [2, 4, 6]
+    with pytest.raises(ValueError, match="must be increasing"):
+        resolve_aux_layer_ids([5, 0, 31], 32)
 
 
 @pytest.mark.parametrize(

@@ -50,12 +50,15 @@ class Eagle3DraftConfig:
         c = c.get("text_config") or c
         heads = c["num_attention_heads"]
         rope = c.get("rope_parameters") or {}
+        # an MLA target's head_dim is its rope part (DeepSeek-V3: 64 of 192); the draft is a plain Llama layer,
+        # shaped as SpecForge's DeepSeek-V3 draft config is: hidden_size / heads
+        head_dim = None if c.get("kv_lora_rank") else c.get("head_dim")
         return Eagle3DraftConfig(
             hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"],
             num_attention_heads=heads,
             num_key_value_heads=c.get("num_key_value_heads", heads),
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            head_dim=head_dim or c["hidden_size"] // heads,
             vocab_size=c["vocab_size"],
             draft_vocab_size=draft_vocab_size,
             aux_layer_ids=list(aux_layer_ids),

@@ -24,7 +24,9 @@ Seams (all 0.5.23):
   S8 all-position logits: `model.logits_processor._get_logits(last_hidden, model.lm_head, meta)`
      (vocab-parallel lm_head with its TP all-gather), sliced to the real vocabulary.
   S9 `req_to_token_pool.clear()` / `token_to_kv_pool_allocator.clear()` free the KV after a batch.
-  S10 teardown: `parallel_state.destroy_model_parallel()` + `destroy_distributed_environment()`.
+  S10 teardown: `parallel_state.destroy_model_parallel()` + `destroy_distributed_environment()`, and
+     `eplb.expert_location.set_global_expert_location_metadata(None, allow_overwrite=True)`: a MoE model leaves its
+     expert map in a process global that the next MoE build asserts is empty.
 
 Seams of the exported-draft check (`check_eagle3_draft_load`), also 0.5.23:
   S11 `ModelConfig.from_server_args(server_args, model_path=<draft dir>, is_draft_model=True)`: reads the export's
@@ -36,6 +38,18 @@ Seams of the exported-draft check (`check_eagle3_draft_load`), also 0.5.23:
      `midlayer` -> `layers.0`, stacks q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, sets
      `hot_token_id = d2t + arange`, skips `t2d`, and SILENTLY skips any name it has no parameter for. Vocab-parallel
      parameters pad their rows to a multiple of 64 and zero the padding.
+
+Seams of the target matrix (README "Targets"; tests/test_targets.py), also 0.5.23:
+  S14 `model.set_eagle3_layers_to_capture(ids)` (called from `init_attention_backends`) stores input-of-layer ids in
+     `model.model.layers_to_capture`. Most models add 1 to every id. DeepSeek-V2/V3 and Kimi-K2 (`deepseek_v2.py`)
+     add 1 only when the first id is 1 and take the ids raw otherwise; gpt-oss takes them raw when the largest is L.
+     `ensure_capture` checks what was stored against our ids + 1 and sets it again where a quirk shifted it.
+  S15 MLA models pick their attention path per backend in `deepseek_common.attention_backend_handler.
+     AttentionBackendRegistry`. torch_native is not registered, so it gets the triton handler, whose MHA prefill
+     reads a dense K from what is an MLA latent KV pool and fails. On the CPU we register torch_native for the
+     absorbed MLA path, which torch_native computes (q/k width kv_lora_rank + rope dim, v width kv_lora_rank).
+  S16 `ServerArgs.resolve_once()` rejects some models for some backends (gpt-oss needs a triton/FA3-class
+     backend: `arg_groups/model_hook.py`); `MODEL_LIMITS` holds the defects found by running the rest.
 """
 
 from __future__ import annotations
@@ -53,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from eagle_ray.engines import _vllm_compat
+from eagle_ray.engines.base import UnsupportedTargetError
 
 _vllm_compat.install()  # before any sglang import: the rotary module imports vllm._custom_ops on CPU
 
@@ -69,6 +84,7 @@ if sglang.__version__ != SGLANG_VERSION:
 from sglang.benchmark.one_batch import TreeCacheNamespace, _init_process_global_configs  # noqa: E402
 from sglang.srt.configs.model_config import ModelConfig  # noqa: E402
 from sglang.srt.distributed import bootstrap, parallel_state  # noqa: E402
+from sglang.srt.eplb.expert_location import set_global_expert_location_metadata  # noqa: E402
 from sglang.srt.layers.logits_processor import LogitsMetadata  # noqa: E402
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding  # noqa: E402
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch  # noqa: E402
@@ -90,7 +106,9 @@ def sglang_aux_layer_ids(aux_layer_ids: list[int]) -> list[int]:
     SGLang's models capture the *input* of layer j (default [2, L//2, L-3]) and their
     `set_eagle3_layers_to_capture` adds 1 to the ids it is given, so passing our ids
     unchanged captures the output of layer i. Verified against transformers'
-    `hidden_states[i + 1]` in tests/test_engines.py. The one place this convention lives.
+    `hidden_states[i + 1]` in tests/test_engines.py and tests/test_targets.py. The one place
+    this convention lives; models that shift ids by a rule of their own are re-set by
+    `ensure_capture` (S14), which checks what every model stored.
     """
     return list(aux_layer_ids)
 
@@ -99,6 +117,76 @@ def build_server_args(kwargs: dict[str, Any]) -> ServerArgs:  # S1
     args = ServerArgs(**kwargs)
     args.resolve_once()
     return args
+
+
+def _llama4_limit(kwargs: dict[str, Any]) -> str | None:
+    if kwargs["device"] != "cpu":
+        return None
+    return (
+        "SGLang 0.5.23 runs Llama-4's experts on the CPU through `moe_forward_native` (srt/layers/moe/"
+        "fused_moe_native.py), which raises NotImplementedError for Llama-4's router weight applied to the input, "
+        "and its attention casts q/k to bfloat16 outside CUDA (srt/models/llama4.py), so fp32 fails before that. "
+        "It needs a CUDA GPU (the fused MoE kernels)"
+    )
+
+
+def _gemma3_limit(kwargs: dict[str, Any]) -> str | None:
+    return (
+        "SGLang 0.5.23's Gemma-3 (srt/models/gemma3_causal.py, Gemma3TextModel.forward) captures the aux states "
+        "before each layer's deferred residual add: the previous layer's feed-forward output, not the residual "
+        "stream (on the tiny Gemma-3 they differ from transformers' hidden_states by up to 11, while its last "
+        "hidden state matches to 3e-6). Its EAGLE-3 serving captures the same states, on every device"
+    )
+
+
+# S16: architecture -> the reason SGLang cannot serve it as a supervision source with these server kwargs, or None
+MODEL_LIMITS = {"Llama4ForCausalLM": _llama4_limit, "Gemma3ForCausalLM": _gemma3_limit}
+
+
+def unsupported_reason(architecture: str, kwargs: dict[str, Any]) -> str | None:
+    """Why SGLang cannot give this architecture's supervision with these settings (None: it can)."""
+    limit = MODEL_LIMITS.get(architecture)
+    reason = limit(kwargs) if limit else None
+    if reason:
+        return reason
+    try:
+        build_server_args(kwargs)  # S16: SGLang's own model/backend checks
+    except (AssertionError, ValueError, NotImplementedError) as e:
+        return f"SGLang's ServerArgs rejects it: {str(e).strip() or type(e).__name__}"
+    return None
+
+
+def _use_mla_on_torch_native() -> None:  # S15
+    from sglang.srt.models.deepseek_common.attention_backend_handler import (
+        AttentionBackendRegistry,
+        _dispatch_mla_subtype,
+    )
+
+    AttentionBackendRegistry.register("torch_native", _dispatch_mla_subtype)
+
+
+def ensure_capture(model: torch.nn.Module, aux_layer_ids: list[int]) -> None:  # S14
+    """Make the model capture the output of each of our aux layers (the input of layer i + 1), or raise."""
+    want = [i + 1 for i in aux_layer_ids]
+    inner = getattr(model, "model", None)
+
+    def stored() -> list[int] | None:
+        ids = getattr(inner, "layers_to_capture", None)
+        return None if ids is None else [int(i) for i in ids]
+
+    if stored() is None:
+        raise UnsupportedTargetError(
+            f"SGLang's {type(model).__name__} keeps no `model.layers_to_capture`: eagle_ray cannot check which layers "
+            "it captures; use engine='hf'"
+        )
+    if stored() != want:  # DeepSeek: +1 only when the first id is 1, so ours + 1 is taken raw
+        model.set_eagle3_layers_to_capture(want)
+    if stored() != want:
+        raise UnsupportedTargetError(
+            f"SGLang 0.5.23's {type(model).__name__} cannot capture aux_layer_ids {aux_layer_ids}: it stored "
+            f"input-of-layer ids {stored()}, not {want} (its set_eagle3_layers_to_capture shifts ids by a rule of its "
+            "own). Choose aux_layer_ids whose first id is at least 1, or use engine='hf'"
+        )
 
 
 def cpu_bind_groups(n: int) -> str:
@@ -120,7 +208,7 @@ def _init_group_without_pynccl(*args, **kwargs):  # S4
 class RankRunner:
     """One TP rank's in-process SGLang model runner."""
 
-    runner: ModelRunner
+    runner: ModelRunner | None
     tp_rank: int
     vocab_size: int
 
@@ -197,9 +285,12 @@ class RankRunner:
         gc.collect()
         parallel_state.destroy_model_parallel()
         parallel_state.destroy_distributed_environment()
+        set_global_expert_location_metadata(None, allow_overwrite=True)
 
 
-def build_rank(kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size: int) -> RankRunner:
+def build_rank(
+    kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size: int, aux_layer_ids: list[int]
+) -> RankRunner:
     """Build this process's TP rank. Every rank of the group calls this at the same time."""
     server_args = build_server_args(kwargs)
     device = kwargs["device"]
@@ -219,18 +310,26 @@ def build_rank(kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size:
     bootstrap.init_parallel_runtime(  # S3
         server_args=server_args, device=get_device().device, dist_port=dist_port
     )
-    bootstrap.init_layer_runtime(model_config=model_config)
-    runner = ModelRunner(  # S5
-        model_config=model_config,
-        mem_fraction_static=server_args.mem_fraction_static,
-        gpu_id=gpu_id,
-        nccl_port=dist_port,
-        server_args=server_args,
-    )
-    runner.alloc_memory_pool()
-    runner.init_attention_backends()
-    runner.init_cuda_graphs()
-    return RankRunner(runner, tp_rank, vocab_size)
+    rank = RankRunner(None, tp_rank, vocab_size)
+    try:
+        bootstrap.init_layer_runtime(model_config=model_config)
+        rank.runner = runner = ModelRunner(  # S5
+            model_config=model_config,
+            mem_fraction_static=server_args.mem_fraction_static,
+            gpu_id=gpu_id,
+            nccl_port=dist_port,
+            server_args=server_args,
+        )
+        if kwargs.get("attention_backend") == "torch_native":
+            _use_mla_on_torch_native()
+        runner.alloc_memory_pool()
+        runner.init_attention_backends()
+        ensure_capture(runner.model, list(aux_layer_ids))
+        runner.init_cuda_graphs()
+    except BaseException:
+        rank.close()  # the process-global parallel state, so that this process can build another engine
+        raise
+    return rank
 
 
 def rank_placement(tp_rank: int) -> dict[str, Any]:
@@ -251,6 +350,7 @@ def tp_worker_main(
     tp_rank: int,
     dist_port: int,
     vocab_size: int,
+    aux_layer_ids: list[int],
     rendezvous_env: dict[str, str],
     parent_pid: int | None = None,
     parent_thread_is_main: bool = True,
@@ -269,7 +369,7 @@ def tp_worker_main(
     # first: a rank blocked in a collective must not outlive rank 0 (Ray SIGKILLs replica actors)
     die_with_parent(parent_pid or multiprocessing.parent_process().pid, parent_thread_is_main)
     try:
-        rank = build_rank(kwargs, tp_rank, dist_port, vocab_size)
+        rank = build_rank(kwargs, tp_rank, dist_port, vocab_size, aux_layer_ids)
         for k in rendezvous_env:  # inherited for the rendezvous only
             os.environ.pop(k, None)
         conn.send(("ready", rank_placement(tp_rank)))

@@ -10,6 +10,14 @@ import torch
 from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, plan_runs
 
 
+class UnsupportedTargetError(ValueError):
+    """An engine cannot run this model here. Raised when the target is built, before any batch.
+
+    The message names the model, what the engine would need (attention backend, kernel,
+    device) and what to use instead.
+    """
+
+
 class TargetEngine(Protocol):
     """One target model instance. `forward` takes a batch already validated against `info`."""
 

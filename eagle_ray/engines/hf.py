@@ -1,8 +1,11 @@
 """The transformers engine: the reference target, runs anywhere transformers runs.
 
 Aux states come from forward hooks on the decoder layers (the residual stream each aux
-layer outputs); the last hidden state is the decoder's final-norm output. Layouts with
-`model.get_decoder().layers` are supported (Llama, Qwen2, Qwen3, Mistral and most others).
+layer outputs); the last hidden state is the decoder's final-norm output. Any decoder-only
+causal LM whose base model holds its blocks in `.layers` works: dense (Llama, Qwen2/3,
+Mistral, Phi-3, Gemma-3), MoE (Qwen3-MoE, gpt-oss, Llama-4) and MLA (DeepSeek-V3); the
+tested matrix is in the README. Attention is transformers' own choice for the model: SDPA
+where the model supports it, else eager (gpt-oss: its sinks have no SDPA kernel).
 """
 
 from __future__ import annotations
@@ -14,12 +17,23 @@ from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_
 from eagle_ray.engines.base import forward_in_runs
 
 
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The base model that holds the decoder blocks in `.layers` and ends with the final norm.
+
+    `get_decoder()` is the usual way in; some models return themselves from it (Llama-4 text in
+    transformers 5.19), so `.model` is tried next.
+    """
+    candidates = [model.get_decoder() if hasattr(model, "get_decoder") else None, getattr(model, "model", None)]
+    for c in candidates:
+        if isinstance(getattr(c, "layers", None), torch.nn.ModuleList):
+            return c
+    raise ValueError(
+        f"{type(model).__name__}: cannot find the decoder layers (looked for .get_decoder().layers and .model.layers)"
+    )
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (expected .get_decoder().layers)")
-    return layers
+    return decoder(model).layers
 
 
 class HFEngine:
@@ -37,12 +51,14 @@ class HFEngine:
         trust_remote_code: bool = False,
         device: str | None = None,
         max_batch_tokens: int = 16384,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model_path, torch.nn.Module):  # already built (benchmarks): used as is, dtype and attn ignored
             model = model_path
         else:
+            # None: transformers picks SDPA where the model supports it, else eager. Every implementation it
+            # picks takes the padding mask, and pad rows are dropped before returning either way.
             model = AutoModelForCausalLM.from_pretrained(
                 model_path,
                 dtype=dtype or "auto",
@@ -52,7 +68,9 @@ class HFEngine:
         self.model = model.to(self.device)
         self.model.eval().requires_grad_(False)
         self.max_batch_tokens = max_batch_tokens
-        layers = decoder_layers(self.model)
+        self.attn_implementation = self.model.config._attn_implementation
+        self._decoder = decoder(self.model)
+        layers = self._decoder.layers
         ids = resolve_aux_layer_ids(aux_layer_ids, len(layers))
         self._captured: dict[int, torch.Tensor] = {}
         self._hooks = [layers[i].register_forward_hook(self._capture_hook(i)) for i in ids]
@@ -80,9 +98,7 @@ class HFEngine:
         ids = torch.zeros(rows.shape, dtype=torch.long)
         ids[rows] = batch.input_ids
         self._captured.clear()
-        out = self.model.get_decoder()(
-            input_ids=ids.to(self.device), attention_mask=rows.long().to(self.device), use_cache=False
-        )
+        out = self._decoder(input_ids=ids.to(self.device), attention_mask=rows.long().to(self.device), use_cache=False)
         keep = rows.to(self.device)
         aux = torch.cat([self._captured[i][keep] for i in self.info.aux_layer_ids], dim=-1)
         last = out.last_hidden_state[keep]

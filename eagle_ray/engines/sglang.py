@@ -11,6 +11,7 @@ collectives meet in the forward); only rank 0 returns tensors.
 from __future__ import annotations
 
 import ctypes
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -27,7 +28,7 @@ from torch.distributed import TCPStore
 
 from eagle_ray.checkpoint import checkpoint_dtype, embedding_and_lm_head, load_config
 from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_layer_ids
-from eagle_ray.engines.base import forward_in_runs
+from eagle_ray.engines.base import UnsupportedTargetError, forward_in_runs
 
 # On a machine without CUDA: SGLang's plain CPU path (not its AMX engine, which needs a CPU
 # build of sgl-kernel) with a KV pool sized explicitly, since SGLang cannot size it from
@@ -125,6 +126,13 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
+def architecture_of(model_path: str) -> str:
+    """The checkpoint's `architectures[0]` (what SGLang's model registry maps to a model class)."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        archs = json.load(f).get("architectures") or ["<no architectures in config.json>"]
+    return archs[0]
+
+
 def server_kwargs(
     model_path: str,
     aux_layer_ids: list[int],
@@ -183,6 +191,15 @@ class SGLangEngine:
         # SGLang's "auto" turns an fp32 checkpoint into fp16; transformers' keeps fp32. Follow transformers.
         dtype = dtype or checkpoint_dtype(config)
         kwargs = server_kwargs(model_path, ids, dtype, tp_size, trust_remote_code, dict(sglang_kwargs or {}))
+        self.architecture = architecture_of(model_path)
+        reason = sr.unsupported_reason(self.architecture, kwargs)
+        if reason:
+            raise UnsupportedTargetError(
+                f"SGLang {sr.SGLANG_VERSION} cannot serve {self.architecture} ({model_path}) on {kwargs['device']} "
+                f"with attention backend {kwargs.get('attention_backend') or 'auto'}: {reason}. Use engine='hf' "
+                "(transformers runs it on any device) or a GPU where SGLang supports it; README 'Targets' has "
+                "the matrix"
+            )
         self._config = config
         self._store, env = hold_dist_port()
         port = int(env["MASTER_PORT"])
@@ -198,18 +215,26 @@ class SGLangEngine:
                 spawner = (os.getpid(), threading.current_thread() is threading.main_thread())
                 proc = ctx.Process(
                     target=sr.tp_worker_main,
-                    args=(child, kwargs, r, port, config.vocab_size, env, *spawner),
+                    args=(child, kwargs, r, port, config.vocab_size, ids, env, *spawner),
                     daemon=True,
                 )
                 proc.start()
                 self._workers.append((proc, parent))
             try:
-                self._rank = sr.build_rank(kwargs, 0, port, config.vocab_size)
+                self._rank = sr.build_rank(kwargs, 0, port, config.vocab_size, ids)
                 self._placements = self._collect("ready")
-            except BaseException:
+            except BaseException as e:
                 self._kill_workers()
                 self._store = None
-                raise
+                if isinstance(e, (UnsupportedTargetError, KeyboardInterrupt, SystemExit)):
+                    raise
+                # SGLang's own failures are often bare assertions deep in a layer: say what was being built
+                raise RuntimeError(
+                    f"SGLang {sr.SGLANG_VERSION} failed to build {self.architecture} ({model_path}) on "
+                    f"{kwargs['device']} with tp_size={tp_size}, attention backend "
+                    f"{kwargs.get('attention_backend') or 'auto'}: {type(e).__name__}: "
+                    f"{str(e).strip() or '(no message)'}. engine='hf' runs any model transformers runs"
+                ) from e
         rank = self._rank
         self.info = ModelInfo(
             hidden_size=config.hidden_size,
@@ -329,15 +354,19 @@ def verify_eagle3_export(draft_dir: str | os.PathLike) -> dict[str, Any]:
     whether it was loaded and equals the export, plus load errors, unused tensors and the hot-token map. Runs in
     this process when no SGLang engine is open here (and leaves none of its state behind), else in a fresh one.
     """
+    return verify_eagle3_exports([draft_dir])[0]
+
+
+def verify_eagle3_exports(draft_dirs: list[str | os.PathLike]) -> list[dict[str, Any]]:
+    """`verify_eagle3_export` for several exports, one report each; at most one fresh process for all of them."""
+    dirs = [str(d) for d in draft_dirs]
     if _live is None:
-        from eagle_ray.engines._sglang_runner import check_eagle3_draft_load
-
-        return check_eagle3_draft_load(str(draft_dir))
+        return _verify_in_this_process(dirs)
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_verify_in_fresh_process, str(draft_dir)).result()
+        return pool.submit(_verify_in_this_process, dirs).result()
 
 
-def _verify_in_fresh_process(draft_dir: str) -> dict[str, Any]:
+def _verify_in_this_process(draft_dirs: list[str]) -> list[dict[str, Any]]:
     from eagle_ray.engines._sglang_runner import check_eagle3_draft_load
 
-    return check_eagle3_draft_load(draft_dir)
+    return [check_eagle3_draft_load(d) for d in draft_dirs]
