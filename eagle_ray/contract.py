@@ -67,7 +67,7 @@ def resolve_aux_layer_ids(aux_layer_ids: list[int] | tuple[int, ...] | None, num
     if bad:
         raise ValueError(f"{origin} {ids}: {bad} outside [0, {num_layers}) for a {num_layers}-layer target{hint}")
     if ids != sorted(ids):
-        # SGLang (and so every server) concatenates aux states in layer order, whatever order the ids came in
+        # SGLang concatenates aux states in layer order, whatever order the ids came in: HF would disagree
         raise ValueError(f"{origin} must be increasing, got {ids}: aux states are concatenated in layer order")
     return ids
 

