@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from eagle_ray import DraftTrainConfig, PooledTargetModel, build_tiny_target, train_draft
-from eagle_ray.tiny import markov_batches
+from eagle_ray.tiny import CACHE_DIR, markov_batches
 
 WARMUP_STEPS = 5  # the first steps pay for imports and the first shards; not the steady state
 
@@ -61,7 +61,7 @@ def _run(layers: int, steps: int, root: Path, cache: Path) -> dict:
 
 def pipeline_rows(steps: int = 40) -> list[dict]:
     torch.set_num_threads(1)
-    cache = Path.home() / ".cache" / "eagle_ray"
+    cache = CACHE_DIR
     out = []
     with tempfile.TemporaryDirectory(prefix="eagle_ray_balance_") as tmp:
         for layers, label in ((8, "supply faster"), (384, "supply slower")):

@@ -33,10 +33,10 @@ from pipeline_bench import pipeline_rows  # noqa: E402
 from pool_bench import engine_benchmarks, make_batches, transport  # noqa: E402
 
 from eagle_ray import PooledTargetModel, build_tiny_target  # noqa: E402
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV  # noqa: E402
+from eagle_ray.ray_init import init_ray  # noqa: E402
+from eagle_ray.tiny import CACHE_DIR  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-CACHE = Path.home() / ".cache" / "eagle_ray"
 
 
 def _verdict(r: dict) -> str:
@@ -123,18 +123,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     repeats = 1 if args.quick else 3
     sizes = [1, 16] if args.quick else [1, 4, 16, 64, 256]
     t0 = time.monotonic()
-    ray.init(
-        address="local",
+    init_ray(
+        "local",
         num_cpus=4,  # logical: 1 + 2 replicas of one CPU each, or a replica and a draft worker
         object_store_memory=1536 * 2**20,  # room for a 256 MB object and its neighbours
-        include_dashboard=False,
-        runtime_env={"env_vars": ZERO_COPY_ENV},
-        _system_config=RAY_SYSTEM_CONFIG,
+        dashboard=False,
     )
     parts = set(args.parts.split(","))
     # wider than the test target so a forward is compute, not Python overhead, even on 2 CPUs
     shape = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=32)
-    path = str(build_tiny_target(CACHE / "bench-llama-h256", "llama", **shape))
+    path = str(build_tiny_target(CACHE_DIR / "bench-llama-h256", "llama", **shape))
     batches = make_batches(8 if args.quick else 24, 8, 1024)
     rows: list[dict] = []
     try:

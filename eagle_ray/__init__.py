@@ -57,6 +57,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "eagle_ray.train": ("DraftTrainConfig", "TrainResult", "train_draft"),
     "eagle_ray.train.sample_ledger": ("audit_run", "expected_samples"),
+    "eagle_ray.train.trackers": ("Tracker", "Trackers", "open_trackers"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

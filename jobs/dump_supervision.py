@@ -14,7 +14,7 @@ batches are verified and skipped, the rest dumped; nothing is written twice.
 
 import sys
 
-from eagle_ray.job.run import main
+from eagle_ray.job.dump import main
 
 if __name__ == "__main__":
-    sys.exit(main([*sys.argv[1:], "offline.mode=dump"]))
+    sys.exit(main())

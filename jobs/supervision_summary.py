@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from eagle_ray import PackedBatch, build_tiny_target, load_target  # noqa: E402
-
-DEFAULT_CACHE = Path(os.environ.get("EAGLE_RAY_CACHE", Path.home() / ".cache" / "eagle_ray"))
+from eagle_ray.tiny import CACHE_DIR  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
-    path = args.model_path or str(build_tiny_target(DEFAULT_CACHE / f"tiny-{args.arch}", args.arch))
+    path = args.model_path or str(build_tiny_target(CACHE_DIR / f"tiny-{args.arch}", args.arch))
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(args.max_len // 4, args.max_len + 1, (args.sequences,), generator=g).tolist()

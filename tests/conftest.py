@@ -13,7 +13,7 @@ import ray
 import torch
 
 from eagle_ray import HFEagle3TargetModel, PackedBatch, SGLangEagle3TargetModel, build_tiny_target
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+from eagle_ray.ray_init import init_ray
 from eagle_ray.tiny import markov_sequences, pretrain_tiny_target
 
 ARCHS = ["llama", "qwen3"]
@@ -25,14 +25,9 @@ def local_ray(num_cpus: int, num_gpus: int | None = None, store_mb: int = 256, e
 
     `num_cpus` is logical (replicas and workers mostly wait); `num_gpus` gives fake GPU ids.
     """
-    ray.init(
-        address="local",  # never join a cluster another process left running
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        object_store_memory=store_mb * 2**20,
-        include_dashboard=False,
-        runtime_env={"env_vars": {**ZERO_COPY_ENV, **(env or {})}},
-        _system_config=RAY_SYSTEM_CONFIG,
+    # a private local Ray, never one another process left running (RAY_ADDRESS would join one)
+    init_ray(
+        "local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=store_mb * 2**20, dashboard=False, env=env
     )
     try:
         yield

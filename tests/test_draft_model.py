@@ -7,6 +7,7 @@ Real transformers targets built from config (no Ray). `markov_target` speaks a f
 from __future__ import annotations
 
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -283,8 +284,9 @@ def test_packed_sequences_never_see_each_other(trained, target):
     assert torch.equal(packed.correct, summed.correct) and int(packed.correct.sum()) > 0
     assert float(packed.chain_sum) == float(summed.chain_sum) > 0
     torch.testing.assert_close(packed.loss_sum, summed.loss_sum, rtol=1e-5, atol=1e-4)
-    # the loss is the decayed per-step mean of the same sums
-    expected = sum(DEFAULT_STEP_DECAY**k * packed.loss_sum[k] / packed.count[k] for k in range(TTT_STEPS))
+    # the loss is the decay-weighted mean of the per-step means of the same sums
+    weights = [DEFAULT_STEP_DECAY**k for k in range(TTT_STEPS)]
+    expected = sum(w * packed.loss_sum[k] / packed.count[k] for k, w in enumerate(weights)) / sum(weights)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="steps"):
         ttt_loss(draft, sup, head, steps=0)
@@ -316,6 +318,19 @@ def test_stats_summary_formulas_and_flat_round_trip():
     assert twice["tokens"] == 20 and twice["acc"] == pytest.approx(out["acc"])
     empty = TTTStats(torch.zeros(2), torch.tensor([2.0, 0.0]), torch.tensor([4.0, 0.0]), torch.tensor(1.0)).summary()
     assert empty["acc"] == [0.5, 0.0] and empty["acceptance_product"] == pytest.approx(1.5)
+
+
+def test_loss_is_the_decay_weighted_mean_of_the_steps_about_ln_vocab_at_init(markov_target, target):
+    """NeMo AutoModel's units: sum_k 0.8^k L_k / sum_k 0.8^k, about ln(draft vocabulary) for a fresh draft."""
+    draft = make_draft(markov_target, target)  # the whole vocabulary: every slot is in the loss
+    sup = target.forward_packed(PackedBatch.from_sequences(markov_sequences(8, (32, 64), seed=5)))
+    steps = 7
+    with torch.no_grad():
+        loss, stats = ttt_loss(draft, sup, target.get_lm_head_weight(), steps=steps)
+    per_step = stats.summary()["loss"]
+    weights = [DEFAULT_STEP_DECAY**k for k in range(steps)]
+    assert float(loss) == pytest.approx(sum(w * x for w, x in zip(weights, per_step, strict=True)) / sum(weights))
+    assert abs(float(loss) - math.log(target.info.vocab_size)) < 1.0, float(loss)  # ln 1024 = 6.93
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG
+from eagle_ray.ray_init import RAY_SYSTEM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [

@@ -29,7 +29,7 @@ def test_supervision_summary_default_run(tmp_path):
 def test_cluster_runtime_env_matches_the_pool():
     import yaml
 
-    from eagle_ray.pool.pooled import ZERO_COPY_ENV
+    from eagle_ray.ray_init import ZERO_COPY_ENV
 
     env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "." and ".venv" in env["excludes"]

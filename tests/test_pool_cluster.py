@@ -12,7 +12,7 @@ from ray.cluster_utils import Cluster
 
 from eagle_ray import HFEagle3TargetModel
 from eagle_ray.pool import PooledTargetModel
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
 
 
 @pytest.fixture(scope="module")

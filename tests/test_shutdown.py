@@ -1,7 +1,7 @@
 """Clean shutdown, with real processes: Ctrl-C and `ray job stop` leave no engine process, Ray process or
 placement group behind.
 
-1. The job's signal handlers (`run.StopSignals`), in this process: what they raise, what they record.
+1. The job's signal handlers (`eagle_ray.job.signals.StopSignals`), in this process: what they raise, what they record.
 2. A TP rank's life (`sglang.die_with_parent`), without Ray or SGLang: a rank dies with the process that spawned
    it even when frozen, and not when merely the thread that spawned it exits.
 3. Ctrl-C: the main job on its own local Ray (a private `RAY_TMPDIR`), SGLang `tp_size=2`, gets SIGINT on its
@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG
+from eagle_ray.ray_init import RAY_SYSTEM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 # a run that would go on for a long time: the tests stop it once training has started
@@ -44,7 +44,7 @@ LONG_RUN = [
     "checkpoint.every=1000",
     "logging.log_every=1",
     "logging.progress=lines",
-    "logging.tensorboard=false",
+    "logging.trackers=[]",
     "logging.plot=false",
     "data.max_records=400",
     "draft.vocab_batches=4",
@@ -171,7 +171,7 @@ def _describe(procs: list[dict]) -> str:
 def test_stop_signals_record_every_stop_signal_whoever_handles_it():
     """The job's handlers: the first stop signal raises KeyboardInterrupt, the second only logs; a signal caught by
     someone else's handler (Ray Train's SIGINT one raises SystemExit(0)) is still recorded; all restored after."""
-    from eagle_ray.job.run import StopSignals
+    from eagle_ray.job.signals import StopSignals
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with StopSignals() as stop:

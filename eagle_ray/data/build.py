@@ -37,7 +37,7 @@ def make_batch_source(
     index_path: str | Path | None = None,
     block_records: int | None = None,
     max_records: int | None = None,
-    max_warnings: int = 20,
+    max_warnings: int = 3,
 ) -> tuple[ChatBatchSource, DataStats]:
     """A batch source over chat or pre-tokenized JSON / JSONL files, and its live `DataStats`.
 

@@ -33,7 +33,7 @@ def iter_conversations(
     strict: bool = False,
     stats: DataStats | None = None,
     max_records: int | None = None,
-    max_warnings: int = 20,
+    max_warnings: int = 3,
 ) -> Iterator[tuple[str, Conversation]]:
     """(file:line, normalized conversation) for each usable chat record among the first `max_records`
     records, streaming. `paths` None or []: the packaged ShareGPT."""

@@ -17,6 +17,7 @@ indexed: in this process, or in an earlier one when `index_path` is given.
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 from array import array
@@ -31,6 +32,8 @@ from eagle_ray.data.encode import Sample, SampleEncoder
 from eagle_ray.data.index import Block, BlockIndex
 from eagle_ray.data.jsonstream import read_records
 from eagle_ray.data.stats import DataError, DataStats, Reporter
+
+log = logging.getLogger("eagle_ray.data")
 
 
 class ChatBatchSource:
@@ -178,6 +181,7 @@ class ChatBatchSource:
                 self.index.add(Block(start, end, lengths, stats))
             if len(samples) < self.block_records:
                 self.index.finish()
+                log.info("data, one full pass: %s", self.index.stats.summary())
         elif len(lengths) != len(known) or any(lengths[k] != known[k] for k in needed):
             where = f"{self.paths[start.file]}:{start.line}"
             raise DataError("data_changed", where, f"block {b} reads differently than when it was indexed")

@@ -2,8 +2,9 @@
 
 Policy: a record that cannot become a training sample is never dropped silently. By default it is
 skipped, counted under its reason in `DataStats.skipped`, and logged as a warning naming
-`file:line` (plus the element index inside a JSON array), at most `max_warnings` per reason (the
-count keeps going; one line says further warnings are suppressed). With `strict=True` the first one
+`file:line` (plus the element index inside a JSON array): the first `max_warnings` in full, then
+one line saying the rest are counted, not shown; a pass over the data ends with one line of counts
+by reason (`DataStats.summary`). With `strict=True` the first one
 raises `DataError` naming the same place. Routine clean-ups of chat data (`REPAIRS`) keep the record
 and are counted in `DataStats.repaired`.
 """
@@ -88,20 +89,25 @@ class DataStats:
 
 @dataclass
 class Reporter:
-    """Applies the policy: raise (strict) or count + warn (capped per reason)."""
+    """Applies the policy: raise (strict) or count + warn (the first `max_warnings` skips, any reason)."""
 
     strict: bool = False
-    max_warnings: int = 20
-    warned: Counter = field(default_factory=Counter)
+    max_warnings: int = 3
+    warned: int = 0
 
     def skip(self, stats: DataStats, reason: str, where: str, detail: str) -> None:
         assert reason in SKIP_REASONS, reason
         if self.strict:
             raise DataError(reason, where, detail)
         stats.skipped[reason] += 1
-        self.warned[reason] += 1
-        n = self.warned[reason]
-        if n <= self.max_warnings:
-            log.warning("skipped %s: [%s] %s", where, reason, detail)
-        if n == self.max_warnings:
-            log.warning("further '%s' records are skipped without a warning (counted in DataStats)", reason)
+        self.warned += 1
+        if self.warned <= self.max_warnings:
+            log.warning("skipped %s: [%s] %s", short_path(where), reason, detail)
+        if self.warned == self.max_warnings:
+            log.warning("further skipped records are counted by reason, not shown one by one")
+
+
+def short_path(where: str) -> str:
+    """`where` with an installed package's site-packages prefix cut: the packaged ShareGPT's path is 100 characters."""
+    head, sep, tail = where.partition("site-packages/")
+    return tail if sep else where

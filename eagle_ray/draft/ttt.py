@@ -8,7 +8,10 @@ target's choice inside the draft vocabulary?); only draft-vocabulary probabiliti
 Step k at slot t (shifted view, see contract.shift_left): input token x[t+1+k], position t+k,
 hidden = step k-1's output at t (step 0: fc(aux[t])), teacher = target's distribution at
 t+1+k. Loss: soft cross-entropy over the draft vocabulary where the target's argmax is in it,
-averaged over loss-masked slots, weighted 0.8^k.
+averaged over loss-masked slots, then the 0.8^k-weighted mean over the k steps (NeMo AutoModel's
+normalisation: about ln(draft vocabulary) at initialisation whatever the step count, so a loss
+compares across runs and peers, and the learning rate does not depend on `steps`; SpecForge reports
+the unnormalised sum, which is this times sum_k 0.8^k).
 
 Acceptance estimates (greedy, chain of `steps` drafted tokens):
 - `acceptance_product` = 1 + sum_k prod_{j<=k} acc_j: the issue's formula; treats steps as
@@ -128,7 +131,7 @@ def ttt_loss(
     steps: int = DEFAULT_TTT_STEPS,
     decay: float = DEFAULT_STEP_DECAY,
 ) -> tuple[torch.Tensor, TTTStats]:
-    """The weighted TTT loss of one packed (unshifted) supervision record, and its sums."""
+    """The TTT loss of one packed (unshifted) supervision record (the decay-weighted mean over steps), and its sums."""
     if steps < 1:
         raise ValueError(f"ttt steps must be >= 1, got {steps}")
     device = draft.fc.weight.device
@@ -171,7 +174,8 @@ def ttt_loss(
         chain += run[first].sum()
         loss_sum[k], correct[k], count[k] = ce.detach().sum(), hit.sum(), sel.sum()
         ids, idx = _shift(ids, 0), _shift(idx, -1)
-    return total, TTTStats(loss_sum.cpu(), correct.cpu(), count.cpu(), chain.detach().cpu())
+    weight = sum(decay**k for k in range(steps))
+    return total / weight, TTTStats(loss_sum.cpu(), correct.cpu(), count.cpu(), chain.detach().cpu())
 
 
 class TTTObjective(torch.nn.Module):

@@ -50,6 +50,12 @@ Seams of the target matrix (README "Targets"; tests/test_targets.py), also 0.5.2
      absorbed MLA path, which torch_native computes (q/k width kv_lora_rank + rope dim, v width kv_lora_rank).
   S16 `ServerArgs.resolve_once()` rejects some models for some backends (gpt-oss needs a triton/FA3-class
      backend: `arg_groups/model_hook.py`); `MODEL_LIMITS` holds the defects found by running the rest.
+
+Seam of a quiet log, also 0.5.23:
+  S17 SGLang logs through the `sglang.*` loggers at the level of `ServerArgs.log_level` (our default "error", see
+     `engines/sglang.py`), set here before `ServerArgs` exists because constructing it already logs (e.g. "Cuda
+     graph is disabled because of using torch native attention backend"). On a CPU its AWQ, GGUF and FLA modules
+     warn at import that they need CUDA or Triton (`UserWarning`s); a target forward uses none of them.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +77,10 @@ from eagle_ray.engines import _vllm_compat
 from eagle_ray.engines.base import UnsupportedTargetError
 
 _vllm_compat.install()  # before any sglang import: the rotary module imports vllm._custom_ops on CPU
+# S17: before any sglang import
+warnings.filterwarnings("ignore", message="Only CUDA, ", category=UserWarning)
+warnings.filterwarnings("ignore", message="Triton is not supported on current platform", category=UserWarning)
+logging.getLogger("sglang").setLevel(logging.ERROR)
 
 import sglang  # noqa: E402
 import torch  # noqa: E402
@@ -114,6 +125,7 @@ def sglang_aux_layer_ids(aux_layer_ids: list[int]) -> list[int]:
 
 
 def build_server_args(kwargs: dict[str, Any]) -> ServerArgs:  # S1
+    logging.getLogger("sglang").setLevel(str(kwargs.get("log_level", "error")).upper())  # S17
     args = ServerArgs(**kwargs)
     args.resolve_once()
     return args

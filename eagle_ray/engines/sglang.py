@@ -37,13 +37,14 @@ from eagle_ray.engines.base import UnsupportedTargetError, forward_in_runs
 # workers) easily take 6% of a host's memory, so tolerate up to half.
 CPU_DEFAULTS: dict[str, Any] = {
     "device": "cpu",
+    "log_level": "error",  # SGLang's own verbosity: its start-up notices are for a server's operator
     "attention_backend": "torch_native",
     "mem_fraction_static": 0.5,
     "max_total_tokens": 8192,
     "disable_custom_all_reduce": True,
 }
 # On GPUs: leave half the memory to a colocated draft trainer, as SpecForge does.
-GPU_DEFAULTS: dict[str, Any] = {"device": "cuda", "mem_fraction_static": 0.5}
+GPU_DEFAULTS: dict[str, Any] = {"device": "cuda", "mem_fraction_static": 0.5, "log_level": "error"}
 # Always: one whole-sequence prefill per batch, nothing cached between batches.
 FIXED: dict[str, Any] = {
     "chunked_prefill_size": -1,

@@ -122,7 +122,7 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="chaos_train.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = ChaosSettings()
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--faults", type=int, default=d.faults, help="replica faults to inject")
@@ -137,20 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from eagle_ray.pool import PooledTargetModel
-    from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+    from eagle_ray.ray_init import init_ray
     from eagle_ray.tiny import build_tiny_target, markov_batches
 
     torch.set_num_threads(1)
     kinds = FAULTS if a.tp_size > 1 else tuple(k for k in FAULTS if k != "sigkill_tp")
     s = ChaosSettings(a.steps, faults=a.faults, kinds=kinds, kill_worker_at=a.kill_worker_at, seed=a.seed)
     need = a.replicas * a.tp_size + s.workers + 1
-    ray.init(
-        address="local",
-        num_cpus=need,  # logical: replicas and workers mostly wait on each other
-        include_dashboard=False,
-        runtime_env={"env_vars": ZERO_COPY_ENV},
-        _system_config=RAY_SYSTEM_CONFIG,
-    )
+    init_ray("local", num_cpus=need)  # logical CPUs: replicas and workers mostly wait on each other
     with tempfile.TemporaryDirectory(prefix="eagle_ray_chaos_") as tmp:
         target = str(build_tiny_target(Path(tmp) / "target", "llama"))
         with PooledTargetModel.from_pretrained(

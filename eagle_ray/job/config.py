@@ -7,6 +7,7 @@ Unknown keys and wrong types are errors that name the key (`ConfigError`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import re
 import types
@@ -98,11 +99,14 @@ class ExportConfig:
     dtype: Literal["bfloat16", "float16", "float32"] | None = "bfloat16"
 
 
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]  # the names eagle_ray.train.trackers opens
+
+
 @dataclass
 class LoggingConfig:
     log_every: int = 10
     progress: Literal["auto", "bar", "lines", "off"] = "auto"  # auto: a bar on a terminal, lines in job logs
-    tensorboard: bool = True
+    trackers: list[TrackerName] = field(default_factory=lambda: ["tensorboard"])  # wandb, mlflow: eagle-ray[trackers]
     plot: bool = True
 
 
@@ -261,6 +265,10 @@ def _validate(c: JobConfig) -> None:
         raise ConfigError(f"{bad[0]}: out of range{hint}")
     if c.placement.mode == "colocated" and c.target.tp_size != 1:
         raise ConfigError("placement.mode: colocated needs target.tp_size == 1")
+    # here, not when training starts: after minutes of loading the target, a missing package is a costly surprise
+    for name in c.logging.trackers:
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"logging.trackers: {name} is not installed: pip install 'eagle-ray[{name}]'")
 
 
 def describe(cls: type = JobConfig, prefix: str = "") -> list[str]:

@@ -12,14 +12,11 @@ with 128 + the signal number. See `StopSignals`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import itertools
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,84 +25,14 @@ import ray
 import torch
 
 from eagle_ray.job.config import ConfigError, JobConfig, describe, load_job_config
+from eagle_ray.job.inputs import held_out_prompts, resolve_engine, tokenizer_spec
+from eagle_ray.job.signals import StopSignals
 
 log = logging.getLogger("eagle_ray.job")
-
-TINY_CACHE = Path("~/.cache/eagle_ray").expanduser()
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (`ray job stop`, `kill`) stop the job through its `finally` blocks.
-
-    The first one becomes a KeyboardInterrupt in the main thread, so the cleanup code on the way out (feed,
-    pool, Ray) runs. A second one while that cleanup runs is only logged (raising again would cut the cleanup
-    short); a third exits at once. Others install handlers of their own in this process: `ray.init` one for
-    SIGTERM (a bare `sys.exit(15)`), Ray Train's `fit()` one for SIGINT (it aborts the training run, then
-    raises SystemExit(0), and is never removed), so `install()` is called again after each. Every signal that
-    arrives is recorded through the wakeup fd whoever's handler ran, so `main` can tell an interruption from a
-    failure and name the signal. Signals are the main thread's: in another thread this does nothing.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self._pipe: tuple[int, int] | None = None
-        self._saved: dict[int, Any] = {}
-        self._saved_wakeup = -1
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)  # the C-level handler must never block on it
-        self._pipe = (r, w)
-        self._saved_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        self._saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-        self.install()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._pipe is None:
-            return
-        for s, handler in self._saved.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        signal.set_wakeup_fd(self._saved_wakeup)
-        for fd in self._pipe:
-            os.close(fd)
-        self._pipe = None
-
-    def install(self) -> None:
-        """(Re)install our handlers: after `ray.init` and after Ray Train's `fit()` replaced them."""
-        if self._pipe is not None:
-            for s in STOP_SIGNALS:
-                signal.signal(s, self._handle)
-
-    def signals(self) -> list[int]:
-        """The stop signals received so far, in order, whichever handler ran for them."""
-        if self._pipe is not None:
-            try:
-                self.received += [b for b in os.read(self._pipe[0], 4096) if b in STOP_SIGNALS]
-            except BlockingIOError:
-                pass
-        return self.received
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        n = len(self.signals())  # includes this one: the wakeup byte is written before Python handlers run
-        if n <= 1:
-            log.warning("%s received: shutting down (feed, target pool, Ray); a third %s exits at once", name, name)
-            raise KeyboardInterrupt(name)
-        if n == 2:
-            log.warning("%s received again: still shutting down; a third one exits at once", name)
-            return
-        log.error("%s received a third time: exiting without finishing the shutdown", name)
-        os._exit(128 + signum)
 
 
 def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(
-        prog="train_eagle3.py",
         description="Train an EAGLE-3 draft on Ray: a pool of target replicas feeds Ray Train draft workers.",
         epilog="options (section.key=value overrides; defaults are the tiny laptop run):\n" + "\n".join(describe()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -120,113 +47,30 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
         parser.error(str(e))
 
 
-def _engine(name: str) -> str:
-    if name != "auto":
-        return name
-    return "sglang" if importlib.util.find_spec("sglang") is not None else "hf"
-
-
 def _init_ray(c: JobConfig) -> None:
-    from eagle_ray.pool.pooled import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+    from eagle_ray.ray_init import init_ray
 
-    address = c.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:  # a cluster (ray job submit sets RAY_ADDRESS): its runtime_env and system config apply
-        # a job's runtime_env (cluster/runtime_env.yaml) also reaches this driver's environment; adding
-        # the same variable again is a conflict Ray refuses
-        have = all(os.environ.get(k) == v for k, v in ZERO_COPY_ENV.items())
-        ray.init(address=address, runtime_env=None if have else {"env_vars": ZERO_COPY_ENV})
-        return
     # logical CPUs enough for every replica and worker: on a laptop they share the cores
     need = c.target.replicas * (c.target.cpus_per_replica or c.target.tp_size)
     need += c.training.num_workers * c.training.cpus_per_worker + 1
-    ray.init(
-        address="local",  # a private local Ray, never one another process left running
-        num_cpus=c.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)),
-        num_gpus=c.ray.num_gpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": ZERO_COPY_ENV},
-        _system_config=RAY_SYSTEM_CONFIG,
+    init_ray(
+        c.ray.address, num_cpus=c.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)), num_gpus=c.ray.num_gpus
     )
-
-
-def tiny_target(tokenizer: Any) -> str:
-    """The default target: a tiny Qwen3 with the tokenizer's vocabulary, pretrained briefly on ShareGPT text.
-
-    Built once per shape/tokenizer and cached under ~/.cache/eagle_ray (about 2 minutes on 2 cores).
-    """
-    from eagle_ray.data import iter_texts
-    from eagle_ray.tiny import build_tiny_target, pretrain_tiny_target
-
-    vocab = -(-tokenizer.vocab_size // 64) * 64
-    path = TINY_CACHE / f"tiny-qwen3-sharegpt-v{vocab}-h64-l8"
-    if (path / "pretrained.json").exists():
-        return str(path)
-    log.info("building the tiny target once (cached in %s): pretraining on ShareGPT text", path)
-    chunks: list[torch.Tensor] = []
-    for text in iter_texts(max_records=4000):
-        ids = tokenizer.encode(text)
-        chunks += [torch.tensor(ids[i : i + 128]) for i in range(0, len(ids) - 16, 128)]
-        if len(chunks) >= 4000:
-            break
-    tmp = path.with_name(path.name + ".partial")
-    build_tiny_target(tmp, "qwen3", vocab_size=vocab, max_position_embeddings=4096)
-    stats = pretrain_tiny_target(tmp, chunks, steps=80, batch_size=8, lr=5e-3)
-    log.info("tiny target pretrained: loss %.2f -> %.2f", stats["first_loss"], stats["last_loss"])
-    tmp.rename(path)
-    return str(path)
-
-
-def _plot(history: list[dict[str, Any]], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; no plot")
-        return None
-    steps = [r["step"] for r in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(steps, [r["loss"] for r in history])
-    a.set(xlabel="step", ylabel="TTT loss", title="loss")
-    b.plot(steps, [r["acceptance_chain"] for r in history], label="chain")
-    b.plot(steps, [r["acceptance_product"] for r in history], label="product")
-    b.set(xlabel="step", ylabel="tokens per verify", title="simulated acceptance")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _prompts(source: Any, start_batch: int, n: int) -> list[list[int]]:
-    """Held-out prompts: each sequence up to its first loss token (the user turn and assistant header)."""
-    prompts: list[list[int]] = []
-    for batch in itertools.islice(source(start_batch), 100):
-        for i in range(batch.num_sequences):
-            sl = batch.sequence(i)
-            ids, mask = batch.input_ids[sl], batch.loss_mask[sl]
-            first = int(mask.nonzero()[0]) if mask.any() else 0
-            if first >= 4:
-                prompts.append(ids[:first].tolist())
-            if len(prompts) == n:
-                return prompts
-    return prompts
 
 
 def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     """The job; `stop`: the signal handlers `main` installed, re-installed after whoever replaces them."""
     from eagle_ray.data import load_tokenizer, make_batch_source
+    from eagle_ray.job.plot import plot_history
+    from eagle_ray.tiny import default_target
     from eagle_ray.train import DraftTrainConfig, train_draft
 
     t0 = time.monotonic()
     run_dir = c.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    own = c.target.model_path and (Path(c.target.model_path) / "tokenizer.json").exists()
-    tok_spec = c.data.tokenizer or (c.target.model_path if own else "qwen")
-    tokenizer = load_tokenizer(tok_spec)
-    model_path = c.target.model_path or tiny_target(tokenizer)
-    source, data_stats = make_batch_source(
+    tokenizer = load_tokenizer(tokenizer_spec(c.target.model_path, c.data.tokenizer))
+    model_path = c.target.model_path or default_target(tokenizer)
+    source, _ = make_batch_source(
         c.data.format,
         c.data.paths,
         tokenizer,
@@ -249,8 +93,17 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     _init_ray(c)
     if stop is not None:
         stop.install()  # ray.init replaced our SIGTERM handler
-    engine = _engine(c.target.engine)
+    engine = resolve_engine(c.target.engine)
     dtype = getattr(torch, c.target.dtype) if c.target.dtype else None
+    if c.offline.mode != "from_dump":
+        log.info(
+            "target %s on %s: %d replica(s) of TP %d starting; then %d Ray Train draft worker(s)",
+            model_path,
+            engine,
+            c.target.replicas,
+            c.target.tp_size,
+            tr.num_workers,
+        )
     pool = _target_pool(c, model_path, engine, dtype)
     live = c.offline.mode != "from_dump"
     summary: dict[str, Any] = {"target": model_path, "engine": engine if live else "offline", "run_dir": str(run_dir)}
@@ -297,7 +150,8 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             export_dir=c.export.dir,
             export_dtype=getattr(torch, c.export.dtype) if c.export.dtype else None,
             progress="off" if c.logging.progress == "off" else c.logging.progress,
-            tensorboard_dir=run_dir / "tensorboard" if c.logging.tensorboard else None,
+            trackers=c.logging.trackers,
+            tracker_config=c.to_dict(),
         )
         if stop is not None:
             stop.install()  # Ray Train's fit() replaced our SIGINT handler, and leaves its own installed
@@ -308,21 +162,20 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             tokens=result.history[-1]["tokens"] if result.history else 0,
             trainer_tokens_per_s=_rate(result.history),
             wait_fraction=sum(r["wait_s"] for r in last) / max(sum(r["step_s"] for r in last), 1e-9),
-            loss=_mean(last, "loss"),
+            loss=_mean(last, "loss"),  # the 0.8^k-weighted mean over TTT steps, nats (NeMo AutoModel's units)
+            acc=[sum(col) / len(col) for col in zip(*(r["acc"] for r in last), strict=True)],  # per TTT step
             acceptance_chain=_mean(last, "acceptance_chain"),
             acceptance_product=_mean(last, "acceptance_product"),
             export=str(result.export_dir) if result.export_dir else None,
-            data=data_stats.as_dict() if hasattr(data_stats, "as_dict") else str(data_stats),
+            data=source.stats.summary(),  # what was read, skipped (by reason) and repaired so far
+            data_counts=source.stats.to_dict(),
         )
         summary["target_tokens_per_s"] = _pool_rate(pool, result) if live else None
-        if c.logging.plot and result.history:
-            plot = _plot(result.history, run_dir / "training.png")
-            summary["plot"] = str(plot) if plot else None
         if c.eval.enabled and result.export_dir is not None and live:  # a dump holds no target to verify with
             from eagle_ray.draft import load_draft, speculative_greedy
 
             batches_used = result.steps * tr.num_workers
-            prompts = _prompts(source, batches_used, c.eval.prompts)
+            prompts = held_out_prompts(source, batches_used, c.eval.prompts)
             spec = speculative_greedy(
                 pool,
                 load_draft(result.export_dir, dtype=torch.float32),
@@ -330,7 +183,10 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
                 c.eval.max_new_tokens,
                 c.eval.num_draft_tokens,
             )
-            summary["measured"] = spec.summary()
+            summary["measured"] = {**spec.summary(), "step": result.steps}
+        if c.logging.plot and result.history:
+            plot = plot_history(result.history, run_dir / "training.png", summary.get("measured"))
+            summary["plot"] = str(plot) if plot else None
         summary["wall_s"] = time.monotonic() - t0
         return summary
     finally:
@@ -404,9 +260,11 @@ def print_summary(s: dict[str, Any]) -> None:
         "trainer_tokens_per_s",
         "wait_fraction",
         "loss",
+        "acc",
         "acceptance_chain",
         "acceptance_product",
         "measured",
+        "data",
         "export",
         "plot",
         "dump",
@@ -414,12 +272,23 @@ def print_summary(s: dict[str, Any]) -> None:
     ):
         if key in s and s[key] is not None:
             v = s[key]
+            if isinstance(v, list):
+                v = " ".join(f"{x:.3f}" for x in v)
             print(f"{key:>22}: {v:.3f}" if isinstance(v, float) else f"{key:>22}: {v}")
     print(f"{'summary':>22}: {Path(s['run_dir']) / 'summary.json'}", flush=True)
 
 
+def configure_logging() -> None:
+    """The job's own INFO lines; every other library (matplotlib, transformers, Ray) only when something is wrong."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("eagle_ray").setLevel(logging.INFO)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" for a 10 MB tiny target
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     config, args = parse_args(argv)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))

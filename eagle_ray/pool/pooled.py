@@ -10,7 +10,6 @@ consumer, never through the driver (except for the single-target compatibility c
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
@@ -27,15 +26,11 @@ from eagle_ray.contract import InvalidBatchError, ModelInfo, PackedBatch, Superv
 from eagle_ray.pool import placement as pl
 from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.replica import TargetReplica
+from eagle_ray.ray_init import ZERO_COPY_ENV, init_ray
 from eagle_ray.target import Eagle3TargetBatch, generate_padded
 
 log = logging.getLogger(__name__)
 
-ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
-# Ray frees released objects in batches (by default every 1 s or 100 objects), so a fast stream
-# of released shards can sit in the object store well past the pool's byte budget. Free promptly.
-# (On a `ray start` cluster pass the same as --system-config.)
-RAY_SYSTEM_CONFIG = {"free_objects_period_milliseconds": 20, "free_objects_batch_size": 1}
 _DEAD = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
@@ -107,10 +102,7 @@ class PooledTargetModel:
         start_timeout_s: float = 900.0,
     ):
         if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit): its own system config applies
-                ray.init(runtime_env={"env_vars": ZERO_COPY_ENV})
-            else:  # a private local Ray, never one another process left running
-                ray.init(address="local", _system_config=RAY_SYSTEM_CONFIG, runtime_env={"env_vars": ZERO_COPY_ENV})
+            init_ray()
         if replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
         if engine not in ("sglang", "hf"):

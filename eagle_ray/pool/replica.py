@@ -29,8 +29,10 @@ class TargetReplica:
     """Ray actor body; the pool creates it with `ray.remote(TargetReplica).options(...)`."""
 
     def __init__(self, replica_id: int, engine: str, model_path: str, target_kwargs: dict[str, Any]):
+        from eagle_ray.ray_init import quiet_known_warnings
         from eagle_ray.target import load_target
 
+        quiet_known_warnings()
         self.replica_id = replica_id
         self.engine_name = engine
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0) or 0)

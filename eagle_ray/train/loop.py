@@ -9,6 +9,7 @@ same data order: the feed rewinds to the checkpoint's step.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from eagle_ray.draft.export import load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
 from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, DEFAULT_TTT_STEPS, TTTObjective, TTTStats
+from eagle_ray.ray_init import quiet_known_warnings
 from eagle_ray.train.feed import FeedReader
 from eagle_ray.train.sample_ledger import LedgerWriter, fingerprints
 
@@ -111,6 +113,12 @@ def _inject_fault(cfg: DraftTrainConfig, step: int, marker: Path, rank: int) -> 
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    quiet_known_warnings()
+    # Ray Train 2.60 names the logger of "Reporting training result N: TrainingReport(...)" by its file path, so
+    # RunConfig's LoggingConfig (set in trainer.py) does not reach it; the driver's progress line says the same
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = DraftTrainConfig(**config["train"])
@@ -212,13 +220,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "trainer_tokens_per_s": step_tokens / max(elapsed, 1e-9),
                 "wait_fraction": wait / max(elapsed, 1e-9),
             }
-            if rank == 0:
-                print(
-                    f"[eagle_ray] step {state['step']}/{cfg.max_steps} loss {step_loss:.4f} acc0 {w['acc'][0]:.3f} "
-                    f"accept(chain) {w['acceptance_chain']:.2f} tok/s {metrics['trainer_tokens_per_s']:.0f} "
-                    f"wait {100 * metrics['wait_fraction']:.0f}%",
-                    flush=True,
-                )
             window, t_window, wait, step_tokens = None, time.monotonic(), 0.0, 0
             if ckpt_now:
                 with tempfile.TemporaryDirectory() as d:

@@ -2,8 +2,9 @@
 
 Rank 0 pushes one row per step to a `MetricsSink` actor (fire and forget). A driver thread
 (`Progress`) joins those rows with the pool's own counters and shows one line: a tqdm bar on
-a terminal, plain periodic lines in job logs. It also writes TensorBoard scalars and sets Ray
-metrics (`ray.util.metrics`, visible in Ray's Prometheus endpoint / dashboard).
+a terminal, plain periodic lines in job logs. It also feeds each row to the experiment trackers
+(`trackers.py`: TensorBoard, W&B, MLflow) and sets Ray metrics (`ray.util.metrics`, visible in Ray's
+Prometheus endpoint / dashboard).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import logging
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
+
+from eagle_ray.train.trackers import Trackers, row_metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class Progress:
         pool: Any = None,
         mode: str = "auto",
         every_s: float = 10.0,
-        tensorboard_dir: str | Path | None = None,
+        trackers: Trackers | None = None,
     ):
         self.sink, self.pool, self.total = sink, pool, total_steps
         self.mode = ("bar" if sys.stderr.isatty() else "lines") if mode == "auto" else mode
@@ -61,23 +63,12 @@ class Progress:
         self._seen = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eagle-ray-progress", daemon=True)
-        self._tb = self._writer(tensorboard_dir)
+        self.trackers = trackers if trackers is not None else Trackers()  # closed by stop()
         self._metrics: _RayMetrics | None = None
         self._bar = None
         self._t0 = time.monotonic()
         self._first = self._last = {"target_tokens": self._target_tokens(), "tokens": 0}
         self.rates = {"target_tokens_per_s": 0.0, "trainer_tokens_per_s": 0.0}
-
-    @staticmethod
-    def _writer(path: str | Path | None) -> Any:
-        if path is None:
-            return None
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:  # optional: the run goes on without it
-            log.warning("tensorboardX is not installed; no TensorBoard scalars")
-            return None
-        return SummaryWriter(str(path))
 
     def start(self) -> Progress:
         if self.mode == "bar":
@@ -100,8 +91,7 @@ class Progress:
             log.exception("progress update failed")
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        self.trackers.close()
 
     def history(self) -> list[dict[str, Any]]:
         return [self.rows[s] for s in sorted(self.rows)]
@@ -125,7 +115,7 @@ class Progress:
                 self._tick()
             except Exception:  # progress must never take the run down
                 log.exception("progress update failed")
-            if self.mode == "lines" and time.monotonic() - last_line >= self.every_s:
+            if self.mode == "lines" and self.rows and time.monotonic() - last_line >= self.every_s:
                 last_line = time.monotonic()
                 print(self.line(), flush=True)
 
@@ -140,11 +130,8 @@ class Progress:
             self._first = {"target_tokens": self._target_tokens(), "tokens": 0}
         for row in new:
             self.rows[row["step"]] = row
-            if self._tb is not None:
-                for k in ("loss", "acceptance_chain", "acceptance_product", "lr"):
-                    self._tb.add_scalar(f"train/{k}", row[k], row["step"])
-                for k, a in enumerate(row["acc"]):
-                    self._tb.add_scalar(f"acc/step{k}", a, row["step"])
+            if self.trackers:
+                self.trackers.log(row_metrics(row), row["step"])
         now = time.monotonic()
         target = self._target_tokens()
         tokens = self.rows[max(self.rows)]["tokens"] if self.rows else 0
@@ -196,6 +183,7 @@ class Progress:
         text = (
             f"samples {row['samples']} target {self.rates['target_tokens_per_s']:.0f} tok/s "
             f"trainer {self.rates['trainer_tokens_per_s']:.0f} tok/s wait {100 * wait:.0f}%{inflight} "
-            f"loss {row['loss']:.3f} accept {row['acceptance_chain']:.2f}"
+            f"loss {row['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in row['acc'])} "
+            f"accept {row['acceptance_chain']:.2f}"
         )
         return text if short else f"[eagle_ray] step {row['step']}/{self.total} {text}"

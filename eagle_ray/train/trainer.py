@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from eagle_ray.checkpoint import load_config
@@ -28,6 +28,7 @@ from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_toke
 from eagle_ray.train.feed import BatchSource, SupervisionFeed
 from eagle_ray.train.loop import DraftTrainConfig, train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
+from eagle_ray.train.trackers import Trackers, open_trackers
 
 
 @dataclass
@@ -74,9 +75,10 @@ def train_draft(
     export_dir: str | Path | None = None,
     export_dtype: torch.dtype | None = None,
     feed_timeout_s: float = 600.0,
-    progress: str = "off",
+    progress: str = "auto",
     progress_every_s: float = 10.0,
-    tensorboard_dir: str | Path | None = None,
+    trackers: Sequence[str] | Trackers = (),
+    tracker_config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a draft for `train.max_steps` steps of `num_workers` batches each.
 
@@ -86,7 +88,10 @@ def train_draft(
     Train restores it); so does `resume_from` (a checkpoint directory). Worker failures restart from
     the last checkpoint up to `max_failures` times. The draft is exported to `export_dir`
     (default `<storage_path>/<name>/draft`) when the run reaches `max_steps`. `progress`: "bar", "lines",
-    "auto" (bar on a terminal) or "off"; `tensorboard_dir`: scalars per step.
+    "auto" (bar on a terminal) or "off". `trackers`: experiment trackers fed every step's metrics, by name
+    ("tensorboard" writes `<storage_path>/<name>/tensorboard`; "wandb", "mlflow": see `trackers.py`) or
+    opened `Trackers`, closed at the end either way; `tracker_config` is what they record as the run's config
+    (default: `train` and the worker count).
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -103,9 +108,12 @@ def train_draft(
     weights = ray.put((embeddings, pool.get_lm_head_weight().detach(), vocab.target_ids))
 
     sink = MetricsSink.remote()
+    if not isinstance(trackers, Trackers):  # opened before the feed starts: a tracker that fails leaves nothing to stop
+        config = tracker_config if tracker_config is not None else {"train": asdict(train), "num_workers": num_workers}
+        trackers = open_trackers(trackers, run_dir, name, config)
     feed = SupervisionFeed(pool, source, num_workers, train.max_steps, queue_depth, feed_timeout_s).start()
-    monitor = Progress(sink, train.max_steps, pool, progress, progress_every_s, tensorboard_dir)
-    if progress != "off" or tensorboard_dir is not None:
+    monitor = Progress(sink, train.max_steps, pool, progress, progress_every_s, trackers)
+    if progress != "off" or trackers:
         monitor.start()
     metrics_path = run_dir / "metrics.jsonl"
     trainer = TorchTrainer(
@@ -131,6 +139,9 @@ def train_draft(
             storage_path=str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines ("Reporting training result N: TrainingReport(...)", worker-group
+            # start-up) repeat what the progress line shows; its warnings and errors still come through
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:

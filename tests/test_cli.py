@@ -1,0 +1,137 @@
+"""`eagle-ray`, the installed script: each command is its job's own parser and main; `evaluate` on a real export.
+
+The script is the one `pip install -e .` put beside this interpreter (`[project.scripts]`), run in a fresh process
+as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eagle_ray import Eagle3Draft, Eagle3DraftConfig, HFEagle3TargetModel, build_tiny_target, save_draft
+from eagle_ray.checkpoint import load_config
+from eagle_ray.cli import COMMANDS
+from eagle_ray.cli import main as cli_main
+from eagle_ray.job import evaluate
+
+SCRIPT = Path(sys.executable).with_name("eagle-ray")
+# what each command's help must name: its usage line under the CLI's name, and options only that job has
+HELP = {
+    "train": ["usage: eagle-ray train", "--print-config", "training.max_steps", "eval.num_draft_tokens"],
+    "dump": ["usage: eagle-ray dump", "--print-config", "offline.mode"],
+    "evaluate": ["usage: eagle-ray evaluate", "--draft DIR", "--num-draft-tokens", "--engine {auto,hf,sglang}"],
+    "chaos": ["usage: eagle-ray chaos", "--kill-worker-at", "--tp-size"],
+    "bench": ["usage: eagle-ray bench", "--quick", "--parts"],
+}
+
+
+def eagle_ray(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    assert SCRIPT.is_file(), f"{SCRIPT} missing: pip install -e . (it installs [project.scripts])"
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_command_has_its_help_case():
+    assert sorted(HELP) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", list(HELP))
+def test_command_help_is_the_jobs_own(command):
+    proc = eagle_ray(command, "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in HELP[command]:
+        assert text in proc.stdout, (text, proc.stdout[:2000])
+
+
+def test_top_level_help_lists_each_command_on_a_line():
+    proc = eagle_ray("--help")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for name, (_, summary) in COMMANDS.items():
+        assert any(line.split() == [name, *summary.split()] for line in lines), (name, proc.stdout)
+
+
+def test_unknown_command_exits_2_listing_the_valid_ones():
+    proc = eagle_ray("trian", "training.max_steps=1")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "invalid choice: 'trian'" in proc.stderr
+    assert all(f"'{name}'" in proc.stderr for name in COMMANDS), proc.stderr
+
+
+def test_dump_is_train_with_offline_mode_dump_last_under_its_own_name(monkeypatch):
+    import eagle_ray.job.run as run
+
+    seen = []
+    monkeypatch.setattr(run, "main", lambda argv: seen.append((sys.argv[0], argv)) or 0)
+    argv0 = sys.argv[0]
+    assert cli_main(["dump", "offline.mode=live", "training.max_steps=3"]) == 0
+    assert seen == [("eagle-ray dump", ["offline.mode=live", "training.max_steps=3", "offline.mode=dump"])]
+    assert sys.argv[0] == argv0  # restored
+
+
+def test_bench_without_a_checkout_says_where_it_looked(monkeypatch, tmp_path, capsys):
+    from eagle_ray.job import bench
+
+    monkeypatch.setattr(bench, "SUITE", tmp_path / "benchmarks" / "suite.py")
+    assert bench.main(["--quick"]) == 2
+    assert str(tmp_path / "benchmarks" / "suite.py") in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A tiny Llama with Qwen's vocabulary (the tokenizer a target without its own gets) and a draft of it, exported."""
+    from eagle_ray.data import load_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    vocab = -(-load_tokenizer("qwen").vocab_size // 64) * 64
+    target_path = build_tiny_target(root / "target", "llama", vocab_size=vocab)
+    with HFEagle3TargetModel.from_pretrained(str(target_path)) as target:
+        info = target.info
+        config = Eagle3DraftConfig.from_target(load_config(target_path), 4096, list(info.aux_layer_ids))
+        emb, head = target.get_input_embeddings().weight, target.get_lm_head_weight()
+        draft = Eagle3Draft.from_target(config, emb, head, torch.arange(4096), seed=0)
+    return save_draft(draft, root / "draft"), target_path
+
+
+def test_evaluate_runs_speculative_decoding_of_the_files_prompts(export, tmp_path):
+    draft, target = export
+    data = tmp_path / "held_out.jsonl"
+    convs = [("Name three primary colours.", "Red, yellow and blue."), ("What is 2 + 2?", "It is 4.")]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in convs]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    args = ["--draft", str(draft), "--target", str(target), "--engine", "hf", "--data", str(data), "--json", str(out)]
+    proc = eagle_ray("evaluate", *args, "--prompts", "5", "--max-new-tokens", "6", "--num-draft-tokens", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["prompts"], r["prompts_requested"]) == (2, 5)  # the file's two conversations, each once
+    assert (r["engine"], r["max_new_tokens"], r["num_draft_tokens"]) == ("hf", 6, 3)
+    assert r["acceptance_length"] >= 1 and r["verify_forwards"] >= 2
+    assert r["matches_target_greedy"] is True  # speculative output equals target-only greedy, token for token
+    assert f"acceptance_length: {r['acceptance_length']:.3f}" in proc.stdout
+
+
+def test_evaluate_bad_input_exits_2_naming_the_path(export, tmp_path, capsys):
+    draft, target = export
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--draft", str(tmp_path / "nowhere")], f"--draft {tmp_path / 'nowhere'}: no such directory"),
+        (["--draft", str(tmp_path / "empty")], f"--draft {tmp_path / 'empty'}: not a draft export (no config.json"),
+        (["--draft", str(target)], f"--draft {target}: not a draft export: not a one-layer LlamaForCausalLMEagle3"),
+        (["--draft", str(draft), "--target", str(tmp_path)], f"--target {tmp_path}: not an HF checkpoint"),
+        (["--draft", str(draft), "--target", str(target), "--data", str(tmp_path / "x.jsonl")], "x.jsonl"),
+        (["--draft", str(draft), "--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, (argv, err)
