@@ -39,7 +39,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "eagle_ray.engines.base": ("UnsupportedTargetError",),
     "eagle_ray.engines.sglang": ("verify_eagle3_export", "verify_eagle3_exports"),
     "eagle_ray.offline": ("OfflineSupervision", "dump_supervision"),
-    "eagle_ray.pool": ("ChaosMonkey", "PooledTargetModel", "ShardQuarantinedError", "ShardResult"),
+    "eagle_ray.pool": ("ChaosMonkey", "PooledTargetModel", "ShardResult"),
     "eagle_ray.target": (
         "Eagle3TargetBatch",
         "Eagle3TargetModel",
@@ -55,8 +55,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "pretrain_tiny_target",
         "tiny_config",
     ),
-    "eagle_ray.train": ("DraftTrainConfig", "TrainResult", "train_draft"),
-    "eagle_ray.train.sample_ledger": ("audit_run", "expected_samples"),
+    "eagle_ray.train": ("DraftTrainConfig", "OptimConfig", "TrainResult", "train_draft"),
+    "eagle_ray.train.sample_audit": ("audit_run", "expected_samples"),
     "eagle_ray.train.trackers": ("Tracker", "Trackers", "open_trackers"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 PROG = "eagle-ray"
 
 # name -> ("module:function", one line of help); a module is imported only when its command runs (train pulls in
-# Ray, bench the whole suite). A new command is one more entry here.
+# Ray, bench the whole suite). A new command (`regenerate` is next) is one more entry here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("eagle_ray.job.run:main", "train an EAGLE-3 draft against a pool of target replicas (Ray Train)"),
     "dump": ("eagle_ray.job.dump:main", "the train job with offline.mode=dump: write its supervision to disk"),

@@ -147,7 +147,7 @@ def _entry_from_header(path: Path) -> dict[str, Any]:
     }
 
 
-def _reconcile(root: Path, manifest: dict[str, Any], strict: bool) -> dict[int, dict[str, Any]]:
+def _entries_matching_disk(root: Path, manifest: dict[str, Any], strict: bool) -> dict[int, dict[str, Any]]:
     """Per-batch entries agreeing with the shard files on disk (the files are the truth).
 
     A shard missing from the manifest (a crash between its rename and the manifest update) is
@@ -304,7 +304,7 @@ def dump_supervision(
         for stale in (root / "target").glob("*.tmp"):
             stale.unlink()
         manifest = _init_or_check(root, pool, fsync)
-        entries = _reconcile(root, manifest, strict=False)
+        entries = _entries_matching_disk(root, manifest, strict=False)
         run = {"written": 0, "skipped": 0, "bytes_written": 0, "tokens_written": 0, "seconds": 0.0}
         queued: dict[int, tuple[int, PackedBatch, str]] = {}  # stream index -> (batch index, batch, hash)
         state = {"complete": False, "streamed": 0}
@@ -386,7 +386,7 @@ class OfflineSupervision:
         self.manifest = _read_manifest(self.root)
         self.info: ModelInfo = _info_from_json(self.manifest["info"])
         self.model_path = str(self.root / "target")  # holds the target's config.json
-        self.entries = _reconcile(self.root, self.manifest, strict=True)
+        self.entries = _entries_matching_disk(self.root, self.manifest, strict=True)
         self._by_hash: dict[str, dict[str, Any]] = {}
         for e in self.entries.values():
             self._by_hash.setdefault(e["content_hash"], e)  # equal content, equal supervision: either will do

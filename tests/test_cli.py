@@ -10,14 +10,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 import torch
 
 from eagle_ray import Eagle3Draft, Eagle3DraftConfig, HFEagle3TargetModel, build_tiny_target, save_draft
-from eagle_ray.checkpoint import load_config
 from eagle_ray.cli import COMMANDS
 from eagle_ray.cli import main as cli_main
+from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.job import evaluate
 
 SCRIPT = Path(sys.executable).with_name("eagle-ray")
@@ -40,12 +41,21 @@ def test_every_command_has_its_help_case():
     assert sorted(HELP) == sorted(COMMANDS)
 
 
+@pytest.fixture(scope="module")
+def helps() -> dict[str, tuple[int, str, str]]:
+    """`eagle-ray COMMAND --help` for every command, run side by side (each imports torch, most Ray)."""
+    assert SCRIPT.is_file(), f"{SCRIPT} missing: pip install -e . (it installs [project.scripts])"
+    procs = {c: subprocess.Popen([str(SCRIPT), c, "--help"], stdout=PIPE, stderr=PIPE, text=True) for c in HELP}
+    outs = {c: p.communicate(timeout=120) for c, p in procs.items()}  # all started before any is read
+    return {c: (procs[c].returncode, *outs[c]) for c in procs}
+
+
 @pytest.mark.parametrize("command", list(HELP))
-def test_command_help_is_the_jobs_own(command):
-    proc = eagle_ray(command, "--help")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_command_help_is_the_jobs_own(helps, command):
+    code, out, err = helps[command]
+    assert code == 0, err[-3000:]
     for text in HELP[command]:
-        assert text in proc.stdout, (text, proc.stdout[:2000])
+        assert text in out, (text, out[:2000])
 
 
 def test_top_level_help_lists_each_command_on_a_line():

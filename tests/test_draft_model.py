@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eagle_ray import PackedBatch, Supervision, build_draft_vocab, count_loss_tokens
-from eagle_ray.checkpoint import load_config
 from eagle_ray.draft.export import WEIGHTS, load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig, StepCache
 from eagle_ray.draft.speculate import propose, speculative_greedy, target_greedy
 from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, TTTStats, padded_layout, teacher_targets, ttt_loss
+from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.tiny import markov_sequences
 
 SUCC = torch.randperm(1024, generator=torch.Generator().manual_seed(1234))  # markov_sequences' successor map

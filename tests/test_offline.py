@@ -17,7 +17,7 @@ from conftest import local_ray
 from safetensors.torch import load_file
 
 from eagle_ray import PackedBatch, ShardResult, Supervision
-from eagle_ray.checkpoint import load_config
+from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.offline import (
     SHARD_FIELDS,
     DumpMismatchError,

@@ -29,8 +29,8 @@ from eagle_ray import (
     ttt_loss,
     verify_eagle3_exports,
 )
-from eagle_ray.checkpoint import load_config
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
+from eagle_ray.hf_checkpoint import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NEMO = ROOT / ".peers" / "nemo"  # nemo-automodel==0.7.0, installed --no-deps by .ci/setup

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch.distributed import TCPStore
 
-from eagle_ray.checkpoint import checkpoint_dtype, embedding_and_lm_head, load_config
 from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_layer_ids
 from eagle_ray.engines.base import UnsupportedTargetError, forward_in_runs
+from eagle_ray.hf_checkpoint import checkpoint_dtype, embedding_and_lm_head, load_config
 
 # On a machine without CUDA: SGLang's plain CPU path (not its AMX engine, which needs a CPU
 # build of sgl-kernel) with a KV pool sized explicitly, since SGLang cannot size it from

@@ -5,7 +5,7 @@
 A fault-free run and a chaos run train on the same data with the same pool. During the chaos run a
 `ChaosMonkey` kills replicas at random moments (`ray.kill`, SIGKILL of TP rank 0, SIGKILL of TP rank 1)
 and one draft worker SIGKILLs itself at a chosen step (Ray Train restarts the group from the last
-checkpoint). Each run's sample ledger (`train/sample_ledger.py`) is audited: every committed step once,
+checkpoint). Each run's sample log (`train/sample_audit.py`) is audited: every committed step once,
 in data order, and the chaos run's samples equal the fault-free run's and the data's own.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from eagle_ray.contract import PackedBatch
 from eagle_ray.pool.chaos import FAULTS, ChaosMonkey
 from eagle_ray.train.loop import DraftTrainConfig
-from eagle_ray.train.sample_ledger import audit_run, expected_samples
+from eagle_ray.train.sample_audit import audit_run, expected_samples
 from eagle_ray.train.trainer import train_draft
 
 

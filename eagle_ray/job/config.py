@@ -1,7 +1,10 @@
 """The training job's config: one YAML file, typed sections, dotted `key=value` overrides.
 
 Every field has a default: the defaults are the no-argument laptop run (tiny target, local Ray).
-Unknown keys and wrong types are errors that name the key (`ConfigError`).
+The trainer's are not repeated here: `training:` is the trainer's `OptimConfig` plus the job's own knobs, and
+`checkpoint.every`, `logging.log_every` and `draft.freeze_embeddings` default to `DraftTrainConfig`'s
+(`eagle_ray/train/config.py`); `JobConfig.train_config` is the one place they are put together.
+Unknown keys, wrong types and values out of range are errors that name the key (`ConfigError`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from eagle_ray.train.config import DraftTrainConfig, OptimConfig
 
 
 class ConfigError(ValueError):
@@ -62,20 +67,12 @@ class DataConfig:
 class DraftConfig:
     vocab_size: int | None = 8192  # None: min(32000, target vocabulary), EAGLE-3's; 8192 keeps the tiny run quick
     vocab_batches: int = 200  # batches counted to pick the draft vocabulary
-    freeze_embeddings: bool = True
+    freeze_embeddings: bool = DraftTrainConfig.freeze_embeddings
 
 
 @dataclass
-class TrainingConfig:
-    max_steps: int = 150
+class TrainingConfig(OptimConfig):  # the trainer's optimisation fields (train/config.py), then the job's own
     epochs: float | None = None  # set: max_steps = epochs x batches in the data / workers (one counting pass)
-    lr: float = 3e-3  # the tiny run's; 1e-4 for real targets (see configs/)
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    grad_clip: float | None = 0.5
-    ttt_steps: int = 7
-    step_decay: float = 0.8
-    seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -89,7 +86,7 @@ class TrainingConfig:
 class CheckpointConfig:
     storage_path: str = "~/eagle_ray_runs"
     name: str = "eagle3-tiny"
-    every: int = 50  # steps
+    every: int = DraftTrainConfig.checkpoint_every  # steps
     resume_from: str | None = None  # a checkpoint dir; rerunning the same storage_path/name resumes anyway
 
 
@@ -104,7 +101,7 @@ TrackerName = Literal["tensorboard", "wandb", "mlflow"]  # the names eagle_ray.t
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
+    log_every: int = DraftTrainConfig.log_every  # steps
     progress: Literal["auto", "bar", "lines", "off"] = "auto"  # auto: a bar on a terminal, lines in job logs
     trackers: list[TrackerName] = field(default_factory=lambda: ["tensorboard"])  # wandb, mlflow: eagle-ray[trackers]
     plot: bool = True
@@ -150,6 +147,19 @@ class JobConfig:
 
     def run_dir(self) -> Path:
         return Path(self.checkpoint.storage_path).expanduser() / self.checkpoint.name
+
+    def train_config(self, max_steps: int | None = None) -> DraftTrainConfig:
+        """What `train_draft` trains with: `training:`'s optimisation fields, the cadences from their sections.
+
+        `max_steps`: `training.epochs` resolved to steps; None: `training.max_steps`.
+        """
+        return DraftTrainConfig.from_optim(
+            self.training,
+            max_steps=self.training.max_steps if max_steps is None else max_steps,
+            checkpoint_every=self.checkpoint.every,
+            log_every=self.logging.log_every,
+            freeze_embeddings=self.draft.freeze_embeddings,
+        )
 
 
 # ------------------------------------------------------------------------------------------ typing
@@ -211,7 +221,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own validation (OptimConfig's): its message starts with the field
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -250,9 +263,6 @@ def _validate(c: JobConfig) -> None:
         "target.tp_size": c.target.tp_size >= 1,
         "data.max_length": c.data.max_length >= 2,
         "data.batch_tokens": c.data.batch_tokens >= c.data.max_length,
-        "training.max_steps": c.training.max_steps >= 1,
-        "training.lr": c.training.lr > 0,
-        "training.ttt_steps": c.training.ttt_steps >= 1,
         "training.num_workers": c.training.num_workers >= 1,
         "training.queue_depth": c.training.queue_depth >= 1,
         "checkpoint.every": c.checkpoint.every >= 1,
@@ -274,7 +284,9 @@ def _validate(c: JobConfig) -> None:
 def describe(cls: type = JobConfig, prefix: str = "") -> list[str]:
     """`--help` lines: every option with its type, default and the comment beside it in this file."""
     lines, hints, default = [], typing.get_type_hints(cls), cls()
-    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
+    notes = {}  # a base class's fields (TrainingConfig's, from OptimConfig) have their comments in its file
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        notes.update(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(klass), flags=re.M))
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):

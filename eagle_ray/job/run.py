@@ -63,7 +63,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     from eagle_ray.data import load_tokenizer, make_batch_source
     from eagle_ray.job.plot import plot_history
     from eagle_ray.tiny import default_target
-    from eagle_ray.train import DraftTrainConfig, train_draft
+    from eagle_ray.train import train_draft
 
     t0 = time.monotonic()
     run_dir = c.run_dir()
@@ -122,19 +122,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
         result = train_draft(
             pool,
             source,
-            DraftTrainConfig(
-                max_steps=max_steps,
-                lr=tr.lr,
-                warmup_steps=tr.warmup_steps,
-                weight_decay=tr.weight_decay,
-                grad_clip=tr.grad_clip,
-                ttt_steps=tr.ttt_steps,
-                step_decay=tr.step_decay,
-                checkpoint_every=c.checkpoint.every,
-                log_every=c.logging.log_every,
-                seed=tr.seed,
-                freeze_embeddings=c.draft.freeze_embeddings,
-            ),
+            c.train_config(max_steps),
             storage_path=Path(c.checkpoint.storage_path).expanduser(),
             name=c.checkpoint.name,
             num_workers=tr.num_workers,

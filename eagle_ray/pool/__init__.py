@@ -1,7 +1,7 @@
 """The target pool: replica actors (replica.py), driver-side pool (pooled.py), shard ledger, placement, chaos."""
 
 from eagle_ray.pool.chaos import ChaosMonkey, Fault
-from eagle_ray.pool.ledger import ShardLedger, ShardQuarantinedError
+from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.pooled import PooledTargetModel, ShardResult
 from eagle_ray.pool.replica import TargetReplica
 
@@ -10,7 +10,6 @@ __all__ = [
     "Fault",
     "PooledTargetModel",
     "ShardLedger",
-    "ShardQuarantinedError",
     "ShardResult",
     "TargetReplica",
 ]

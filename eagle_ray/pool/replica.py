@@ -18,11 +18,7 @@ import ray
 import torch
 
 from eagle_ray.contract import PackedBatch, Supervision
-
-# Fault injection for tests and chaos runs: a replica process exits when a shard holds this token id.
-_CHAOS_CRASH_TOKEN = (
-    int(os.environ["EAGLE_RAY_CHAOS_CRASH_TOKEN"]) if "EAGLE_RAY_CHAOS_CRASH_TOKEN" in os.environ else None
-)
+from eagle_ray.testing.faults import replica_shard_fault
 
 
 class TargetReplica:
@@ -62,8 +58,7 @@ class TargetReplica:
         self, shard_id: int, input_ids: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor, logits: bool
     ) -> tuple[dict[str, Any], Supervision]:
         t0 = time.perf_counter()
-        if _CHAOS_CRASH_TOKEN is not None and bool((input_ids == _CHAOS_CRASH_TOKEN).any()):
-            os._exit(3)  # fault injection: a shard that kills its replica (EAGLE_RAY_CHAOS_CRASH_TOKEN)
+        replica_shard_fault(input_ids)  # off unless a test sets EAGLE_RAY_CHAOS_CRASH_TOKEN
         try:
             sup = self.target.engine.forward(PackedBatch(input_ids, loss_mask, cu_seqlens), logits)
         except Exception:

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,47 +23,12 @@ import torch.distributed as dist
 
 from eagle_ray.draft.export import load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
-from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, DEFAULT_TTT_STEPS, TTTObjective, TTTStats
+from eagle_ray.draft.ttt import TTTObjective, TTTStats
 from eagle_ray.ray_init import quiet_known_warnings
+from eagle_ray.testing.faults import train_step_fault
+from eagle_ray.train.config import DraftTrainConfig
 from eagle_ray.train.feed import FeedReader
-from eagle_ray.train.sample_ledger import LedgerWriter, fingerprints
-
-FAIL_MODES = ("raise", "exit", "sigkill")
-
-
-@dataclass
-class DraftTrainConfig:
-    max_steps: int  # optimizer steps; each worker takes one batch per step
-    lr: float = 1e-4
-    warmup_steps: int | None = None  # None: 5% of max_steps
-    weight_decay: float = 0.0
-    grad_clip: float | None = 0.5
-    ttt_steps: int = DEFAULT_TTT_STEPS
-    step_decay: float = DEFAULT_STEP_DECAY
-    checkpoint_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    freeze_embeddings: bool = True
-    autocast_bf16: bool = True  # on CUDA only; master weights stay fp32
-    stop_at_step: int | None = None  # end this run early (as a preemption would); resume later
-    fail_at_step: int | None = None  # fault injection for tests: fail once at this step
-    fail_mode: str = "raise"  # "raise" an exception, "exit" the worker process, or "sigkill" it
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.lr <= 0 or self.ttt_steps < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("lr, ttt_steps, checkpoint_every and log_every must be positive")
-        if self.fail_mode not in FAIL_MODES:
-            raise ValueError(f"fail_mode must be one of {FAIL_MODES}, got {self.fail_mode!r}")
-
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to 10% at max_steps."""
-        warm = self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 20)
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, self.max_steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+from eagle_ray.train.sample_audit import SampleLogWriter, fingerprints
 
 
 def _save(path: Path, draft: Eagle3Draft, opt, sched, state: dict[str, Any], rank: int) -> None:
@@ -98,18 +60,6 @@ def _checksums(draft: Eagle3Draft, world: int) -> list[float]:
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     return [float(t) for t in every]
-
-
-def _inject_fault(cfg: DraftTrainConfig, step: int, marker: Path, rank: int) -> None:
-    if cfg.fail_at_step != step or rank != 0 or marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
-    if cfg.fail_mode == "exit":
-        os._exit(1)
-    if cfg.fail_mode == "sigkill":  # as the OOM killer or a lost node would: no cleanup, no goodbye
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected train worker failure at step {step}")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -144,20 +94,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     objective = TTTObjective(draft, cfg.ttt_steps, cfg.step_decay)
     model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     metrics_path = Path(config["metrics_path"]) if rank == 0 and config.get("metrics_path") else None
-    marker = Path(config["run_dir"]) / f"injected_failure_step{cfg.fail_at_step}"
     sink = config.get("metrics_sink") if rank == 0 else None
 
     window = None
     t_window, wait, step_tokens = time.monotonic(), 0.0, 0
     t_wait = time.monotonic()
     reader = FeedReader(config["feed"], rank, state["step"], config.get("feed_timeout_s", 600.0))
-    ledger = LedgerWriter(config["run_dir"], rank)
-    ledger.start(state["step"], reader.incarnation)
+    sample_log = SampleLogWriter(config["run_dir"], rank)
+    sample_log.start(state["step"], reader.incarnation)
     for step, sup, meta in reader:
         t_got = time.monotonic()
         step_wait = t_got - t_wait
         wait += step_wait
-        _inject_fault(cfg, step, marker, rank)
+        train_step_fault(cfg.fail_at_step, cfg.fail_mode, step, rank, config["run_dir"])  # off unless a test asks
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.autocast_bf16):
             loss, stats = model(sup, lm_head)
         opt.zero_grad(set_to_none=True)
@@ -166,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        ledger.step(step, meta["batch"], fingerprints(sup.input_ids, sup.loss_mask, sup.cu_seqlens))
+        sample_log.step(step, meta["batch"], fingerprints(sup.input_ids, sup.loss_mask, sup.cu_seqlens))
         # one all-reduce of a few floats: loss, step sums, samples, tokens
         flat = torch.cat(
             [

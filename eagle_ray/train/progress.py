@@ -138,7 +138,7 @@ class Progress:
         elapsed = max(now - self._t0, 1e-9)  # averages since the start: shards arrive in bursts
         self.rates = {
             "target_tokens_per_s": (target - self._first["target_tokens"]) / elapsed,
-            "trainer_tokens_per_s": tokens / elapsed,
+            "trainer_tokens_per_s": _trainer_rate([self.rows[k] for k in sorted(self.rows)]),
         }
         if self._metrics is not None:
             m = self._metrics
@@ -187,3 +187,14 @@ class Progress:
             f"accept {row['acceptance_chain']:.2f}"
         )
         return text if short else f"[eagle_ray] step {row['step']}/{self.total} {text}"
+
+
+def _trainer_rate(rows: list[dict[str, Any]]) -> float:
+    """Tokens the trainer consumed per second of its steps (waits included), after the first step.
+
+    From the rows' own step times: rows reach the driver in bursts, so tokens over the driver's clock read as
+    millions of tokens/s right after the first burst.
+    """
+    if len(rows) < 2:
+        return 0.0
+    return (rows[-1]["tokens"] - rows[0]["tokens"]) / max(sum(r.get("step_s", 0.0) for r in rows[1:]), 1e-9)

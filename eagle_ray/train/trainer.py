@@ -21,12 +21,13 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from eagle_ray.checkpoint import load_config
 from eagle_ray.contract import PackedBatch
 from eagle_ray.draft.model import Eagle3DraftConfig
 from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_tokens
+from eagle_ray.hf_checkpoint import load_config
+from eagle_ray.train.config import DraftTrainConfig
 from eagle_ray.train.feed import BatchSource, SupervisionFeed
-from eagle_ray.train.loop import DraftTrainConfig, train_loop_per_worker
+from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
 from eagle_ray.train.trackers import Trackers, open_trackers
 

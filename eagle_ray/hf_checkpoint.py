@@ -1,4 +1,5 @@
-"""Reading a Hugging Face checkpoint directory without building the model."""
+"""Reading a target's Hugging Face checkpoint directory (config, dtype, embeddings, lm_head) without building
+the model. Not the trainer's checkpoints: those are Ray Train's (`train/loop.py`)."""
 
 from __future__ import annotations
 

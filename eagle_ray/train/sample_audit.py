@@ -1,4 +1,4 @@
-"""The sample ledger: which samples every draft-training step consumed, and the audit that proves a run
+"""The sample log: which samples every draft-training step consumed, and the audit that proves a run
 consumed each sample exactly once.
 
 Each worker appends to `samples_rank{r}.jsonl` in the run dir: a `start` row when it (re)starts from a
@@ -40,7 +40,7 @@ def batch_fingerprints(batch: PackedBatch) -> list[str]:
     return fingerprints(batch.input_ids, batch.loss_mask, batch.cu_seqlens)
 
 
-class LedgerWriter:
+class SampleLogWriter:
     """A worker's side: one append-only file per rank (a killed worker loses at most its last row)."""
 
     def __init__(self, run_dir: str | Path, rank: int):
@@ -87,13 +87,13 @@ class Audit:
 
 
 def audit_run(run_dir: str | Path, world: int) -> Audit:
-    """Replay every rank's ledger with the restarts' roll-backs; check each step ran once, in data order."""
+    """Replay every rank's sample log with the restarts' roll-backs; check each step ran once, in data order."""
     audit = Audit(world, steps=0)
     committed_steps = []
     for rank in range(world):
         path = Path(run_dir) / f"samples_rank{rank}.jsonl"
         if not path.exists():
-            audit.problems.append(f"rank {rank}: no ledger at {path}")
+            audit.problems.append(f"rank {rank}: no sample log at {path}")
             committed_steps.append(0)
             continue
         committed: dict[int, dict[str, Any]] = {}

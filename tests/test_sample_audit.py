@@ -1,11 +1,11 @@
-"""The sample ledger's audit (pure file replay): restarts roll back, duplicates and gaps are caught."""
+"""The sample log's audit (pure file replay): restarts roll back, duplicates and gaps are caught."""
 
 from __future__ import annotations
 
 import torch
 
 from eagle_ray import PackedBatch
-from eagle_ray.train.sample_ledger import LedgerWriter, audit_run, batch_fingerprints, expected_samples, fingerprints
+from eagle_ray.train.sample_audit import SampleLogWriter, audit_run, batch_fingerprints, expected_samples, fingerprints
 
 WORLD = 2
 
@@ -19,8 +19,8 @@ def _batches(n: int) -> list[PackedBatch]:
     return out
 
 
-def _write(run_dir, batches, rank: int, steps: range, start: int = 0, incarnation: str = "a") -> LedgerWriter:
-    w = LedgerWriter(run_dir, rank)
+def _write(run_dir, batches, rank: int, steps: range, start: int = 0, incarnation: str = "a") -> SampleLogWriter:
+    w = SampleLogWriter(run_dir, rank)
     w.start(start, incarnation)
     for s in steps:
         w.step(s, s * WORLD + rank, batch_fingerprints(batches[s * WORLD + rank]))
@@ -70,7 +70,7 @@ def test_duplicates_gaps_and_wrong_data_are_problems(tmp_path):
 
     other = tmp_path / "other"
     _write(other, batches, 0, range(4))
-    w = LedgerWriter(other, 1)
+    w = SampleLogWriter(other, 1)
     w.start(0, "a")
     for s in range(4):  # rank 1 trained rank 0's batches: the data position is wrong
         w.step(s, s * WORLD, batch_fingerprints(batches[s * WORLD]))

@@ -1,0 +1,55 @@
+"""Fault injection, for tests and chaos runs: every hook here is off unless asked for.
+
+Each hook is called from one place in production code, and does nothing by default:
+
+- `replica_shard_fault(input_ids)`, in `pool/replica.py`: the replica process exits (code 3) when a shard
+  holds the token id in `EAGLE_RAY_CHAOS_CRASH_TOKEN` (set in the replica actor's runtime_env) -- a
+  poison shard that kills every replica it lands on.
+- `train_step_fault(...)`, in `train/loop.py`: rank 0 of the draft workers fails once at
+  `DraftTrainConfig.fail_at_step`, by `fail_mode`; a marker file in the run dir keeps the restarted
+  group from failing again.
+- `check_fail_mode(mode)`, in `train/config.py`: the mode is known, checked on the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+CRASH_TOKEN_ENV = "EAGLE_RAY_CHAOS_CRASH_TOKEN"
+FAIL_MODES = ("raise", "exit", "sigkill")
+
+# read once, when the replica module imports this one in the actor: its runtime_env is set by then
+_CRASH_TOKEN = int(os.environ[CRASH_TOKEN_ENV]) if CRASH_TOKEN_ENV in os.environ else None
+
+
+def replica_shard_fault(input_ids: torch.Tensor) -> None:
+    """Exit the process, as a crashing kernel would, if this shard holds the poison token."""
+    if _CRASH_TOKEN is not None and bool((input_ids == _CRASH_TOKEN).any()):
+        os._exit(3)
+
+
+def check_fail_mode(mode: str) -> None:
+    if mode not in FAIL_MODES:
+        raise ValueError(f"fail_mode: must be one of {FAIL_MODES}, got {mode!r}")
+
+
+def train_step_fault(fail_at_step: int | None, fail_mode: str, step: int, rank: int, run_dir: str | Path) -> None:
+    """On rank 0 at `fail_at_step`, the first time only (the marker file says it happened): fail."""
+    if fail_at_step != step or rank != 0:
+        return
+    marker = Path(run_dir) / f"injected_failure_step{fail_at_step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    if fail_mode == "exit":
+        os._exit(1)
+    if fail_mode == "sigkill":  # as the OOM killer or a lost node would: no cleanup, no goodbye
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected train worker failure at step {step}")

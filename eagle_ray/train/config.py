@@ -1,0 +1,84 @@
+"""The draft trainer's config: one set of defaults and one validation, shared with the job's `training:` section.
+
+`OptimConfig` is the optimisation (steps, LR schedule, TTT objective, seed). The job's `training:` section
+(`eagle_ray/job/config.py::TrainingConfig`) subclasses it and adds the job's own knobs (workers,
+resources); `DraftTrainConfig` subclasses it and adds what the worker loop reads from elsewhere in the
+job (checkpoint and log cadence, frozen embeddings) plus the test hooks.
+
+The defaults are the tiny laptop run's (`configs/tiny.yaml`), for the job and for a library caller of
+`train_draft` alike: notably `lr` 3e-3, which suits the tiny target; real targets want 1e-4 (the
+shipped GPU configs set it).
+
+Torch- and Ray-free, so the job's config (and `--help`) loads it in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from eagle_ray.testing.faults import check_fail_mode
+
+
+@dataclass
+class OptimConfig:
+    max_steps: int = 150  # optimizer steps; each worker takes one batch per step
+    lr: float = 3e-3  # the tiny run's; 1e-4 for real targets (see configs/)
+    warmup_steps: int | None = None  # None: 5% of max_steps (linear), then cosine decay to 10%
+    weight_decay: float = 0.0
+    grad_clip: float | None = 0.5  # max gradient norm; None or 0: no clipping
+    ttt_steps: int = 7  # training-time-test unroll depth
+    step_decay: float = 0.8  # loss weight of TTT step k: step_decay^k
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # messages start with the field name: the job prefixes its section ("training.lr: ...")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.ttt_steps < 1:
+            raise ValueError(f"ttt_steps: must be >= 1, got {self.ttt_steps}")
+
+    def optim_fields(self) -> dict[str, Any]:
+        """The `OptimConfig` fields alone, by name (a subclass's own fields left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(OptimConfig)}
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 10% at max_steps."""
+        warm = self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 20)
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, self.max_steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+@dataclass
+class DraftTrainConfig(OptimConfig):
+    """What `train_draft` trains with; sent to every worker as `asdict(cfg)` and rebuilt there.
+
+    The job builds it from its `training:` section plus `checkpoint.every`, `logging.log_every` and
+    `draft.freeze_embeddings`, whose defaults are these.
+    """
+
+    checkpoint_every: int = 50  # steps between checkpoints (and DDP weight checks)
+    log_every: int = 10  # steps between ray.train.report rows
+    freeze_embeddings: bool = True
+    autocast_bf16: bool = True  # on CUDA only; master weights stay fp32
+    stop_at_step: int | None = None  # end this run early (as a preemption would); resume later
+    # test hooks, run by eagle_ray/testing/faults.py: fail once at this step, by "raise", "exit" or "sigkill"
+    fail_at_step: int | None = None
+    fail_mode: str = "raise"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        check_fail_mode(self.fail_mode)
+
+    @classmethod
+    def from_optim(cls, optim: OptimConfig, **rest: Any) -> DraftTrainConfig:
+        """`optim`'s optimisation fields (a job's `training:` section, say), then `rest` over them."""
+        return cls(**{**optim.optim_fields(), **rest})

@@ -1,0 +1,104 @@
+"""The trainer's config is the job's: one set of defaults, one validation; the fault hooks stay off unless asked.
+
+Fast and offline: no Ray, no model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eagle_ray.job.config import ConfigError, load_job_config
+from eagle_ray.testing import faults
+from eagle_ray.train.config import DraftTrainConfig, OptimConfig
+
+
+def test_the_job_defaults_are_the_trainers():
+    job = load_job_config(None)
+    assert isinstance(job.training, OptimConfig)
+    assert job.train_config() == DraftTrainConfig()  # a library caller gets the tiny run's defaults too
+    assert DraftTrainConfig().lr == 3e-3 and job.checkpoint.every == DraftTrainConfig().checkpoint_every
+
+
+def test_train_config_takes_every_training_field_and_the_cadences_from_their_sections():
+    overrides = ["training.lr=1e-4", "training.warmup_steps=7", "training.weight_decay=0.1", "training.grad_clip=1"]
+    overrides += ["training.ttt_steps=3", "training.step_decay=0.5", "training.seed=4", "training.max_steps=9"]
+    overrides += ["checkpoint.every=3", "logging.log_every=2", "draft.freeze_embeddings=false"]
+    job = load_job_config(None, overrides)
+    t = job.train_config()
+    assert t.optim_fields() == job.training.optim_fields()
+    assert (t.checkpoint_every, t.log_every, t.freeze_embeddings) == (3, 2, False)
+    assert job.train_config(max_steps=20).max_steps == 20  # training.epochs resolved by the job
+
+
+def test_the_ttt_defaults_are_the_objectives():
+    from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, DEFAULT_TTT_STEPS
+
+    assert (OptimConfig().ttt_steps, OptimConfig().step_decay) == (DEFAULT_TTT_STEPS, DEFAULT_STEP_DECAY)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.max_steps=0", "training.max_steps: must be >= 1, got 0"),
+        ("training.lr=0", "training.lr: must be > 0"),
+        ("training.ttt_steps=0", "training.ttt_steps: must be >= 1"),
+        ("checkpoint.every=0", "checkpoint.every: out of range"),
+        ("logging.log_every=0", "logging.log_every: out of range"),
+    ],
+)
+def test_out_of_range_values_name_the_job_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_steps": 0}, "max_steps: must be >= 1"),
+        ({"lr": -1.0}, "lr: must be > 0"),
+        ({"checkpoint_every": 0}, "checkpoint_every: must be >= 1"),
+        ({"log_every": 0}, "log_every: must be >= 1"),
+        ({"fail_mode": "segfault"}, "fail_mode: must be one of"),
+    ],
+)
+def test_the_trainer_checks_the_same(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DraftTrainConfig(**kwargs)
+
+
+def test_the_workers_rebuild_the_config_from_its_dict():
+    cfg = DraftTrainConfig(max_steps=12, lr=1e-3, checkpoint_every=4, fail_at_step=3, fail_mode="exit")
+    assert DraftTrainConfig(**dataclasses.asdict(cfg)) == cfg
+
+
+def test_lr_warms_up_then_decays_to_a_tenth():
+    cfg = OptimConfig(max_steps=100, warmup_steps=10)
+    assert cfg.lr_factor(0) == pytest.approx(0.1) and cfg.lr_factor(9) == pytest.approx(1.0)
+    assert cfg.lr_factor(10) == pytest.approx(1.0) and cfg.lr_factor(100) == pytest.approx(0.1)
+    assert OptimConfig(max_steps=100).lr_factor(4) == pytest.approx(1.0)  # default warm-up: 5% of the steps
+
+
+def test_train_step_fault_fires_once_on_rank_0_at_its_step(tmp_path):
+    faults.train_step_fault(None, "raise", 3, 0, tmp_path)  # off by default
+    faults.train_step_fault(3, "raise", 2, 0, tmp_path)
+    faults.train_step_fault(3, "raise", 3, 1, tmp_path)
+    with pytest.raises(RuntimeError, match="injected train worker failure at step 3"):
+        faults.train_step_fault(3, "raise", 3, 0, tmp_path)
+    assert (tmp_path / "injected_failure_step3").read_text() == "3"
+    faults.train_step_fault(3, "raise", 3, 0, tmp_path)  # the restarted group trains on
+
+
+def test_replica_shard_fault_exits_only_on_the_poison_token():
+    code = (
+        "import torch; from eagle_ray.testing.faults import replica_shard_fault as f; "
+        "f(torch.tensor([1, 2])); print('served', flush=True); f(torch.tensor([5, 7]))"
+    )
+    env = {"EAGLE_RAY_CHAOS_CRASH_TOKEN": "7", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "served\n", proc.stderr[-2000:]
+    faults.replica_shard_fault(torch.tensor([7]))  # this process has no poison token: a no-op
