@@ -189,6 +189,8 @@ def test_scale_from_another_thread(hf_pool, reference):
     results = list(hf_pool.stream(inputs))
     t.join()
     check_complete(gather(results), inputs, reference)
+    live = [r for r in hf_pool.stats()["replicas"] if r["state"] in ("starting", "ready")]
+    assert len(live) == 3, hf_pool.stats()["replicas"]  # the scale-up from the other thread took effect
     hf_pool.scale(2)
 
 
