@@ -7,8 +7,7 @@ Ray-free parts (contract, engines, draft, target) import on a machine without Ra
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eagle_ray._lazy import lazy_exports
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "eagle_ray.contract": (
@@ -64,14 +63,4 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # cached: later lookups no longer reach __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)

@@ -7,8 +7,7 @@ Names are imported lazily (PEP 562), as in `eagle_ray/__init__.py`: the job's co
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eagle_ray._lazy import lazy_exports
 
 _MODULE_OF = {
     "DraftTrainConfig": "eagle_ray.train.config",
@@ -20,14 +19,4 @@ _MODULE_OF = {
 __all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)
