@@ -145,6 +145,37 @@ def test_replica_killed_mid_stream_exactly_once(hf_pool, reference):
     check_complete(gather(results), inputs, reference)
 
 
+def test_concurrent_streams_each_get_their_own_in_order_through_a_kill(hf_pool, reference):
+    """Three threads stream at once (plus a submit): each gets exactly its shards, in its own order,
+    while a replica is killed under all of them."""
+    hf_pool.scale(2)
+    inputs = {t: batches(6, seed=20 + t) for t in range(3)}
+    got: dict[int, list[ShardResult]] = {}
+    errors: list[BaseException] = []
+
+    def consume(t: int) -> None:
+        try:
+            got[t] = list(hf_pool.stream(inputs[t]))
+        except BaseException as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=consume, args=(t,)) for t in inputs]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    ray.kill(hf_pool._ready()[0].actor, no_restart=True)
+    single = random_batch([30, 17], seed=99)
+    sup = hf_pool.forward_packed(single)  # a submit beside the streams
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    torch.testing.assert_close(sup.aux_hidden_states, reference.forward_packed(single).aux_hidden_states)
+    for t, results in got.items():
+        keys = [(r.batch_index, r.sequences) for r in results]
+        assert keys == sorted(keys)  # each stream in its own order
+        check_complete(gather(results), inputs[t], reference)
+
+
 def test_scale_while_streaming_loses_nothing(hf_pool, reference):
     hf_pool.scale(1)
     state = {"phase": "up", "after_down": 0}

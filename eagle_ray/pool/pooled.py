@@ -51,6 +51,7 @@ class ShardResult:
 @dataclass
 class _Shard:
     shard_id: int
+    stream_id: int  # whose outbox its result goes to
     batch_index: int
     sequences: tuple[int, int]
     batch: PackedBatch
@@ -147,12 +148,14 @@ class PooledTargetModel:
         self._shard_tokens = shard_tokens
         self._per_replica = max_inflight_per_replica
         self._replaced = 0
-        self._stream_active = False
+        self._next_stream_id = 0
         self._start_errors: list[str] = []
         self._info: ModelInfo | None = None
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self._start_timeout_s = start_timeout_s
-        self._settled: deque[ShardResult] = deque()  # results waiting for the stream to take them
+        # per running stream (or submit), its results waiting to be taken: several run at once, from
+        # any thread; a result whose stream has ended (abandoned) has no outbox and is dropped
+        self._outbox: dict[int, deque[ShardResult]] = {}
         try:
             self._reconcile()
             self._wait_ready(start_timeout_s)
@@ -301,7 +304,9 @@ class PooledTargetModel:
         if self._ledger.complete(shard.shard_id, attempt):
             r.tokens_done += meta["tokens"]
             r.shards_done += 1
-            self._settled.append(self._result(shard, payload, r.replica_id))
+            box = self._outbox.get(shard.stream_id)
+            if box is not None:
+                box.append(self._result(shard, payload, r.replica_id))
 
     def _failed(self, shard: _Shard, attempt: int, reason: str) -> None:
         verdict = self._ledger.fail(shard.shard_id, attempt, reason)
@@ -311,9 +316,11 @@ class PooledTargetModel:
             err = self._ledger.error(shard.shard_id)
             log.error("%s", err)
             b = shard.batch
-            self._settled.append(
-                ShardResult(shard.shard_id, shard.batch_index, shard.sequences, b.num_tokens, None, None, str(err))
-            )
+            box = self._outbox.get(shard.stream_id)
+            if box is not None:
+                box.append(
+                    ShardResult(shard.shard_id, shard.batch_index, shard.sequences, b.num_tokens, None, None, str(err))
+                )
 
     # ----------------------------------------------------------------------------------- facts
 
@@ -372,8 +379,8 @@ class PooledTargetModel:
 
     # ----------------------------------------------------------------------------------- dispatch
 
-    def _shards(self, batch: PackedBatch, batch_index: int, logits: bool) -> list[_Shard]:
-        batch = validate_packed(batch, self.info.vocab_size, self.info.max_context)
+    def _shards(self, batch: PackedBatch, batch_index: int, logits: bool, stream_id: int) -> list[_Shard]:
+        """Split a validated batch into shards."""
         # split over the idle replicas only: one batch alone (submit, a stream's start) is served by all of
         # them at once, while in a busy stream each replica takes whole batches (fewer, larger forwards)
         idle = [r for r in self._ready() if not r.inflight] if not self._retry else []
@@ -386,9 +393,8 @@ class PooledTargetModel:
             sid = self._next_shard_id
             self._next_shard_id += 1
             self._ledger.add(sid)
-            shards.append(
-                _Shard(sid, batch_index, (start, stop), sub, logits, sub.num_tokens * self._bytes_per_token(logits))
-            )
+            nbytes = sub.num_tokens * self._bytes_per_token(logits)
+            shards.append(_Shard(sid, stream_id, batch_index, (start, stop), sub, logits, nbytes))
         return shards
 
     def _pick(self, shard: _Shard, node_id: str | None) -> _Replica | None:
@@ -498,27 +504,26 @@ class PooledTargetModel:
         while `max_inflight_bytes` are in flight or held by un-released results. Bad input
         raises `InvalidBatchError` when its batch is reached, before it is dispatched.
         `node_id`: serve from replicas on the consumer's node while it has any (others only when
-        it has none). One stream at a time per pool.
+        it has none). Several streams and submits may run at once, from different threads: each
+        gets its own shards, in its own order, and all share the replicas and the byte budget.
         """
         with self._lock:
-            if self._stream_active:
-                raise RuntimeError("this pool is already streaming; one stream (or submit) at a time")
-            self._stream_active = True
+            sid = self._next_stream_id
+            self._next_stream_id += 1
+            self._outbox[sid] = deque()
         try:
-            yield from self._stream(iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held)
+            yield from self._stream(sid, iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held)
         finally:
             with self._lock:
-                self._stream_active = False
+                del self._outbox[sid]
 
-    def _stream(self, it, ordered, logits, node_id, stall_timeout_s, count_held) -> Iterator[ShardResult]:
+    def _stream(self, sid, it, ordered, logits, node_id, stall_timeout_s, count_held) -> Iterator[ShardResult]:
         pending: deque[_Shard] = deque()
         order: deque[int] = deque()  # shard ids in submission order, not yet yielded
-        mine: set[int] = set()
         ready: dict[int, ShardResult] = {}
         exhausted, batch_index, bad_input = False, 0, None
         last_progress = time.monotonic()
-        with self._lock:
-            self._settled.clear()  # nothing of an earlier, abandoned stream
+        box = self._outbox[sid]
         try:
             while True:
                 while True:  # dispatch what the budget allows; pull batches (outside the lock) as needed
@@ -537,27 +542,30 @@ class PooledTargetModel:
                     except StopIteration:
                         exhausted = True
                         break
-                    try:
-                        with self._lock:
-                            new = self._shards(batch, batch_index, logits)
+                    try:  # outside the lock: other streams keep dispatching meanwhile
+                        batch = validate_packed(batch, self.info.vocab_size, self.info.max_context)
                     except InvalidBatchError as e:
                         bad_input, exhausted = e, True  # serve everything before it, then raise at its place
                         break
+                    with self._lock:
+                        new = self._shards(batch, batch_index, logits, sid)
                     batch_index += 1
                     pending.extend(new)
                     order.extend(x.shard_id for x in new)
-                    mine.update(x.shard_id for x in new)
                 if exhausted and not order:
                     if bad_input is not None:
                         raise bad_input
                     return
-                self._poll(timeout=1.0)
                 with self._lock:
-                    settled = [res for res in self._settled if res.shard_id in mine]
-                    self._settled.clear()
+                    # another stream's poll may settle this one's shards while this one waits in ray.wait:
+                    # with company, wait briefly and look at the outbox often
+                    wait_s = 0.0 if box else 1.0 if len(self._outbox) == 1 else 0.02
+                self._poll(timeout=wait_s)
+                with self._lock:
+                    settled = list(box)
+                    box.clear()
                 for res in settled:
                     last_progress = time.monotonic()
-                    mine.discard(res.shard_id)
                     if ordered:
                         ready[res.shard_id] = res
                     else:
@@ -566,13 +574,13 @@ class PooledTargetModel:
                 while ordered and order and order[0] in ready:
                     yield ready.pop(order.popleft())
                 with self._lock:
-                    self._check_progress(order, pending, last_progress, stall_timeout_s)
+                    self._check_progress(order, pending, box, last_progress, stall_timeout_s)
         finally:
             self._abandon(set(order) | {x.shard_id for x in pending})
 
-    def _check_progress(self, order, pending, last_progress: float, stall_timeout_s: float) -> None:
+    def _check_progress(self, order, pending, box, last_progress: float, stall_timeout_s: float) -> None:
         """Raise instead of waiting forever when the stream cannot move."""
-        queued = bool(self._retry or pending)
+        queued = bool(self._retry or pending or box)  # box: settled by another thread's poll meanwhile
         if order and not self._replicas:
             raise RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}")
         if order and not any(sh.shard_id in order for sh, *_ in self._inflight.values()) and not queued:
