@@ -40,6 +40,7 @@ ERROR_CODES = (
     "bad_tensor",  # wrong type, dtype, rank or values
     "bad_cu_seqlens",
     "bad_attention_mask",
+    "bad_packing",  # seq_lens / position_ids of packed rows (several documents per row)
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +71,19 @@ def resolve_aux_layer_ids(aux_layer_ids: list[int] | tuple[int, ...] | None, num
         # SGLang concatenates aux states in layer order, whatever order the ids came in: HF would disagree
         raise ValueError(f"{origin} must be increasing, got {ids}: aux states are concatenated in layer order")
     return ids
+
+
+def vllm_aux_layer_ids(aux_layer_ids: list[int] | tuple[int, ...]) -> list[int]:
+    """Our aux ids in vLLM 0.33's and speculators 0.9's convention: each id + 1.
+
+    Ours (and SGLang's `eagle_config.eagle_aux_hidden_state_layer_ids`, which adds the 1 itself):
+    id i = the output of decoder layer i. vLLM and speculators read a top-level
+    `eagle_aux_hidden_state_layer_ids` as hidden-state indices: id j = the residual stream entering
+    layer j, before the final norm when j = num_layers, i.e. the output of layer j - 1. So our default
+    `[1, L//2 - 1, L - 4]` is their default `[2, L//2, L - 3]`; any other ids would be off by one if
+    copied as they are. The one place this translation is written: every export goes through it.
+    """
+    return [int(i) + 1 for i in aux_layer_ids]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +253,20 @@ def validate_packed(batch: PackedBatch, vocab_size: int, max_seq_len: int | None
 
 
 def pack_padded(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> PackedBatch:
     """Drop the padding of a [B, S] batch. Each row's attention mask must be one contiguous run
-    of ones (left or right padding); pad tokens never reach the engine."""
+    of ones (left or right padding); pad tokens never reach the engine.
+
+    Packed rows (NeMo AutoModel's packing): `seq_lens [B, D]` holds each row's document lengths,
+    zero-padded, the row's padding folded into its last document, so each row sums to S. Each
+    document becomes a sequence of its own (it attends only within itself); `position_ids`, when
+    given, must restart at 0 in each document, as NeMo's packer writes them.
+    """
     if attention_mask is None:
         raise InvalidBatchError("bad_attention_mask", "attention_mask is required (ones on real tokens)")
     for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("loss_mask", loss_mask)):
@@ -279,9 +303,48 @@ def pack_padded(
         on = keep[b].nonzero()
         if int(on[-1]) - int(on[0]) + 1 != int(lens[b]):
             raise InvalidBatchError("bad_attention_mask", "attention_mask is not one contiguous run of ones", b)
-    cu = torch.zeros(keep.shape[0] + 1, dtype=torch.long)
+    if seq_lens is not None:
+        lens = _document_lengths(keep, seq_lens, position_ids)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.long)
     cu[1:] = lens.cumsum(0)
     return PackedBatch(input_ids[keep], loss_mask[keep], cu)
+
+
+def _document_lengths(keep: torch.Tensor, seq_lens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """Real tokens per document, row by row, for packed rows: the packed batch's sequence lengths."""
+    B, S = keep.shape
+    if not isinstance(seq_lens, torch.Tensor) or not _is_int(seq_lens) or seq_lens.ndim != 2:
+        raise InvalidBatchError(
+            "bad_packing", f"seq_lens must be an integer [batch, max_docs] tensor, got {seq_lens!r}"
+        )
+    if seq_lens.shape[0] != B or bool((seq_lens < 0).any()):
+        raise InvalidBatchError("bad_packing", f"seq_lens {tuple(seq_lens.shape)} must be [{B}, max_docs], >= 0")
+    sums = seq_lens.sum(1)
+    if bool((sums != S).any()):
+        b = int((sums != S).nonzero()[0])
+        raise InvalidBatchError("bad_packing", f"seq_lens sum to {int(sums[b])}, not the row length {S}", b)
+    if position_ids is not None and (not isinstance(position_ids, torch.Tensor) or position_ids.shape != (B, S)):
+        raise InvalidBatchError("bad_packing", f"position_ids must be a [{B}, {S}] tensor like input_ids")
+    out = []
+    for b in range(B):
+        start = 0
+        for n in seq_lens[b].tolist():
+            if n == 0:
+                continue
+            real = int(keep[b, start : start + n].sum())
+            if real == 0:
+                raise InvalidBatchError(
+                    "empty_sequence", f"a document of seq_lens {seq_lens[b].tolist()} is all padding", b
+                )
+            if position_ids is not None:
+                pos = position_ids[b, start : start + n][keep[b, start : start + n]]
+                if not torch.equal(pos.long(), torch.arange(real)):
+                    raise InvalidBatchError(
+                        "bad_packing", f"position_ids of a document must be 0..{real - 1}, got {pos.tolist()[:8]}...", b
+                    )
+            out.append(real)
+            start += n
+    return torch.tensor(out, dtype=torch.long)
 
 
 def unpack_to_padded(packed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from eagle_ray.pool import placement as pl
 from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.replica import TargetReplica
 from eagle_ray.ray_init import ZERO_COPY_ENV, init_ray
-from eagle_ray.target import Eagle3TargetBatch, generate_padded
+from eagle_ray.target import NeMoSurface
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,10 @@ class _Replica:
     failures: int = 0
 
 
-class PooledTargetModel:
+class PooledTargetModel(NeMoSurface):
     """A pool of target replicas with the surface of a single target. See README "Pool"."""
+
+    _async_workers = 16  # generate_batch_async: requests in flight at once, each a submit of its own
 
     def __init__(
         self,
@@ -148,10 +150,12 @@ class PooledTargetModel:
         self._shard_tokens = shard_tokens
         self._per_replica = max_inflight_per_replica
         self._replaced = 0
+        self._bytes_delivered = 0  # supervision handed out, what consumers read from the object store
         self._next_stream_id = 0
         self._start_errors: list[str] = []
         self._info: ModelInfo | None = None
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._weights_ref: ray.ObjectRef | None = None
         self._start_timeout_s = start_timeout_s
         # per running stream (or submit), its results waiting to be taken: several run at once, from
         # any thread; a result whose stream has ended (abandoned) has no outbox and is dropped
@@ -302,6 +306,7 @@ class PooledTargetModel:
 
     def _delivered(self, shard: _Shard, attempt: int, payload: Any, r: _Replica, meta: dict[str, Any]) -> None:
         if self._ledger.complete(shard.shard_id, attempt):
+            self._bytes_delivered += shard.nbytes
             r.tokens_done += meta["tokens"]
             r.shards_done += 1
             box = self._outbox.get(shard.stream_id)
@@ -333,11 +338,16 @@ class PooledTargetModel:
     def _bytes_per_token(self, logits: bool) -> int:
         return self.info.bytes_per_token + (4 * self.info.vocab_size if logits else 0)
 
+    def weights_ref(self) -> ray.ObjectRef:
+        """(input embedding, lm_head weight): one object a replica put, read by consumers from the store."""
+        with self._lock:
+            if self._weights_ref is None:
+                self._weights_ref = self._ready()[0].actor.weights.remote()
+            return self._weights_ref
+
     def _weights_once(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._weights is None:
-            with self._lock:
-                actor = self._ready()[0].actor
-            self._weights = ray.get(actor.weights.remote())
+            self._weights = ray.get(self.weights_ref())
         return self._weights
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
@@ -372,6 +382,7 @@ class PooledTargetModel:
                 "replicas_replaced": self._replaced,
                 "inflight_bytes": self._inflight_bytes,
                 "held_bytes": self._held_bytes[0],
+                "bytes_delivered": self._bytes_delivered,
                 "max_inflight_bytes": self._max_inflight_bytes,
                 "shards_delivered": self._ledger.count("delivered"),
                 "shards_quarantined": self._ledger.count("quarantined"),
@@ -622,11 +633,12 @@ class PooledTargetModel:
             raise RuntimeError("\n".join(bad))
         return Supervision.concat(ray.get([r.ref for r in results]))
 
-    def generate_batch(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor | None = None
-    ) -> Eagle3TargetBatch:
-        """NeMo-compatible padded API, served by the pool."""
-        return generate_padded(self.forward_packed, input_ids, attention_mask, loss_mask)
+    @staticmethod
+    def connect(name: str) -> Any:
+        """A client (`PoolClient`) of the pool another process started with `serve_pool(name, ...)`."""
+        from eagle_ray.pool.shared import connect_pool
+
+        return connect_pool(name)
 
     def scale(self, replicas: int) -> None:
         """Set the number of replicas; new ones join when ready, surplus ones drain first."""
@@ -637,7 +649,12 @@ class PooledTargetModel:
             self._max_starts += max(0, replicas - len(self._replicas))
             self._reconcile()
 
+    def close(self) -> None:
+        """NeMo's name for `shutdown`."""
+        self.shutdown()
+
     def shutdown(self) -> None:
+        self._close_executor()
         with self._lock:
             self._target_replicas = 0
             for r in list(self._replicas.values()):
