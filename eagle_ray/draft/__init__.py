@@ -1,6 +1,6 @@
 """The EAGLE-3 draft side (no Ray here): vocabulary, network, TTT loss, export, speculative evaluator."""
 
-from eagle_ray.draft.export import load_draft, save_draft
+from eagle_ray.draft.export import load_draft, load_nemo_draft, save_draft, save_nemo, save_speculators
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
 from eagle_ray.draft.speculate import SpecDecodeResult, speculative_greedy, target_greedy
 from eagle_ray.draft.ttt import TTTStats, teacher_targets, ttt_loss
@@ -15,7 +15,10 @@ __all__ = [
     "build_draft_vocab",
     "count_loss_tokens",
     "load_draft",
+    "load_nemo_draft",
     "save_draft",
+    "save_nemo",
+    "save_speculators",
     "speculative_greedy",
     "target_greedy",
     "teacher_targets",

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eagle_ray.contract import vllm_aux_layer_ids
+
 
 @dataclass
 class Eagle3DraftConfig:
@@ -69,7 +71,13 @@ class Eagle3DraftConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """config.json as SGLang 0.5.23 reads an EAGLE-3 draft (transformers LlamaConfig fields)."""
+        """config.json as SGLang 0.5.23 reads an EAGLE-3 draft (transformers LlamaConfig fields).
+
+        The same file serves vLLM 0.33 (`--speculative-config '{"method": "eagle3", "model": DIR}'`): it
+        reads the top-level `eagle_aux_hidden_state_layer_ids` (`contract.vllm_aux_layer_ids`) and
+        `norm_before_residual` (and, with a full draft vocabulary, rejects the d2t/t2d `save_draft` writes).
+        speculators 0.9 has its own layout: `export.save_speculators`.
+        """
         return {
             **self.extra,
             "architectures": ["LlamaForCausalLMEagle3"],
@@ -94,6 +102,10 @@ class Eagle3DraftConfig:
             "torch_dtype": self.torch_dtype,
             # SGLang's convention for these ids is ours ("output of layer i"); it adds 1 itself
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids)},
+            # vLLM (V1 and V2 runners) reads the top-level key only, as hidden-state indices (ours + 1)
+            "eagle_aux_hidden_state_layer_ids": vllm_aux_layer_ids(self.aux_layer_ids),
+            # residual = the un-normalised hidden (MidLayer.forward); vLLM's speculators path defaults to True
+            "norm_before_residual": False,
         }
 
     @staticmethod
@@ -103,6 +115,15 @@ class Eagle3DraftConfig:
         ids = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
         if not ids:
             raise ValueError("draft config has no eagle_config.eagle_aux_hidden_state_layer_ids")
+        top = d.get("eagle_aux_hidden_state_layer_ids")
+        if top is not None and list(top) != vllm_aux_layer_ids(ids):
+            raise ValueError(
+                f"draft config's top-level eagle_aux_hidden_state_layer_ids {list(top)} (vLLM's convention, "
+                f"hidden-state indices) must be eagle_config's {list(ids)} (ours: output of layer i) + 1, "
+                f"i.e. {vllm_aux_layer_ids(ids)}"
+            )
+        if d.get("norm_before_residual"):
+            raise ValueError("draft config has norm_before_residual true; this draft's residual is the raw hidden")
         names = {f.name for f in fields(Eagle3DraftConfig)} - {"aux_layer_ids", "extra"}
         known = {k: d[k] for k in names if k in d}
         required = [f.name for f in fields(Eagle3DraftConfig) if f.default is MISSING and f.name in names]
