@@ -635,3 +635,59 @@ def test_concat_of_planned_runs_property(seqlens, max_tokens, seed):
     runs = plan_runs(batch.seqlens, max_tokens)
     joined = Supervision.concat([sub_supervision(whole, batch, a, b) for a, b in runs])
     assert_supervision_equal(joined, whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed rows (NeMo's packing: several documents per row) and the draft-vocab teacher
+
+
+def test_pack_padded_packed_rows_become_one_sequence_per_document():
+    # row 0: documents of 3 and 2 tokens + 1 pad (folded into the last); row 1: one document of 4 + 2 pads
+    ids = torch.tensor([[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0]])
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    seq_lens = torch.tensor([[3, 3], [6, 0]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    b = pack_padded(ids, attn, None, seq_lens, pos)
+    assert b.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert b.cu_seqlens.tolist() == [0, 3, 5, 9]
+    assert pack_padded(ids, attn, None, seq_lens).cu_seqlens.tolist() == [0, 3, 5, 9]  # positions optional
+
+
+def test_pack_padded_bad_packing_is_refused_with_its_row():
+    ids = torch.ones(2, 4, dtype=torch.long)
+    attn = torch.ones(2, 4, dtype=torch.long)
+    raises("bad_packing", pack_padded, ids, attn, None, torch.tensor([[2, 2], [3, 0]]), sequence=1, match="sum to 3")
+    raises("bad_packing", pack_padded, ids, attn, None, torch.tensor([4, 4]), match="max_docs")
+    raises("bad_packing", pack_padded, ids, attn, None, torch.tensor([[2.0, 2.0], [4.0, 0.0]]), match="integer")
+    raises("bad_packing", pack_padded, ids, attn, None, torch.tensor([[5, -1], [4, 0]]), match=">= 0")
+    bad_pos = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])  # row 0 packs two documents: positions must restart
+    raises("bad_packing", pack_padded, ids, attn, None, torch.tensor([[2, 2], [4, 0]]), bad_pos, sequence=0)
+    raises("bad_packing", pack_padded, ids, attn, None, torch.tensor([[2, 2], [4, 0]]), bad_pos[:1], match="[2, 4]")
+    attn = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    raises("empty_sequence", pack_padded, ids, attn, None, torch.tensor([[4, 0], [2, 2]]), sequence=1)
+
+
+def test_target_distribution_is_nemos_encoding():
+    from eagle_ray.target import VocabMapping, target_distribution
+
+    logits = torch.tensor([[[0.0, 5.0, 1.0, 2.0], [3.0, 0.0, 1.0, 0.5], [0.0, 0.0, 4.0, 1.0]]])
+    mapping = VocabMapping.checked(torch.tensor([2, 1]), torch.tensor([False, True, True, False]), 4)
+    probs, mask = target_distribution(logits, mapping, torch.tensor([[1, 1, 0]]))
+    # argmax 1 (in the draft vocab), 0 (not in it), 2 (in it, but outside the loss)
+    assert mask.squeeze(-1).tolist() == [[True, False, False]] and mask.shape == (1, 3, 1)
+    torch.testing.assert_close(probs[0, 0], torch.softmax(torch.tensor([1.0, 5.0]), -1))  # draft order, renormalised
+    assert probs.dtype == torch.float32
+
+
+def test_vocab_mapping_refuses_what_does_not_fit():
+    from eagle_ray.target import VocabMapping
+
+    mask = torch.tensor([False, True, True, False])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        VocabMapping.checked(torch.tensor([1, 7]), mask, 4)
+    with pytest.raises(ValueError, match="exactly on"):
+        VocabMapping.checked(torch.tensor([1, 3]), mask, 4)
+    with pytest.raises(ValueError, match=r"\[4\] tensor"):
+        VocabMapping.checked(torch.tensor([1, 2]), mask[:3], 4)
+    with pytest.raises(ValueError, match="1-D integer"):
+        VocabMapping.checked(torch.tensor([1.0, 2.0]), mask, 4)

@@ -31,6 +31,7 @@ SMALL = [
     "data.max_records=400",
     "eval.prompts=2",
     "eval.max_new_tokens=8",
+    "data.batch_tokens=512",  # half the default's tokens per step: the steps, not the tokens, are under test
 ]
 
 

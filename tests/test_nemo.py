@@ -176,9 +176,18 @@ class Rank:
         from eagle_ray import PooledTargetModel
 
         torch.set_num_threads(1)
+        from eagle_ray import InvalidBatchError
+
         client = PooledTargetModel.connect(name)
         try:
-            return {v: run_variant(client, LlamaConfig.from_dict(config_dict), v) for v in VARIANTS}
+            ids = torch.ones(1, 4, dtype=torch.long)
+            try:  # bad input is refused in this process, before anything is sent; the pool serves on
+                client.generate_batch_async(ids, torch.ones_like(ids), None, None, torch.tensor([[2, 1]]))
+                refused = None
+            except InvalidBatchError as e:
+                refused = e.code
+            losses = {v: run_variant(client, LlamaConfig.from_dict(config_dict), v) for v in VARIANTS}
+            return {"refused": refused, **losses}
         finally:
             client.close()
 
@@ -193,6 +202,7 @@ def test_two_ranks_share_one_pool_and_each_equals_nemo_reference(markov_target, 
         finally:
             owner.close()
     for losses in results:
+        assert losses.pop("refused") == "bad_packing"
         check(losses, reference)
     served = [r["shards_done"] for r in stats["replicas"]]
     assert len(served) == 2 and min(served) > 0, stats  # both replicas served both ranks

@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import random_batch
 from safetensors.torch import load_file, save_file
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from eagle_ray.draft.export import save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
 from eagle_ray.engines import sglang as sglang_engine
-from eagle_ray.engines.sglang import verify_eagle3_export
+from eagle_ray.engines.sglang import verify_eagle3_export, verify_eagle3_exports
 
 # the tiny target's shape (eagle_ray.tiny.TINY_SHAPE)
 V, H, HEADS, KV_HEADS, HEAD_DIM, INTER = 1024, 64, 4, 2, 16, 128
@@ -110,30 +111,40 @@ def _assert_exact(report: dict, tensors: dict[str, torch.Tensor]) -> None:
     }
 
 
-def test_random_export_loads_exactly(tmp_path):
-    tensors = write_random_export(tmp_path / "draft")
-    _assert_exact(verify_eagle3_export(tmp_path / "draft"), tensors)
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
+    """Three exports through one `verify_eagle3_exports` call (one fresh process, not three)."""
+    root = tmp_path_factory.mktemp("exports")
+    tensors = {
+        "random": write_random_export(root / "random"),
+        "bf16_padded": write_random_export(root / "bf16_padded", draft_vocab=250, dtype=torch.bfloat16),
+        "corrupted": write_random_export(
+            root / "corrupted",
+            drop=("midlayer.hidden_norm.weight", "d2t"),
+            shapes={"midlayer.self_attn.k_proj.weight": (HEAD_DIM, 2 * H), "fc.weight": (H, 2 * H)},
+            rename={"norm.weight": "final_norm.weight"},
+        ),
+    }
+    reports = verify_eagle3_exports([root / name for name in tensors])
+    return {name: (report, tensors[name]) for name, report in zip(tensors, reports, strict=True)}
 
 
-def test_bf16_export_with_padded_draft_vocab(tmp_path):
+def test_random_export_loads_exactly(checked):
+    _assert_exact(*checked["random"])
+
+
+def test_bf16_export_with_padded_draft_vocab(checked):
     """A draft vocabulary that is no multiple of 64: SGLang pads the lm_head rows (zeros) and still matches."""
-    tensors = write_random_export(tmp_path / "draft", draft_vocab=250, dtype=torch.bfloat16)
-    report = verify_eagle3_export(tmp_path / "draft")
+    report, tensors = checked["bf16_padded"]
     _assert_exact(report, tensors)
     assert report["dtype"] == "bfloat16"
     head = report["params"]["lm_head.weight"]
     assert head["shape"] == [256, H] and head["padding_rows_zero"]
 
 
-def test_missing_misshaped_and_misnamed_weights_are_reported(tmp_path):
+def test_missing_misshaped_and_misnamed_weights_are_reported(checked):
     """SGLang's load_weights skips unknown names silently and leaves absent ones uninitialised: the check does not."""
-    write_random_export(
-        tmp_path / "draft",
-        drop=("midlayer.hidden_norm.weight", "d2t"),
-        shapes={"midlayer.self_attn.k_proj.weight": (HEAD_DIM, 2 * H), "fc.weight": (H, 2 * H)},
-        rename={"norm.weight": "final_norm.weight"},
-    )
-    report = verify_eagle3_export(tmp_path / "draft")
+    report, _ = checked["corrupted"]
     assert not report["ok"]
     params = report["params"]
     # missing

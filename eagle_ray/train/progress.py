@@ -61,6 +61,7 @@ class Progress:
         self.every_s = every_s
         self.rows: dict[int, dict[str, Any]] = {}  # step -> latest row (a restart re-runs steps)
         self._seen = 0
+        self._printed = -1  # the step of the last line printed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eagle-ray-progress", daemon=True)
         self.trackers = trackers if trackers is not None else Trackers()  # closed by stop()
@@ -89,6 +90,8 @@ class Progress:
             self._tick()
         except Exception:
             log.exception("progress update failed")
+        if self.mode == "lines" and self.rows and max(self.rows) != self._printed:
+            self._print_line()  # a run's log ends on its last step, however the interval fell
         if self._bar is not None:
             self._bar.close()
         self.trackers.close()
@@ -117,7 +120,11 @@ class Progress:
                 log.exception("progress update failed")
             if self.mode == "lines" and self.rows and time.monotonic() - last_line >= self.every_s:
                 last_line = time.monotonic()
-                print(self.line(), flush=True)
+                self._print_line()
+
+    def _print_line(self) -> None:
+        self._printed = max(self.rows)
+        print(self.line(), flush=True)
 
     def _tick(self) -> None:
         try:
