@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -174,6 +175,32 @@ def test_concurrent_streams_each_get_their_own_in_order_through_a_kill(hf_pool, 
         keys = [(r.batch_index, r.sequences) for r in results]
         assert keys == sorted(keys)  # each stream in its own order
         check_complete(gather(results), inputs[t], reference)
+
+
+def test_hung_replica_is_retired_at_its_deadline_and_nothing_is_lost(cluster, tiny_paths, reference):
+    """SIGSTOP of a replica's process mid-stream (it neither answers nor dies): past its shard's deadline
+    it is retired and replaced, its shards re-run elsewhere, every value exact and delivered once."""
+    with PooledTargetModel.from_pretrained(
+        tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1, shard_timeout_s=5.0
+    ) as pool:
+        inputs = batches(12, seed=7)
+        results, stopped = [], None
+        t0 = time.monotonic()
+        for i, r in enumerate(pool.stream(inputs)):
+            results.append(r)
+            if i == 2:
+                stopped = pool.replicas()[0]
+                os.kill(stopped["pid"], signal.SIGSTOP)  # a wedged replica: alive, silent
+        waited = time.monotonic() - t0
+        live = {r["replica_id"] for r in pool.stats()["replicas"]}
+        assert stopped["replica_id"] not in live and pool.stats()["replicas_replaced"] >= 1
+        served = next(r for r in pool._ready() if r.tokens_done)  # tiny shards predict ms: the floor applies
+        assert pool.shard_deadline_s(served, 100) == 5.0 and waited < 60, waited
+        gone = time.monotonic() + 30
+        while psutil.pid_exists(stopped["pid"]) and psutil.Process(stopped["pid"]).status() != "zombie":
+            assert time.monotonic() < gone, "the hung replica's process was left running"
+            time.sleep(0.2)
+    check_complete(gather(results), inputs, reference)
 
 
 def test_scale_while_streaming_loses_nothing(hf_pool, reference):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -76,11 +77,15 @@ def test_prefers_consumer_node_and_survives_node_loss(cluster, tiny_paths, refer
 def test_tp_ranks_on_distinct_gpus_and_a_rank_other_than_zero_killed_mid_stream(cluster, tiny_paths, reference):
     """Two SGLang replicas of tp_size=2 on two 2-GPU nodes: ranks packed per node, on distinct GPUs.
     Then SIGKILL of one replica's TP rank 1 (a child process of the replica) mid-stream: the replica
-    retires itself, is replaced, and every shard is still delivered exactly once with the right values."""
+    retires itself, is replaced, and every shard is still delivered exactly once with the right values.
+    Last, SIGSTOP of the other replica's TP rank 1: rank 0 waits in a collective forever, so the replica
+    is hung, not dead; past its shard's deadline it is retired (the stopped rank dies with it) and replaced."""
     import os
     import signal
 
-    with PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="sglang", replicas=2, tp_size=2) as pool:
+    with PooledTargetModel.from_pretrained(
+        tiny_paths["llama"], engine="sglang", replicas=2, tp_size=2, shard_timeout_s=15.0
+    ) as pool:
         descs = pool.replicas()
         assert len({d["node_id"] for d in descs}) == 2  # a replica's TP ranks never span nodes
         for d in descs:
@@ -103,6 +108,38 @@ def test_tp_ranks_on_distinct_gpus_and_a_rank_other_than_zero_killed_mid_stream(
             time.sleep(0.5)
         assert pool.stats()["replicas_replaced"] == 1
         assert descs[0]["replica_id"] not in {r["replica_id"] for r in pool.stats()["replicas"]}
+        _check(seen, inputs, reference)
+
+        ready = lambda: sum(r["state"] == "ready" for r in pool.stats()["replicas"])  # noqa: E731 (stats polls)
+        while ready() < 2 and time.time() < deadline + 240:  # the replacement, started meanwhile
+            time.sleep(0.5)
+        assert ready() == 2
+        stopped = next(r for r in descs[1]["ranks"] if r["tp_rank"] == 1)
+        os.kill(stopped["pid"], signal.SIGSTOP)
+        inputs = [random_batch([12, 20], seed=400 + i) for i in range(8)]
+        seen = {}
+        for r in pool.stream(inputs):
+            assert r.error is None, r.error
+            key = (r.batch_index, *r.sequences)
+            assert key not in seen
+            seen[key] = ray.get(r.ref).aux_hidden_states.clone()
+        assert pool.stats()["replicas_replaced"] == 2
+        assert descs[1]["replica_id"] not in {r["replica_id"] for r in pool.stats()["replicas"]}
+        gone = time.time() + 30
+        while _alive(stopped["pid"]) and time.time() < gone:
+            time.sleep(0.2)
+        assert not _alive(stopped["pid"]), "the stopped TP rank outlived its retired replica"
+    _check(seen, inputs, reference)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _check(seen: dict, inputs: list, reference) -> None:
     for b, batch in enumerate(inputs):
         parts = sorted((k[1], k[2]) for k in seen if k[0] == b)
         have = torch.cat([seen[(b, s, e)] for s, e in parts])

@@ -72,6 +72,8 @@ class _Replica:
     desc: dict[str, Any] | None = None
     inflight: list = field(default_factory=list)  # meta refs, in dispatch (= execution) order
     inflight_tokens: int = 0
+    head_since: float | None = None  # when the shard at the head of `inflight` started running (about)
+    busy_s: float = 0.0  # seconds its shards took, as the replica measured them: its rate is tokens_done / busy_s
     tokens_done: int = 0
     shards_done: int = 0
     failures: int = 0
@@ -103,6 +105,8 @@ class PooledTargetModel(NeMoSurface):
         max_replica_starts: int | None = None,
         runtime_env: dict[str, Any] | None = None,
         start_timeout_s: float = 900.0,
+        shard_timeout_s: float = 120.0,
+        shard_timeout_factor: float = 10.0,
     ):
         if not ray.is_initialized():
             init_ray()
@@ -157,6 +161,13 @@ class PooledTargetModel(NeMoSurface):
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self._weights_ref: ray.ObjectRef | None = None
         self._start_timeout_s = start_timeout_s
+        if shard_timeout_s <= 0 or shard_timeout_factor < 1:
+            raise ValueError(
+                f"shard_timeout_s must be > 0 and shard_timeout_factor >= 1, got {shard_timeout_s}, "
+                f"{shard_timeout_factor}"
+            )
+        self._shard_timeout_s = shard_timeout_s
+        self._shard_timeout_factor = shard_timeout_factor
         # per running stream (or submit), its results waiting to be taken: several run at once, from
         # any thread; a result whose stream has ended (abandoned) has no outbox and is dropped
         self._outbox: dict[int, deque[ShardResult]] = {}
@@ -280,7 +291,7 @@ class PooledTargetModel(NeMoSurface):
         lost_refs = [ref for ref in r.inflight if ref in self._inflight]
         if self._replicas.get(r.replica_id) is not r and not lost_refs:
             return  # handled already (its watch and a shard both reported the death)
-        log.warning("replica %d died: %s", r.replica_id, err)
+        log.warning("replica %d lost: %s", r.replica_id, err)
         finished = set(ray.wait(lost_refs, num_returns=len(lost_refs), timeout=0)[0]) if lost_refs else set()
         blamed = False
         for ref in lost_refs:
@@ -305,6 +316,7 @@ class PooledTargetModel(NeMoSurface):
         self._reconcile()
 
     def _delivered(self, shard: _Shard, attempt: int, payload: Any, r: _Replica, meta: dict[str, Any]) -> None:
+        r.busy_s += meta["seconds"]
         if self._ledger.complete(shard.shard_id, attempt):
             self._bytes_delivered += shard.nbytes
             r.tokens_done += meta["tokens"]
@@ -426,6 +438,8 @@ class PooledTargetModel(NeMoSurface):
             shard.shard_id, b.input_ids, b.loss_mask, b.cu_seqlens, shard.logits
         )
         self._inflight[meta] = (shard, r, attempt, payload)
+        if not r.inflight:
+            r.head_since = time.monotonic()
         r.inflight.append(meta)
         r.inflight_tokens += b.num_tokens
         self._inflight_bytes += shard.nbytes
@@ -435,12 +449,38 @@ class PooledTargetModel(NeMoSurface):
         # over budget, still let one shard run: a consumer holding results slows the stream, never deadlocks it
         return used + shard.nbytes <= self._max_inflight_bytes or self._inflight_bytes == 0
 
+    def shard_deadline_s(self, r: _Replica, num_tokens: int) -> float:
+        """How long a shard may run on `r` before the replica counts as hung: `shard_timeout_factor` times
+        what its measured rate predicts, at least `shard_timeout_s`; 10x that floor until it finished one
+        (a first forward may compile, warm caches, or load lazily)."""
+        if r.busy_s <= 0 or r.tokens_done <= 0:
+            return 10 * self._shard_timeout_s
+        return max(self._shard_timeout_s, self._shard_timeout_factor * num_tokens * r.busy_s / r.tokens_done)
+
+    def _retire_hung(self) -> None:
+        """A replica whose running shard is past its deadline (a wedged GPU, a TP rank stuck in a collective,
+        a stopped process) never answers and never dies: retire it (its TP ranks die with it), re-run its shards."""
+        now = time.monotonic()
+        for r in list(self._replicas.values()):
+            if r.state not in ("ready", "draining") or not r.inflight or r.head_since is None:
+                continue
+            shard = self._inflight[r.inflight[0]][0]
+            deadline = self.shard_deadline_s(r, shard.batch.num_tokens)
+            if now - r.head_since > deadline:
+                self._on_replica_death(
+                    r,
+                    TimeoutError(
+                        f"shard {shard.shard_id} ran {now - r.head_since:.0f}s, past its {deadline:.0f}s deadline"
+                    ),
+                )
+
     def _poll(self, timeout: float, completions: bool = True) -> None:
-        """Wait for completions (or replica start-ups and deaths); settled shards go to `_settled`.
+        """Wait for completions (or replica start-ups and deaths); settled shards go to their stream's outbox.
 
         Safe from any thread: refs are settled under the lock, each exactly once.
         """
         with self._lock:
+            self._retire_hung()
             waiting = list(self._inflight) if completions else []
             for r in self._replicas.values():
                 waiting += [ref for ref in (r.ready_ref, r.watch_ref) if ref is not None]
@@ -484,6 +524,8 @@ class PooledTargetModel(NeMoSurface):
 
     def _settle(self, ref: Any, shard: _Shard, r: _Replica) -> None:
         del self._inflight[ref]
+        if r.inflight and r.inflight[0] == ref:  # the next one starts now (an actor runs its tasks in order)
+            r.head_since = time.monotonic() if len(r.inflight) > 1 else None
         r.inflight.remove(ref)
         r.inflight_tokens -= shard.batch.num_tokens
         self._inflight_bytes -= shard.nbytes

@@ -76,7 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
     torch.manual_seed(cfg.seed + rank)
 
-    embeddings, lm_head, draft_ids = ray.get(config["weights"])
+    (embeddings, lm_head), draft_ids = ray.get(config["weights"])
     draft = Eagle3Draft.from_target(
         Eagle3DraftConfig(**config["draft_config"]), embeddings, lm_head, draft_ids, cfg.freeze_embeddings, cfg.seed
     ).to(device)

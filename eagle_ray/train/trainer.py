@@ -105,8 +105,11 @@ def train_draft(
     counts = count_loss_tokens(itertools.islice(source(0), vocab_batches), info.vocab_size)
     vocab = build_draft_vocab(counts, draft_vocab_size, special_token_ids, cache=run_dir / "draft_vocab.safetensors")
     draft_config = Eagle3DraftConfig.from_target(target_config, vocab.size, list(info.aux_layer_ids))
-    embeddings = pool.get_input_embeddings().weight.detach()
-    weights = ray.put((embeddings, pool.get_lm_head_weight().detach(), vocab.target_ids))
+    if hasattr(pool, "weights_ref"):  # one object a replica put: workers read it, the driver never holds it
+        target_weights = pool.weights_ref()
+    else:
+        target_weights = ray.put((pool.get_input_embeddings().weight.detach(), pool.get_lm_head_weight().detach()))
+    weights = [target_weights, ray.put(vocab.target_ids)]  # a list: Ray Train hands the refs over, not values
 
     sink = MetricsSink.remote()
     if not isinstance(trackers, Trackers):  # opened before the feed starts: a tracker that fails leaves nothing to stop
