@@ -42,6 +42,23 @@ def test_requeue_does_not_count_as_failure_and_abandon_blocks_delivery():
     assert led.records[1].failures == [] and led.records[1].state == "pending"
     b = led.dispatch(1)
     led.abandon(1)
-    assert led.complete(1, b) is False and led.records[1].state == "abandoned"
+    assert led.complete(1, b) is False and led.count("abandoned") == 1
     with pytest.raises(ValueError):
         led.add(1)
+
+
+def test_the_ledger_holds_only_what_is_in_flight():
+    """A long run settles a million shards: the ledger keeps records for the live ones only."""
+    led = ShardLedger(max_failures=2)
+    live = []
+    for sid in range(1_000_000):
+        led.add(sid)
+        live.append((sid, led.dispatch(sid)))
+        if len(live) > 8:  # eight in flight, as a busy pool keeps them
+            done, attempt = live.pop(0)
+            assert led.complete(done, attempt)
+            assert led.complete(done, attempt) is False  # a late duplicate of a dropped record: stale
+    assert len(led.records) == 8 and led.count("delivered") == 1_000_000 - 8 and led.count("running") == 8
+    assert led.fail(3, 1, "late") == "stale"
+    with pytest.raises(RuntimeError, match="settled"):
+        led.dispatch(3)
