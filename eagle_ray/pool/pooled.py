@@ -482,8 +482,9 @@ class PooledTargetModel(NeMoSurface):
         with self._lock:
             self._retire_hung()
             waiting = list(self._inflight) if completions else []
-            for r in self._replicas.values():
-                waiting += [ref for ref in (r.ready_ref, r.watch_ref) if ref is not None]
+            starting = {r.ready_ref: r for r in self._replicas.values() if r.ready_ref is not None}
+            watched = {r.watch_ref: r for r in self._replicas.values() if r.watch_ref is not None}
+            waiting += [*starting, *watched]
         if not waiting:
             return
         done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
@@ -491,13 +492,15 @@ class PooledTargetModel(NeMoSurface):
             done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
         with self._lock:
             for ref in done:
-                starting = next((r for r in self._replicas.values() if r.ready_ref == ref), None)
-                if starting is not None:
-                    self._on_ready(starting)
-                    continue
-                watched = next((r for r in self._replicas.values() if r.watch_ref == ref), None)
-                if watched is not None:
-                    self._on_replica_death(watched, _error_of(ref))
+                # by dict, not a scan of the replicas per ref; another thread's poll may have handled it meanwhile
+                r = starting.get(ref) or watched.get(ref)
+                if r is not None:
+                    if self._replicas.get(r.replica_id) is not r:
+                        continue  # removed meanwhile
+                    if ref in starting and r.ready_ref == ref:
+                        self._on_ready(r)
+                    elif ref in watched:
+                        self._on_replica_death(r, _error_of(ref))
                     continue
                 if ref not in self._inflight:
                     continue  # settled already (its replica died and the shard was requeued)
