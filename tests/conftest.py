@@ -92,6 +92,37 @@ def hf_target():
     return get
 
 
+def random_draft(aux_ids: list[int], draft_vocab: int, seed: int = 0):
+    """A draft for the tiny target with every tensor random (norms near 1: a weight of ones would hide a
+    mix-up) and a random draft vocabulary: what the export tests write and read back."""
+    from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
+    from eagle_ray.tiny import TINY_SHAPE
+
+    shape = {
+        k: TINY_SHAPE[k]
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "max_position_embeddings",
+        )
+    }
+    draft = Eagle3Draft(Eagle3DraftConfig(**shape, draft_vocab_size=draft_vocab, aux_layer_ids=aux_ids))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in draft.parameters():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.05 + (1.0 if t.ndim == 1 else 0.0))
+    vocab = shape["vocab_size"]
+    hot = torch.randperm(vocab, generator=g)[:draft_vocab].sort().values
+    draft.d2t.copy_(hot - torch.arange(draft_vocab))
+    draft.t2d.zero_()
+    draft.t2d[hot] = True
+    return draft
+
+
 def random_batch(lengths: list[int], vocab: int = 1024, seed: int = 0) -> PackedBatch:
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]

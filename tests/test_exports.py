@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import random_draft
 from safetensors.torch import load_file
 
 from eagle_ray import (
@@ -69,30 +70,6 @@ def _few_threads():
     torch.set_num_threads(1)  # tiny matmuls on a shared machine
     yield
     torch.set_num_threads(threads)
-
-
-def random_draft(aux_ids: list[int], draft_vocab: int, seed: int = 0) -> Eagle3Draft:
-    g = torch.Generator().manual_seed(seed)
-    config = Eagle3DraftConfig(
-        hidden_size=H,
-        intermediate_size=TINY_SHAPE["intermediate_size"],
-        num_attention_heads=TINY_SHAPE["num_attention_heads"],
-        num_key_value_heads=TINY_SHAPE["num_key_value_heads"],
-        head_dim=TINY_SHAPE["head_dim"],
-        vocab_size=V,
-        draft_vocab_size=draft_vocab,
-        aux_layer_ids=aux_ids,
-        max_position_embeddings=TINY_SHAPE["max_position_embeddings"],
-    )
-    draft = Eagle3Draft(config)
-    with torch.no_grad():
-        for t in draft.parameters():  # norms too: a weight of ones would hide a mix-up
-            t.copy_(torch.randn(t.shape, generator=g) * 0.05 + (1.0 if t.ndim == 1 else 0.0))
-    hot = torch.randperm(V, generator=g)[:draft_vocab].sort().values
-    draft.d2t.copy_(hot - torch.arange(draft_vocab))
-    draft.t2d.zero_()
-    draft.t2d[hot] = True
-    return draft
 
 
 def spec_name(ours: str) -> str:  # written out here, not taken from export.py
@@ -300,6 +277,18 @@ def step_inputs(seed: int = 1):
     return torch.randint(0, V, (2, 9), generator=g), torch.randn(2, 9, 3 * H, generator=g)
 
 
+def assert_same_as_nemo(draft, ours: dict[str, torch.Tensor], model) -> None:
+    """Every tensor equal under NeMo's names, and one and two draft steps' logits within 1e-5."""
+    theirs = model.state_dict()
+    assert {nemo_name(n) for n in ours} == set(theirs)
+    for name, t in ours.items():
+        assert torch.equal(theirs[nemo_name(name)], t), name
+    ids, aux_states = step_inputs()
+    ours_logits = one_and_two_steps_ours(draft, ids, aux_states)
+    for a, b in zip(ours_logits, one_and_two_steps_nemo(model, ids, aux_states), strict=True):  # steps 1, 2
+        assert (a - b).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("draft_vocab", [250, V], ids=["draft_vocab", "full_vocab"])
 def test_nemo_warm_starts_from_our_export(draft_vocab, nemo, tiny_paths, tmp_path):
     """save_nemo's export through NeMo's own warm start (`_load_draft_weights`: its reader, its mapping check)."""
@@ -315,17 +304,7 @@ def test_nemo_warm_starts_from_our_export(draft_vocab, nemo, tiny_paths, tmp_pat
     ours = draft.state_dict()
     if draft_vocab == V:
         ours = {n: t for n, t in ours.items() if n not in ("d2t", "t2d")}
-    theirs = model.state_dict()
-    assert {nemo_name(n) for n in ours} == set(theirs)
-    for name, t in ours.items():
-        assert torch.equal(theirs[nemo_name(name)], t), name
-    ids, aux_states = step_inputs()
-    ours_logits, nemo_logits = (
-        one_and_two_steps_ours(draft, ids, aux_states),
-        one_and_two_steps_nemo(model, ids, aux_states),
-    )
-    for a, b in zip(ours_logits, nemo_logits, strict=True):  # step 1 and step 2
-        assert (a - b).abs().max().item() <= 1e-5
+    assert_same_as_nemo(draft, ours, model)
 
 
 def test_a_nemo_trained_draft_runs_in_our_evaluator(nemo, tiny_paths, hf_target, tmp_path):
@@ -336,19 +315,8 @@ def test_a_nemo_trained_draft_runs_in_our_evaluator(nemo, tiny_paths, hf_target,
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == L  # the target's, not the draft's
     draft = load_nemo_draft(out, aux_layer_ids=[0, 3, 7])
     assert draft.config.aux_layer_ids == [0, 3, 7] and draft.config.draft_vocab_size == 250
-    theirs = model.state_dict()
-    ours = draft.state_dict()
-    assert {nemo_name(n) for n in ours} == set(theirs)
-    for name, t in ours.items():
-        assert torch.equal(theirs[nemo_name(name)], t), name
+    assert_same_as_nemo(draft, draft.state_dict(), model)
     assert torch.equal(draft.draft_ids, model.d2t + torch.arange(250))
-    ids, aux_states = step_inputs()
-    ours_logits, nemo_logits = (
-        one_and_two_steps_ours(draft, ids, aux_states),
-        one_and_two_steps_nemo(model, ids, aux_states),
-    )
-    for a, b in zip(ours_logits, nemo_logits, strict=True):  # step 1 and step 2
-        assert (a - b).abs().max().item() <= 1e-5
     result = speculative_greedy(hf_target(target_path, aux_layer_ids=[0, 3, 7]), draft, [[5, 6, 7], [9]], 6, 3)
     assert result.matches_reference and result.verify_forwards >= 1, result.summary()
     with pytest.raises(ValueError, match="aux"):

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch
+from conftest import random_batch, random_draft
 from safetensors.torch import load_file, save_file
 
 from eagle_ray.draft.export import save_draft
-from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
 from eagle_ray.engines import sglang as sglang_engine
 from eagle_ray.engines.sglang import verify_eagle3_export, verify_eagle3_exports
 
@@ -51,26 +50,8 @@ def write_random_export(
 
     `drop`, `shapes` and `rename` corrupt it: leave tensors out, give them another shape, or another name.
     """
-    g = torch.Generator().manual_seed(seed)
-    config = Eagle3DraftConfig(
-        hidden_size=H,
-        intermediate_size=INTER,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        vocab_size=V,
-        draft_vocab_size=draft_vocab,
-        aux_layer_ids=[1, 3, 4],
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(seed)
-    draft = Eagle3Draft(config)
-    with torch.no_grad():
-        for t in draft.parameters():  # norms too: a weight of ones would hide a mix-up
-            t.copy_(torch.randn(t.shape, generator=g) * 0.05 + (1.0 if t.ndim == 1 else 0.0))
-    hot = torch.randperm(V, generator=g)[:draft_vocab].sort().values
-    draft.d2t.copy_(hot - torch.arange(draft_vocab))
-    draft.t2d[hot] = True
+    draft = random_draft([1, 3, 4], draft_vocab, seed)
+    g = torch.Generator().manual_seed(seed + 1)  # the corruptions' values
     save_draft(draft, path, dtype=dtype)  # the real exporter
     tensors = load_file(str(path / "model.safetensors"))
     for name, shape in (shapes or {}).items():
