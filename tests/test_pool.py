@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 import ray
 import torch
 from conftest import local_ray, random_batch
+from ray import cloudpickle
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
 from eagle_ray import HFEagle3TargetModel, InvalidBatchError, PackedBatch
@@ -298,3 +300,49 @@ def test_poison_shard_quarantined_pool_keeps_serving(cluster, tiny_paths, refere
     clean = [b for i, b in enumerate(inputs) if i != 2]
     check_complete({(k[0] - (k[0] > 2), k[1], k[2]): v for k, v in good.items() if k[0] != 2}, clean, reference)
     assert sum(r.num_tokens for r in results) == sum(b.num_tokens for b in inputs)
+
+
+# the client actor runs this module's code and conftest's, which Ray's workers cannot import: ship them by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(sys.modules["conftest"])
+
+
+@ray.remote(num_cpus=0)
+class _Client:
+    """Another process using a shared pool: it reads supervision and keeps it."""
+
+    def __init__(self, name: str):
+        from eagle_ray import PooledTargetModel
+
+        self.target = PooledTargetModel.connect(name)
+        self.kept = []
+
+    def take(self, seed: int) -> int:
+        sup = self.target.forward_packed(random_batch([60] * 16, seed=seed))  # zero-copy: pins the objects
+        self.kept.append(sup)
+        return sup.nbytes
+
+
+def test_a_client_that_dies_leaks_nothing_and_the_pool_serves_on(cluster, tiny_paths, reference):
+    """A client of a shared pool dies holding supervision: Ray frees what it borrowed, the pool serves others."""
+    from eagle_ray.pool import serve_pool
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    used = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used  # noqa: E731
+    owner = serve_pool("leak-check", tiny_paths["llama"], engine="hf", replicas=1, use_gpu=False, cpus_per_replica=1)
+    try:
+        base = used()
+        client = _Client.remote("leak-check")
+        held = sum(ray.get([client.take.remote(s) for s in range(4)]))
+        assert used() - base >= held  # the client holds its supervision in the store
+        ray.kill(client, no_restart=True)
+        deadline = time.monotonic() + 30
+        while used() - base > held // 10 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert used() - base <= held // 10, (used() - base, held)  # freed with the client (weights aside)
+        batch = random_batch([17, 30], seed=5)
+        torch.testing.assert_close(
+            owner.forward_packed(batch).aux_hidden_states, reference.forward_packed(batch).aux_hidden_states
+        )
+    finally:
+        owner.close()
