@@ -126,8 +126,12 @@ def model(markov_target):
 
 
 @pytest.fixture(scope="module")
-def reference(model) -> dict[str, list[float]]:
+def reference(model, markov_target, sglang_target) -> dict[str, list[float]]:
     """NeMo's own HF target (synchronous: it has no async path), the same draft, the same batches."""
+    # NeMo's token mapping all-reduces over torch.distributed when it is initialised, and an in-process
+    # SGLang engine initialises it: a TP-2 engine left open by an earlier module would hang that all-reduce
+    # (its rank 1 waits for SGLang's own work). The TP-1 engine the SGLang run below uses is a world of one.
+    sglang_target(markov_target)
     torch.set_num_threads(1)
     nemo_target = _nemo()[3].HFEagle3TargetModel(model)
     out = {}
