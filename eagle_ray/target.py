@@ -200,6 +200,10 @@ class NeMoSurface:
     def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         raise NotImplementedError
 
+    def _forward_validated(self, batch: PackedBatch) -> Supervision:
+        """`forward_packed` of a batch `_prepare` has validated already; a target may skip checking it again."""
+        return self.forward_packed(batch)
+
     def get_lm_head_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -241,7 +245,7 @@ class NeMoSurface:
         mapping, head = self._vocab_mapping, self.get_lm_head_weight()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self._async_workers, thread_name_prefix="eagle_ray-generate")
-        return self._executor.submit(lambda: _finish(req, self.forward_packed(req.packed), head, mapping))
+        return self._executor.submit(lambda: _finish(req, self._forward_validated(req.packed), head, mapping))
 
     def _close_executor(self) -> None:
         if self._executor is not None:
@@ -262,7 +266,11 @@ class Eagle3TargetModel(NeMoSurface):
 
     def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         """The fast path: packed ragged batch in, unshifted aux + last hidden (+ logits) out."""
-        batch = validate_packed(batch, self.info.vocab_size, self.info.max_context)
+        return self._forward_validated(
+            validate_packed(batch, self.info.vocab_size, self.info.max_context), return_logits
+        )
+
+    def _forward_validated(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         with self._engine_lock:
             return self.engine.forward(batch, return_logits)
 

@@ -68,6 +68,9 @@ class PoolClient(NeMoSurface):
 
     def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         batch = validate_packed(batch, self._info.vocab_size, self._info.max_context)  # before dispatch
+        return self._forward_validated(batch, return_logits)
+
+    def _forward_validated(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         return _gather(ray.get(self._server.submit.remote(batch, return_logits)))
 
     def _weights_once(self) -> tuple[torch.Tensor, torch.Tensor]:
