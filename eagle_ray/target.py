@@ -328,9 +328,23 @@ class SGLangEagle3TargetModel(Eagle3TargetModel):
         return cls(SGLangEngine(model_path, aux_layer_ids, dtype, tp_size, trust_remote_code, sglang_kwargs))
 
 
+ENGINES = ("sglang", "hf")  # what users choose from
+# benchmark tools, never offered to users: name -> "module:class" with a `from_pretrained`
+_BENCH_ENGINES = {"synthetic": "eagle_ray.testing.synthetic:SyntheticTarget"}
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES and engine not in _BENCH_ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+
+
 def load_target(engine: str, model_path: str, **kwargs: Any) -> Eagle3TargetModel:
     """Build a target by engine name ("sglang" or "hf")."""
+    check_engine(engine)
+    if engine in _BENCH_ENGINES:
+        import importlib
+
+        module, name = _BENCH_ENGINES[engine].split(":")
+        return getattr(importlib.import_module(module), name).from_pretrained(model_path, **kwargs)
     classes = {"sglang": SGLangEagle3TargetModel, "hf": HFEagle3TargetModel}
-    if engine not in classes:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(classes)}")
     return classes[engine].from_pretrained(model_path, **kwargs)

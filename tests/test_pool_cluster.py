@@ -144,3 +144,56 @@ def _check(seen: dict, inputs: list, reference) -> None:
         parts = sorted((k[1], k[2]) for k in seen if k[0] == b)
         have = torch.cat([seen[(b, s, e)] for s, e in parts])
         torch.testing.assert_close(have, reference.forward_packed(batch).aux_hidden_states, atol=1e-5, rtol=0)
+
+
+@ray.remote(num_cpus=0)
+class _Reader:
+    """A draft worker's reading side (the real `FeedReader`), one step per call."""
+
+    def start(self, handles) -> None:
+        from eagle_ray.train.feed import FeedReader
+
+        self.reader = FeedReader(handles, 0, 0, timeout_s=120)
+        self.it = iter(self.reader)
+
+    def next(self) -> tuple[int, int, torch.Tensor] | None:
+        step, sup, meta = next(self.it, (None, None, None))
+        return None if step is None else (step, meta["batch"], sup.aux_hidden_states.clone())
+
+    def reruns(self) -> int:
+        return self.reader.reruns
+
+
+def test_supervision_lost_with_its_node_before_it_was_read_is_rerun_once(cluster, tiny_paths, reference):
+    """Handed out, queued for a worker, then its node dies before the worker reads it: the worker asks again, the
+    feed re-runs that batch on the replacements, and the worker trains on every step once, with the right values."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from eagle_ray.train.feed import SupervisionFeed
+
+    c, _ = cluster
+    inputs = [random_batch([60, 60, 60, 60], seed=500 + i) for i in range(8)]  # 240 KB each: in the store, not inlined
+    with PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="hf", replicas=2, use_gpu=True) as pool:
+        feed = SupervisionFeed(pool, lambda i: iter(inputs[i:]), world_size=1, max_steps=8, queue_depth=4).start()
+        try:
+            head = NodeAffinitySchedulingStrategy(c.head_node.node_id, soft=False)
+            reader = _Reader.options(scheduling_strategy=head).remote()
+            ray.get(reader.start.remote(feed.handles))
+            got = [ray.get(reader.next.remote())]
+            deadline = time.time() + 60
+            while feed.stats["batches"] < 6 and time.time() < deadline:  # step 1 prefetched, 2-5 queued
+                time.sleep(0.1)
+            assert feed.stats["batches"] >= 6
+            served_from = {d["node_id"] for d in pool.replicas()}
+            for node in [n for n in c.list_all_nodes() if n.node_id in served_from]:
+                c.remove_node(node)
+            c.add_node(num_cpus=4, num_gpus=2, object_store_memory=128 * 2**20)  # room for the replacements
+            while (row := ray.get(reader.next.remote(), timeout=120)) is not None:
+                got.append(row)
+            assert ray.get(reader.reruns.remote()) >= 1  # some queued supervision really was lost
+        finally:
+            feed.close()
+    assert feed.stats["reruns"] >= 1
+    assert [(step, g) for step, g, _ in got] == [(i, i) for i in range(8)]  # every step once, in order
+    for _, g, aux in got:
+        torch.testing.assert_close(aux, reference.forward_packed(inputs[g]).aux_hidden_states, atol=1e-5, rtol=0)

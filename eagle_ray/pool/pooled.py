@@ -27,7 +27,7 @@ from eagle_ray.pool import placement as pl
 from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.replica import TargetReplica
 from eagle_ray.ray_init import ZERO_COPY_ENV, init_ray
-from eagle_ray.target import NeMoSurface
+from eagle_ray.target import NeMoSurface, check_engine
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ class PooledTargetModel(NeMoSurface):
             init_ray()
         if replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
-        if engine not in ("sglang", "hf"):
-            raise ValueError(f"engine must be 'sglang' or 'hf', got {engine!r}")
+        check_engine(engine)
         use_gpu = pl.cluster_has_gpus() if use_gpu is None else use_gpu
         self.shape = pl.replica_shape(placement, tp_size, use_gpu, cpus_per_replica, gpu_fraction)
         self.placement = placement
@@ -149,7 +148,7 @@ class PooledTargetModel(NeMoSurface):
         ] = {}  # meta ref -> (shard, replica, attempt, payload)
         self._retry: deque[_Shard] = deque()
         self._inflight_bytes = 0  # dispatched, not yet handed out
-        self._held_bytes = [0]  # handed out, ShardResult still alive (a list: finalizers update it)
+        self._held = _Held()  # handed out, ShardResult still alive
         self._max_inflight_bytes = max_inflight_bytes
         self._shard_tokens = shard_tokens
         self._per_replica = max_inflight_per_replica
@@ -393,7 +392,7 @@ class PooledTargetModel(NeMoSurface):
                 ],
                 "replicas_replaced": self._replaced,
                 "inflight_bytes": self._inflight_bytes,
-                "held_bytes": self._held_bytes[0],
+                "held_bytes": self._held.bytes,
                 "bytes_delivered": self._bytes_delivered,
                 "max_inflight_bytes": self._max_inflight_bytes,
                 "shards_delivered": self._ledger.count("delivered"),
@@ -444,10 +443,14 @@ class PooledTargetModel(NeMoSurface):
         r.inflight_tokens += b.num_tokens
         self._inflight_bytes += shard.nbytes
 
-    def _budget_allows(self, shard: _Shard, count_held: bool = True) -> bool:
-        used = self._inflight_bytes + (self._held_bytes[0] if count_held else 0)
-        # over budget, still let one shard run: a consumer holding results slows the stream, never deadlocks it
-        return used + shard.nbytes <= self._max_inflight_bytes or self._inflight_bytes == 0
+    def _budget_allows(self, shard: _Shard, count_held: bool = True, partial: bool = False) -> bool:
+        held = self._held.bytes if count_held else 0
+        if self._inflight_bytes + held + shard.nbytes <= self._max_inflight_bytes:
+            return True
+        # over budget with nothing in flight: a shard larger than the budget runs alone; and a consumer holding part
+        # of a batch may be waiting for the rest, so one shard runs. A consumer holding whole batches frees them on
+        # its own: it waits (a slow trainer's queue and prefetch stay within the budget)
+        return self._inflight_bytes == 0 and (held == 0 or partial)
 
     def shard_deadline_s(self, r: _Replica, num_tokens: int) -> float:
         """How long a shard may run on `r` before the replica counts as hung: `shard_timeout_factor` times
@@ -474,8 +477,10 @@ class PooledTargetModel(NeMoSurface):
                     ),
                 )
 
-    def _poll(self, timeout: float, completions: bool = True) -> None:
+    def _poll(self, timeout: float, completions: bool = True, releases: int | None = None) -> None:
         """Wait for completions (or replica start-ups and deaths); settled shards go to their stream's outbox.
+        `releases`: the caller's count of held-result releases when it last tried to dispatch; with nothing in
+        flight, a later release is what it waits for.
 
         Safe from any thread: refs are settled under the lock, each exactly once.
         """
@@ -484,9 +489,14 @@ class PooledTargetModel(NeMoSurface):
             waiting = list(self._inflight) if completions else []
             starting = {r.ready_ref: r for r in self._replicas.values() if r.ready_ref is not None}
             watched = {r.watch_ref: r for r in self._replicas.values() if r.watch_ref is not None}
+            idle = not waiting and not starting
             waiting += [*starting, *watched]
         if not waiting:
             return
+        if idle and releases is not None and timeout > 0:
+            # nothing can complete: what unblocks the caller is a consumer releasing results (the budget)
+            self._held.wait_release(releases, timeout)
+            timeout = 0
         done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
         if done:
             done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
@@ -537,9 +547,8 @@ class PooledTargetModel(NeMoSurface):
         res = ShardResult(
             shard.shard_id, shard.batch_index, shard.sequences, shard.batch.num_tokens, payload, replica_id
         )
-        held = self._held_bytes
-        held[0] += shard.nbytes
-        weakref.finalize(res, _release, held, shard.nbytes)
+        self._held.take(shard.nbytes)
+        weakref.finalize(res, self._held.release, shard.nbytes)
         return res
 
     # ----------------------------------------------------------------------------------- public API
@@ -577,17 +586,20 @@ class PooledTargetModel(NeMoSurface):
         pending: deque[_Shard] = deque()
         order: deque[int] = deque()  # shard ids in submission order, not yet yielded
         ready: dict[int, ShardResult] = {}
+        unyielded: dict[int, int] = {}  # batch index -> its shards not yet yielded
+        partial: set[int] = set()  # batches the consumer has some, not all, shards of
         exhausted, batch_index, bad_input = False, 0, None
         last_progress = time.monotonic()
         box = self._outbox[sid]
         try:
             while True:
+                releases = self._held.releases  # before trying: a release after this one may unblock dispatch
                 while True:  # dispatch what the budget allows; pull batches (outside the lock) as needed
                     with self._lock:
                         queue = self._retry if self._retry else pending
                         if queue:
                             r = self._pick(queue[0], node_id)
-                            if r is None or not self._budget_allows(queue[0], count_held):
+                            if r is None or not self._budget_allows(queue[0], count_held, bool(partial)):
                                 break
                             self._dispatch(queue.popleft(), r)
                             continue
@@ -605,6 +617,7 @@ class PooledTargetModel(NeMoSurface):
                         break
                     with self._lock:
                         new = self._shards(batch, batch_index, logits, sid)
+                    unyielded[batch_index] = len(new)
                     batch_index += 1
                     pending.extend(new)
                     order.extend(x.shard_id for x in new)
@@ -616,7 +629,7 @@ class PooledTargetModel(NeMoSurface):
                     # another stream's poll may settle this one's shards while this one waits in ray.wait:
                     # with company, wait briefly and look at the outbox often
                     wait_s = 0.0 if box else 1.0 if len(self._outbox) == 1 else 0.02
-                self._poll(timeout=wait_s)
+                self._poll(timeout=wait_s, releases=releases)
                 with self._lock:
                     settled = list(box)
                     box.clear()
@@ -626,9 +639,12 @@ class PooledTargetModel(NeMoSurface):
                         ready[res.shard_id] = res
                     else:
                         order.remove(res.shard_id)
+                        _yielded(res.batch_index, unyielded, partial)
                         yield res
                 while ordered and order and order[0] in ready:
-                    yield ready.pop(order.popleft())
+                    res = ready.pop(order.popleft())
+                    _yielded(res.batch_index, unyielded, partial)
+                    yield res
                 with self._lock:
                     self._check_progress(order, pending, box, last_progress, stall_timeout_s)
         finally:
@@ -643,7 +659,7 @@ class PooledTargetModel(NeMoSurface):
             raise RuntimeError(f"internal error: shards {list(order)[:5]} are neither queued nor in flight")
         if queued and not self._inflight and time.monotonic() - last_progress > stall_timeout_s:
             why = (
-                f"{self._held_bytes[0]} bytes of handed-out results are still referenced (budget "
+                f"{self._held.bytes} bytes of handed-out results are still referenced (budget "
                 f"{self._max_inflight_bytes}); release ShardResults when done"
                 if self._ready()
                 else f"no replica ready; last start errors: {self._start_errors[-3:]}"
@@ -721,6 +737,15 @@ def _identity(info: ModelInfo) -> ModelInfo:
     return replace(info, kv_capacity_tokens=0, max_context=0)
 
 
+def _yielded(batch_index: int, unyielded: dict[int, int], partial: set[int]) -> None:
+    unyielded[batch_index] -= 1
+    if unyielded[batch_index]:
+        partial.add(batch_index)
+    else:
+        del unyielded[batch_index]
+        partial.discard(batch_index)
+
+
 def _error_of(ref: Any) -> BaseException:
     try:
         ray.get(ref, timeout=0)
@@ -729,5 +754,26 @@ def _error_of(ref: Any) -> BaseException:
     return RuntimeError("replica watch returned")
 
 
-def _release(held: list[int], nbytes: int) -> None:
-    held[0] -= nbytes
+class _Held:
+    """Bytes of handed-out results still alive. Finalizers release them, from whichever thread drops a result;
+    a stream waiting on the budget with nothing in flight wakes on a release (`wait_release`)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.releases = 0
+        self._cond = threading.Condition(threading.RLock())  # reentrant: a finalizer may run inside `take` (GC)
+
+    def take(self, nbytes: int) -> None:
+        with self._cond:
+            self.bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.bytes -= nbytes
+            self.releases += 1
+            self._cond.notify_all()
+
+    def wait_release(self, since: int, timeout: float) -> None:
+        """Until a release after the `since`-th one, at most `timeout` seconds."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.releases != since, timeout)

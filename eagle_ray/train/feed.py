@@ -10,6 +10,12 @@ queue. When all ranks of a (re)started group have announced, the feed rewinds th
 step, so batches consumed after the last checkpoint are served again and none is skipped.
 Every item names the worker incarnation it was served to; a restarted worker drops what is left
 in its queue for its predecessor.
+
+Bytes: the feed keeps each batch's `ShardResult`s until its worker says it is done with that step
+("done" on the control queue), so the pool's byte budget counts supervision while it waits in a
+worker's queue and in its prefetch, not only until it is handed out. A worker that cannot read a
+batch because its objects were lost (their node died between hand-out and read) says "lost": the
+feed re-runs that batch (a pure function of its index) and serves it again, to that worker, once.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import ObjectLostError
 from ray.util.queue import Empty, Full, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.contract import PackedBatch, Supervision
 
@@ -58,23 +67,39 @@ class SupervisionFeed:
             raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
         self.pool, self.source, self.world, self.max_steps = pool, source, world_size, max_steps
         self.stall_timeout_s = stall_timeout_s
-        opts = {"num_cpus": 0}
+        # on the driver's node: the feed's channels must not die with a node that serves or trains
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        opts = {"num_cpus": 0, "scheduling_strategy": here}
         self.handles = FeedHandles(
             [Queue(queue_depth, actor_options=opts) for _ in range(world_size)], Queue(0, actor_options=opts)
         )
         self.error: BaseException | None = None
-        self.stats = {"batches": 0, "sequences": 0, "tokens": 0, "restarts": 0, "wait_s": 0.0}
+        self.stats = {"batches": 0, "sequences": 0, "tokens": 0, "restarts": 0, "wait_s": 0.0, "reruns": 0}
         self._served: set[str] = set()  # incarnations of the worker group being served
+        self._serving: dict[int, str] = {}  # rank -> the incarnation served
+        self._lost: deque[tuple[int, int]] = deque()  # (rank, step) to serve again
         self._stop = threading.Event()
+        # the listener thread owns the control queue and `_held`; the feed thread hears from it through `_inbox`
+        self._inbox: queue.Queue = queue.Queue()
+        self._held: dict[tuple[str, int], list] = {}  # (incarnation, step) -> its ShardResults, until "done"
+        self._held_lock = threading.Lock()  # the feed thread adds, the listener drops
         self._thread = threading.Thread(target=self._run, name="eagle-ray-feed", daemon=True)
+        self._listener = threading.Thread(target=self._listen, name="eagle-ray-feed-control", daemon=True)
 
     def start(self) -> SupervisionFeed:
+        self._listener.start()
         self._thread.start()
         return self
+
+    def held(self) -> int:
+        """Batches handed out whose worker has not said it is done with them."""
+        with self._held_lock:
+            return len(self._held)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        self._listener.join(timeout=30)
         for q in [*self.handles.data, self.handles.control]:
             try:
                 q.shutdown(force=True)
@@ -102,19 +127,71 @@ class SupervisionFeed:
                 except Exception:
                     pass
 
+    def _listen(self) -> None:
+        """Listener thread: drain the control queue in few round trips; "done" frees a batch here, at once
+        (the feed thread may be waiting on the byte budget it frees); the rest goes to the feed thread."""
+        control = self.handles.control
+        while not self._stop.is_set():
+            try:
+                msgs = [control.get(timeout=0.5)]
+                n = control.size()  # only this thread takes from it: at least n are there
+                msgs += control.get_nowait_batch(n) if n else []
+            except Empty:
+                continue
+            except Exception:  # the queue actor is gone: the feed is closing
+                if not self._stop.is_set():
+                    log.exception("supervision feed: control queue failed")
+                return
+            for kind, rank, step, incarnation in msgs:
+                if kind in ("done", "lost"):
+                    with self._held_lock:
+                        self._held.pop((incarnation, step), None)
+                if kind != "done":
+                    self._inbox.put((kind, rank, step, incarnation))
+
     def _control(self, starts: dict[int, tuple[int, str]], timeout: float | None) -> bool:
-        """Read start announcements (waiting up to `timeout` for the first); True if a new worker announced."""
+        """Read start announcements (waiting up to `timeout` for the first); True if a new worker announced.
+        Lost batches are noted in `self._lost`, to be re-run by `_rerun_lost`."""
         new = False
         while True:
             try:
-                _, rank, step, incarnation = (
-                    self.handles.control.get(timeout=timeout) if timeout else self.handles.control.get_nowait()
-                )
-            except Empty:
+                msg = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+            except queue.Empty:
                 return new
+            kind, rank, step, incarnation = msg
             timeout = None
+            if kind == "lost":
+                if self._serving.get(rank) == incarnation:
+                    self._lost.append((rank, step))
+                continue
             starts[rank] = (step, incarnation)
             new = new or incarnation not in self._served
+
+    def _rerun_lost(self, starts: dict[int, tuple[int, str]]) -> bool:
+        """Serve again each batch a worker could not read (its objects were lost). True on a restart."""
+        while self._lost:
+            rank, step = self._lost.popleft()
+            g = step * self.world + rank
+            batch = next(iter(self.source(g)))  # batch g is a pure function of g: the same batch again
+            log.warning("batch %d (step %d, rank %d) was lost before its worker read it: re-running it", g, step, rank)
+            # one batch, outside the byte budget: the worker waits on it, and what it holds counts already
+            got = list(self.pool.stream([batch], stall_timeout_s=self.stall_timeout_s, count_held=False))
+            if any(r.error for r in got):
+                raise RuntimeError(f"batch {g} was lost and its re-run failed: {[r.error for r in got if r.error]}")
+            item = self._item(g, got, batch.num_sequences)
+            self.stats["reruns"] += 1
+            if self._put(rank, item, starts, got):
+                return True
+        return False
+
+    def _item(self, g: int, results: list, sequences: int) -> dict[str, Any]:
+        return {
+            "step": g // self.world,
+            "batch": g,
+            "refs": [r.ref for r in results],
+            "tokens": sum(r.num_tokens for r in results),
+            "sequences": sequences,
+        }
 
     def _await_group(self, starts: dict[int, tuple[int, str]]) -> int | None:
         """Block until a whole new worker group has announced its start step; return it."""
@@ -127,6 +204,9 @@ class SupervisionFeed:
                     raise RuntimeError(f"workers of one group start from different steps: {sorted(steps)}")
                 self._served = {inc for _, inc in fresh}
                 self._serving = {r: inc for r, (_, inc) in starts.items()}
+                self._lost.clear()
+                with self._held_lock:  # the previous group will never say it is done
+                    self._held.clear()
                 return steps.pop()
         return None
 
@@ -153,14 +233,8 @@ class SupervisionFeed:
                     continue  # more shards of this batch follow
                 got = parts.pop(res.batch_index)
                 g = first + res.batch_index
-                item = {
-                    "step": g // self.world,
-                    "batch": g,
-                    "refs": [r.ref for r in got],
-                    "tokens": sum(r.num_tokens for r in got),
-                    "sequences": sizes.pop(res.batch_index),
-                }
-                if self._put(g % self.world, item, starts):
+                item = self._item(g, got, sizes.pop(res.batch_index))
+                if self._put(g % self.world, item, starts, got) or self._rerun_lost(starts):
                     return True
                 self.stats["batches"] += 1
                 self.stats["sequences"] += item["sequences"]
@@ -170,15 +244,20 @@ class SupervisionFeed:
         for rank in range(self.world):
             if self._put(rank, {"step": self.max_steps, "end": True}, starts):
                 return True
-        # stay for restarts: a group may fail after the last batch, before its last checkpoint
+        # stay for re-runs and restarts: a group may fail after the last batch, before its last checkpoint
         while not self._stop.is_set():
-            if self._control(starts, timeout=0.5):
+            if self._control(starts, timeout=0.5) or self._rerun_lost(starts):
                 return True
         return False
 
-    def _put(self, rank: int, item: dict[str, Any], starts: dict[int, tuple[int, str]]) -> bool:
-        """Blocking put that gives way to a restart (returns True then) or to `close()`."""
-        item = {**item, "for": self._serving[rank]}  # the worker incarnation it is meant for
+    def _put(self, rank: int, item: dict[str, Any], starts: dict[int, tuple[int, str]], results=()) -> bool:
+        """Blocking put that gives way to a restart (returns True then) or to `close()`. `results` stay held
+        (counted against the pool's byte budget) until the worker is done with the item's step."""
+        inc = self._serving[rank]
+        item = {**item, "for": inc}  # the worker incarnation it is meant for
+        if results:
+            with self._held_lock:
+                self._held[(inc, item["step"])] = list(results)
         t0 = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -199,40 +278,76 @@ class FeedReader:
     """A worker's view: announce the start step, then one supervision record per step.
 
     A thread fetches the next record (queue actor round trip, `ray.get` of its refs) while the
-    worker trains on the current one, so a step waits only when supply is really behind.
+    worker trains on the current one, so a step waits only when supply is really behind. After each
+    step the reader tells the feed it is done with it (which frees its bytes in the pool's budget).
+    A record whose objects were lost is asked for again; records that arrive meanwhile wait in order.
     """
+
+    max_early = 256  # records of later steps kept while waiting for a re-run; more means the feed skipped one
 
     def __init__(self, handles: FeedHandles, rank: int, start_step: int, timeout_s: float = 600.0):
         import uuid
 
-        self.queue, self.next_step, self.timeout_s = handles.data[rank], start_step, timeout_s
+        self.queue, self.control, self.rank = handles.data[rank], handles.control, rank
+        self.next_step, self.timeout_s = start_step, timeout_s
         self.incarnation = uuid.uuid4().hex
-        handles.control.put(("start", rank, start_step, self.incarnation))
+        self.reruns = 0  # records asked for again because their objects were lost
+        self.control.put(("start", rank, start_step, self.incarnation))
+
+    def _tell(self, kind: str, step: int) -> None:
+        self.control.put((kind, self.rank, step, self.incarnation))
+
+    def _next_item(self, want: int, early: dict[int, dict], stop: threading.Event) -> dict | None:
+        """The record for step `want` (or the end, or an error), from those that came early or the queue."""
+        if want in early:
+            return early.pop(want)
+        deadline = time.monotonic() + self.timeout_s
+        while not stop.is_set():
+            try:
+                item = self.queue.get(timeout=1.0)
+            except Empty:
+                if time.monotonic() > deadline:
+                    return {"error": f"no supervision within {self.timeout_s}s", "timeout": True}
+                continue
+            if "error" in item:
+                return item
+            if item["for"] != self.incarnation:
+                continue  # served to this rank's previous worker, before a restart
+            if item["step"] == want:
+                return item
+            if item["step"] < want:
+                raise RuntimeError(f"feed served step {item['step']} again while waiting for step {want}")
+            early[item["step"]] = item  # a later step, while a lost one is re-run
+            if len(early) > self.max_early:
+                raise RuntimeError(f"feed skipped from step {want} to {min(early)}")
+            deadline = time.monotonic() + self.timeout_s
+        return None
 
     def _fetch(self, out: queue.Queue, stop: threading.Event) -> None:
         """Prefetch thread: put (item, supervision) records, then ("end",) or ("error", message)."""
+        want, early = self.next_step, {}
         try:
             while not stop.is_set():
-                deadline = time.monotonic() + self.timeout_s
-                while True:
-                    try:
-                        item = self.queue.get(timeout=1.0)
-                        break
-                    except Empty:
-                        if stop.is_set():
-                            return
-                        if time.monotonic() > deadline:
-                            out.put(("error", f"no supervision within {self.timeout_s}s", TimeoutError))
-                            return
-                if "error" in item:
-                    out.put(("error", f"supervision feed failed: {item['error']}", RuntimeError))
+                item = self._next_item(want, early, stop)
+                if item is None:
                     return
-                if item["for"] != self.incarnation:
-                    continue  # served to this rank's previous worker, before a restart
+                if "error" in item:
+                    exc = TimeoutError if item.get("timeout") else RuntimeError
+                    prefix = "" if item.get("timeout") else "supervision feed failed: "
+                    out.put(("error", prefix + item["error"], exc))
+                    return
                 if item.get("end"):
                     out.put(("end", item))
                     return
-                out.put(("item", item, Supervision.concat(ray.get(item["refs"]))))
+                try:
+                    sup = Supervision.concat(ray.get(item["refs"]))
+                except ObjectLostError as e:  # its node died after hand-out: the feed serves it again
+                    log.warning("step %d: supervision lost before it was read (%s); asking for it again", want, e)
+                    self.reruns += 1
+                    self._tell("lost", want)
+                    continue
+                out.put(("item", item, sup))
+                want += 1
         except BaseException as e:  # surfaced in the training loop, not lost in a thread
             out.put(("error", f"{type(e).__name__}: {e}", RuntimeError))
 
@@ -247,12 +362,11 @@ class FeedReader:
                     message, exc = rest
                     raise exc(f"step {self.next_step}: {message}")
                 item = rest[0]
-                if item["step"] > self.next_step and not item.get("end"):
-                    raise RuntimeError(f"feed skipped from step {self.next_step} to {item['step']}")
                 if kind == "end":
                     return
                 meta = {k: item[k] for k in ("batch", "tokens", "sequences")}
                 yield self.next_step, rest[1], meta
+                self._tell("done", self.next_step)  # its bytes leave the pool's budget
                 self.next_step += 1
         finally:
             stop.set()
