@@ -166,6 +166,8 @@ class PooledTargetModel(NeMoSurface):
                 f"{shard_timeout_factor}"
             )
         self._shard_timeout_s = shard_timeout_s
+        self._housekeeping_s = 0.25
+        self._next_housekeeping = 0.0
         self._shard_timeout_factor = shard_timeout_factor
         # per running stream (or submit), its results waiting to be taken: several run at once, from
         # any thread; a result whose stream has ended (abandoned) has no outbox and is dropped
@@ -485,11 +487,20 @@ class PooledTargetModel(NeMoSurface):
         Safe from any thread: refs are settled under the lock, each exactly once.
         """
         with self._lock:
-            self._retire_hung()
+            # housekeeping over all replicas a few times a second, not per completion: a busy replica's death shows
+            # at once in its shards' refs, an idle one's watch ref and a hung one's deadline can wait that long
+            now = time.monotonic()
+            housekeeping = now >= self._next_housekeeping
+            if housekeeping:
+                self._next_housekeeping = now + self._housekeeping_s
+                self._retire_hung()
             waiting = list(self._inflight) if completions else []
             starting = {r.ready_ref: r for r in self._replicas.values() if r.ready_ref is not None}
-            watched = {r.watch_ref: r for r in self._replicas.values() if r.watch_ref is not None}
             idle = not waiting and not starting
+            if housekeeping or idle:
+                watched = {r.watch_ref: r for r in self._replicas.values() if r.watch_ref is not None}
+            else:
+                watched = {}
             waiting += [*starting, *watched]
         if not waiting:
             return
@@ -533,7 +544,8 @@ class PooledTargetModel(NeMoSurface):
                 self._settle(ref, shard, r)
                 r.task_errors = 0
                 self._delivered(shard, attempt, payload, r, meta)
-            self._reconcile()
+            if housekeeping:
+                self._reconcile()
 
     def _settle(self, ref: Any, shard: _Shard, r: _Replica) -> None:
         del self._inflight[ref]
@@ -655,7 +667,8 @@ class PooledTargetModel(NeMoSurface):
         queued = bool(self._retry or pending or box)  # box: settled by another thread's poll meanwhile
         if order and not self._replicas:
             raise RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}")
-        if order and not any(sh.shard_id in order for sh, *_ in self._inflight.values()) and not queued:
+        stuck = time.monotonic() - last_progress > 1.0  # the scan below is O(in flight x order): only when stuck
+        if order and stuck and not queued and not any(sh.shard_id in order for sh, *_ in self._inflight.values()):
             raise RuntimeError(f"internal error: shards {list(order)[:5]} are neither queued nor in flight")
         if queued and not self._inflight and time.monotonic() - last_progress > stall_timeout_s:
             why = (

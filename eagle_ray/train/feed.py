@@ -1,9 +1,10 @@
 """Feed supervision refs from the driver's pool to each Ray Train worker, step by step.
 
 The driver thread (`SupervisionFeed`) streams the pool in batch order; global batch
-`step * world + rank` goes to rank `rank` as its batch for `step`, through that rank's bounded
-queue (a `ray.util.queue.Queue` actor: the bound is the backpressure). Items carry object refs
-only; workers `ray.get` them zero-copy.
+`step * world + rank` goes to rank `rank` as its batch for `step`, through that rank's queue (a
+`ray.util.queue.Queue` actor, fed without a round trip). Items carry object refs only; workers
+`ray.get` them zero-copy. Backpressure is the pool's byte budget plus at most `queue_depth` + 2
+batches out per rank (queued, prefetched, in training).
 
 Restarts: a worker announces the step it starts from (0, or its checkpoint's) on the control
 queue. When all ranks of a (re)started group have announced, the feed rewinds the data to that
@@ -31,7 +32,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import ObjectLostError
-from ray.util.queue import Empty, Full, Queue
+from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.contract import PackedBatch, Supervision
@@ -66,12 +67,13 @@ class SupervisionFeed:
         if queue_depth < 1:
             raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
         self.pool, self.source, self.world, self.max_steps = pool, source, world_size, max_steps
+        self.ahead = queue_depth + 2  # a rank's batches out at once: queued, prefetched, in training
         self.stall_timeout_s = stall_timeout_s
         # on the driver's node: the feed's channels must not die with a node that serves or trains
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         opts = {"num_cpus": 0, "scheduling_strategy": here}
         self.handles = FeedHandles(
-            [Queue(queue_depth, actor_options=opts) for _ in range(world_size)], Queue(0, actor_options=opts)
+            [Queue(0, actor_options=opts) for _ in range(world_size)], Queue(0, actor_options=opts)
         )
         self.error: BaseException | None = None
         self.stats = {"batches": 0, "sequences": 0, "tokens": 0, "restarts": 0, "wait_s": 0.0, "reruns": 0}
@@ -82,7 +84,8 @@ class SupervisionFeed:
         # the listener thread owns the control queue and `_held`; the feed thread hears from it through `_inbox`
         self._inbox: queue.Queue = queue.Queue()
         self._held: dict[tuple[str, int], list] = {}  # (incarnation, step) -> its ShardResults, until "done"
-        self._held_lock = threading.Lock()  # the feed thread adds, the listener drops
+        self._out: dict[str, int] = {}  # incarnation -> its entries in `_held`
+        self._held_cond = threading.Condition()  # the feed thread adds (and waits), the listener drops
         self._thread = threading.Thread(target=self._run, name="eagle-ray-feed", daemon=True)
         self._listener = threading.Thread(target=self._listen, name="eagle-ray-feed-control", daemon=True)
 
@@ -93,7 +96,7 @@ class SupervisionFeed:
 
     def held(self) -> int:
         """Batches handed out whose worker has not said it is done with them."""
-        with self._held_lock:
+        with self._held_cond:
             return len(self._held)
 
     def close(self) -> None:
@@ -144,8 +147,10 @@ class SupervisionFeed:
                 return
             for kind, rank, step, incarnation in msgs:
                 if kind in ("done", "lost"):
-                    with self._held_lock:
-                        self._held.pop((incarnation, step), None)
+                    with self._held_cond:
+                        if self._held.pop((incarnation, step), None) is not None:
+                            self._out[incarnation] -= 1
+                            self._held_cond.notify_all()
                 if kind != "done":
                     self._inbox.put((kind, rank, step, incarnation))
 
@@ -205,8 +210,9 @@ class SupervisionFeed:
                 self._served = {inc for _, inc in fresh}
                 self._serving = {r: inc for r, (_, inc) in starts.items()}
                 self._lost.clear()
-                with self._held_lock:  # the previous group will never say it is done
+                with self._held_cond:  # the previous group will never say it is done
                     self._held.clear()
+                    self._out.clear()
                 return steps.pop()
         return None
 
@@ -251,24 +257,28 @@ class SupervisionFeed:
         return False
 
     def _put(self, rank: int, item: dict[str, Any], starts: dict[int, tuple[int, str]], results=()) -> bool:
-        """Blocking put that gives way to a restart (returns True then) or to `close()`. `results` stay held
-        (counted against the pool's byte budget) until the worker is done with the item's step."""
+        """Hand `item` to `rank`'s queue without a round trip to the queue actor. A rank has at most `ahead`
+        batches out (queued, prefetched, in training): past that, wait for its "done". `results` stay held,
+        counted against the pool's byte budget, until the worker is done with the item's step. Gives way to a
+        restart (returns True then) or to `close()`."""
         inc = self._serving[rank]
         item = {**item, "for": inc}  # the worker incarnation it is meant for
-        if results:
-            with self._held_lock:
-                self._held[(inc, item["step"])] = list(results)
         t0 = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self.handles.data[rank].put(item, timeout=0.5)
-                self.stats["wait_s"] += time.monotonic() - t0
-                return False
-            except Full:
-                pass
+        while results:
+            if self._stop.is_set():
+                raise _Stopped
+            with self._held_cond:
+                if self._out.get(inc, 0) >= self.ahead:
+                    self._held_cond.wait(0.5)
+                if self._out.get(inc, 0) < self.ahead:  # registered before the put: its "done" may come at once
+                    self._held[(inc, item["step"])] = list(results)
+                    self._out[inc] = self._out.get(inc, 0) + 1
+                    break
             if self._control(starts, timeout=None):
                 return True
-        raise _Stopped
+        self.stats["wait_s"] += time.monotonic() - t0
+        self.handles.data[rank].actor.put_nowait.remote(item)  # an actor's calls from one caller run in order
+        return False
 
 
 # -------------------------------------------------------------------------------- worker side
