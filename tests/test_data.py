@@ -621,3 +621,12 @@ def test_messages_kind_is_openai(tmp_path, qwen):
     rows = [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}]
     src = source(write_jsonl(tmp_path / "m.jsonl", rows), qwen, kind="messages", epochs=1)
     assert [b.num_sequences for b in src(0)] == [1]
+
+
+def test_workers_need_a_running_ray(chat_file, qwen):
+    """`workers=N` asks for Ray tasks: without a running Ray that is an error, not a silent fallback."""
+    src = source(chat_file, qwen, workers=2, epochs=1)
+    with pytest.raises(RuntimeError, match=r"ray\.init\(\) first"):
+        next(src(0))
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        source(chat_file, qwen, workers=-1)

@@ -318,7 +318,7 @@ def test_feed_budget_covers_worker_queues_and_prefetch(cluster, tiny_paths, refe
             feed.close()
     for rank, rows in enumerate(got):
         assert [r[0] for r in rows] == list(range(12)) and [r[1] for r in rows] == [2 * s + rank for s in range(12)]
-        for step, g, total in rows[:3]:
+        for _, g, total in rows[:3]:
             want = float(reference.forward_packed(inputs[g]).aux_hidden_states.double().sum())
             assert abs(total - want) < 1e-3 * max(1.0, abs(want))
     assert peak_pool <= budget + batch_bytes, (peak_pool, budget)

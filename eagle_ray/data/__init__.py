@@ -1,5 +1,6 @@
 """Chat data -> PackedBatches for the target pool: streaming readers, tokenizers, chat templates,
-loss masks, packing, seekable deterministic order. No Ray here."""
+loss masks, packing, seekable deterministic order. Ray only once it is up: blocks are then prepared in
+Ray tasks (`parallel.py`, imported then), else in this process."""
 
 from eagle_ray.data.build import make_batch_source
 from eagle_ray.data.encode import Sample

@@ -38,6 +38,7 @@ def make_batch_source(
     block_records: int | None = None,
     max_records: int | None = None,
     max_warnings: int = 3,
+    workers: int | None = None,
 ) -> tuple[ChatBatchSource, DataStats]:
     """A batch source over chat or pre-tokenized JSON / JSONL files, and its live `DataStats`.
 
@@ -50,6 +51,9 @@ def make_batch_source(
     (count one epoch with `source.batches_per_epoch()`). `max_records` uses only the first records.
     `strict` raises `DataError` on the first bad record instead of skipping it. `index_path`
     keeps the block index on disk so a restarted job seeks without re-tokenizing.
+    `workers`: blocks read, tokenized and packed at once in Ray tasks (`num_cpus=1` each), ahead of the
+    batch being served; 0 does that work in this process; None: Ray tasks (`DEFAULT_WORKERS`) when Ray is
+    initialized at the first batch, else this process. The batches are the same either way.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -98,5 +102,6 @@ def make_batch_source(
         max_records=max_records,
         reporter=Reporter(strict=strict, max_warnings=max_warnings),
         index=BlockIndex(fingerprint, index_path),
+        workers=workers,
     )
     return source, source.stats

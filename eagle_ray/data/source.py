@@ -13,27 +13,45 @@ Batch i is the same whatever index a run starts from, because every batch is a p
 
 Starting at batch i reads (tokenizes) only the block holding it once the blocks before it are
 indexed: in this process, or in an earlier one when `index_path` is given.
+
+Where the work runs: with Ray up (or `workers` > 0), blocks are read, encoded and packed in Ray tasks,
+`workers` blocks ahead of the one being served (`parallel.py`); this process only takes their results
+in block order: it keeps the index, logs the warnings and the counts line, and raises the `DataError`s.
+Without Ray (or `workers=0`) it does the same work itself. Both run `blocks.py`: the same batches.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import sys
-from array import array
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from itertools import islice
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from eagle_ray.contract import PackedBatch, plan_runs
+from eagle_ray.contract import PackedBatch
+from eagle_ray.data.blocks import BlockRead, Planner, pack, read_block
 from eagle_ray.data.encode import Sample, SampleEncoder
 from eagle_ray.data.index import Block, BlockIndex
-from eagle_ray.data.jsonstream import read_records
 from eagle_ray.data.stats import DataError, DataStats, Reporter
 
 log = logging.getLogger("eagle_ray.data")
+
+DEFAULT_WORKERS = 4  # blocks prepared at once in Ray tasks when `workers` is None and Ray is up
+
+
+@dataclass
+class _Job:
+    """One block submitted to a Ray task (or nothing to submit: `ref` None), waiting to be taken in order."""
+
+    key: tuple[int, int, int]  # (epoch, or 0 when unshuffled: the same batches every epoch; block; skip)
+    block: int
+    ref: Any  # ray.ObjectRef of a parallel.BlockResult; None: no task (no batches, or past max_records)
+    new: bool  # the block was not indexed when submitted: its result indexes it
+    skip: int = 0  # batches of a new block's result to drop (a stream starting inside it)
+    needed: frozenset[int] | None = None  # an indexed block's records the task encoded
+    last: bool = False  # a new block known to be the data's last (max_records): none is submitted after it
 
 
 class ChatBatchSource:
@@ -53,6 +71,7 @@ class ChatBatchSource:
         reporter: Reporter,
         index: BlockIndex,
         max_records: int | None = None,
+        workers: int | None = None,
     ):
         if batch_tokens is None and max_sequences is None:
             raise ValueError("give batch_tokens and/or max_sequences")
@@ -61,13 +80,22 @@ class ChatBatchSource:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if block_records < 1:
             raise ValueError(f"block_records must be >= 1, got {block_records}")
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         self.paths = [str(p) for p in paths]
         self.encoder, self.reporter, self.index = encoder, reporter, index
         self.batch_tokens, self.max_sequences = batch_tokens, max_sequences
         self.block_records, self.shuffle, self.seed, self.epochs = block_records, shuffle, seed, epochs
+        self.planner = Planner(shuffle, seed, batch_tokens, max_sequences)
         self.max_records = max_records  # the data ends after this many records
+        self.workers = workers  # Ray tasks in flight; None: DEFAULT_WORKERS when Ray is up, else 0
+        self.task_pids: set[int] = set()  # the processes whose Ray tasks prepared blocks (diagnostics)
         self._batch_counts: dict[tuple[int, int], int] = {}
-        self._cache: tuple[int, list[Sample | None], set[int]] | None = None  # the last block read
+        self._cache: tuple[int, list[Sample | None], set[int]] | None = None  # the last block read here
+        self._tasks: Any = None  # parallel.BlockTasks, made on first use
+        self._scans: dict[int, Any] = {}  # block -> ref of its start, for blocks after the index
+        self._ahead: deque[_Job] = deque()  # indexing-only jobs for the blocks after the index (seeks)
+        self._spare: dict[tuple[int, int, int], _Job] = {}  # submitted, left by a closed stream: reused
 
     @property
     def stats(self) -> DataStats:
@@ -79,22 +107,32 @@ class ChatBatchSource:
 
     def batches_from(self, index: int) -> Iterator[PackedBatch]:
         """Batches from global batch `index` on (across epochs)."""
-        return self._walk(index, self._num_batches, self._batches)
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        return self._batches_gen(index)
 
     def samples_from(self, index: int) -> Iterator[Sample]:
-        """Samples in training order from global sample `index` on (across epochs)."""
+        """Samples in training order from global sample `index` on (across epochs); read in this process."""
         return self._walk(index, lambda epoch, b: self._block(b).samples, self._samples)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        """Batches in one epoch (indexes the whole data once if not yet done)."""
+        """Batches in one epoch (indexes the whole data once if not yet done; in Ray tasks when Ray is up)."""
+        k = self._in_flight()
         b, total = 0, 0
-        while self._block(b) is not None:
+        while self._indexed(b, k) is not None:
             total += self._num_batches(epoch, b)
             b += 1
         self._check_nonempty()
         return total
 
     # ------------------------------------------------------------------------------- internals
+
+    def _batches_gen(self, index: int) -> Iterator[PackedBatch]:
+        k = self._in_flight()  # decided at the first batch: a source made before ray.init uses Ray once it is up
+        if k:
+            yield from self._walk_tasks(index, k)
+        else:
+            yield from self._walk_gen(index, self._num_batches, self._batches)
 
     def _walk(self, index: int, count: Callable[[int, int], int], items: Callable) -> Iterator:
         if index < 0:
@@ -120,7 +158,7 @@ class ChatBatchSource:
         plan = self._plan(epoch, b)[skip:]
         samples = self._read(b, {i for run in plan for i in run})
         for run in plan:
-            yield _pack([samples[i] for i in run])
+            yield pack([samples[i] for i in run])
 
     def _samples(self, epoch: int, b: int, skip: int) -> Iterator[Sample]:
         order = self._order(epoch, b)[skip:]
@@ -128,18 +166,10 @@ class ChatBatchSource:
         return (samples[i] for i in order)
 
     def _order(self, epoch: int, b: int) -> list[int]:
-        """The block's samples (record positions in the block) in training order."""
-        lengths = self._block(b).lengths
-        order = list(range(len(lengths)))
-        if self.shuffle:
-            random.Random(f"eagle_ray.data/{self.seed}/{epoch}/{b}").shuffle(order)  # str seed: stable everywhere
-        return [i for i in order if lengths[i]]
+        return self.planner.order(self._block(b).lengths, epoch, b)
 
     def _plan(self, epoch: int, b: int) -> list[list[int]]:
-        order, lengths = self._order(epoch, b), self._block(b).lengths
-        budget = self.batch_tokens or sys.maxsize
-        runs = plan_runs([lengths[i] for i in order], budget, self.max_sequences)
-        return [order[s:e] for s, e in runs]
+        return self.planner.plan(self._block(b).lengths, epoch, b)
 
     def _num_batches(self, epoch: int, b: int) -> int:
         key = (epoch if self.shuffle else 0, b)
@@ -148,10 +178,19 @@ class ChatBatchSource:
         return self._batch_counts[key]
 
     def _block(self, b: int) -> Block | None:
-        """Block b, reading (and indexing) the blocks up to it first; None past the end."""
+        """Block b, reading (and indexing) the blocks up to it first, here; None past the end."""
         while len(self.index.blocks) <= b and not self.index.complete:
             self._read(len(self.index.blocks))
         return self.index.blocks[b] if b < len(self.index.blocks) else None
+
+    def _indexed(self, b: int, k: int) -> Block | None:
+        """`_block`, indexing in Ray tasks when `k` > 0."""
+        return self._index_through(b, k) if k else self._block(b)
+
+    def _new_count(self, b: int) -> int:
+        """Records to read for block b, not yet indexed (<= 0: max_records ended the data before it)."""
+        left = self.block_records if self.max_records is None else self.max_records - b * self.block_records
+        return min(self.block_records, left)
 
     def _read(self, b: int, needed: set[int] | None = None) -> list[Sample | None]:
         """Block b's samples in file order (None: skipped, or not `needed`). Indexes a new block.
@@ -166,39 +205,189 @@ class ChatBatchSource:
             needed = {k for k, n in enumerate(known) if n}
         if self._cache is not None and self._cache[0] == b and needed <= self._cache[2]:
             return self._cache[1]
-        start = self.index.next_start() if new else self.index.blocks[b].start
-        stats, report = DataStats(), self.reporter if new else Reporter(max_warnings=0)
-        count = self.block_records if self.max_records is None else self.max_records - b * self.block_records
-        count = min(self.block_records, count) if new else len(known)
-        samples, end = [], start
-        for k, rec in enumerate(islice(read_records(self.paths, start), max(count, 0))):
-            samples.append(self.encoder(rec, stats, report) if new or k in needed else None)
-            end = rec.after
-        lengths = tuple(len(s.input_ids) if s else 0 for s in samples)
         if new:
-            needed = {k for k, n in enumerate(lengths) if n}
-            if samples:
-                self.index.add(Block(start, end, lengths, stats))
-            if len(samples) < self.block_records:
-                self.index.finish()
-                log.info("data, one full pass: %s", self.index.stats.summary())
-        elif len(lengths) != len(known) or any(lengths[k] != known[k] for k in needed):
-            where = f"{self.paths[start.file]}:{start.line}"
+            start = self.index.next_start()
+            r = read_block(self.paths, self.encoder, start, self._new_count(b), None, **self._report_args())
+            self._index_new(r)
+            needed = {k for k, n in enumerate(r.lengths) if n}
+        else:
+            r = read_block(self.paths, self.encoder, self.index.blocks[b].start, len(known), needed)
+            self._check_same(b, r.lengths, needed)
+        self._cache = (b, r.samples, needed)
+        return r.samples
+
+    def _report_args(self) -> dict[str, Any]:
+        """read_block's arguments for a new block: the skip events the reporter may show (strict: the first)."""
+        return {"strict": self.reporter.strict, "keep": max(1, self.reporter.max_warnings)}
+
+    def _index_new(self, r: BlockRead) -> None:
+        """Record the block after the index: warn (strict: raise), index it, end the pass if it is short."""
+        self.reporter.replay(r.skips, r.events)
+        if r.lengths:
+            self.index.add(Block(r.start, r.end, r.lengths, r.stats))
+        self._scans = {j: ref for j, ref in self._scans.items() if j > len(self.index.blocks)}
+        if len(r.lengths) < self.block_records:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.index.finish()
+        self._scans.clear()
+        log.info("data, one full pass: %s", self.index.stats.summary())
+
+    def _check_same(self, b: int, lengths: tuple[int, ...], needed: set[int] | frozenset[int]) -> None:
+        block = self.index.blocks[b]
+        if len(lengths) != len(block.lengths) or any(lengths[k] != block.lengths[k] for k in needed):
+            where = f"{self.paths[block.start.file]}:{block.start.line}"
             raise DataError("data_changed", where, f"block {b} reads differently than when it was indexed")
-        self._cache = (b, samples, needed)
-        return samples
 
     def _check_nonempty(self) -> None:
         if self.index.complete and self.index.stats.samples == 0:
             raise DataError("no_samples", ", ".join(self.paths), f"no usable sample ({self.index.stats.summary()})")
 
+    # ------------------------------------------------------------------------------- Ray tasks
 
-def _pack(samples: list[Sample]) -> PackedBatch:
-    cu = torch.zeros(len(samples) + 1, dtype=torch.long)
-    cu[1:] = torch.tensor([len(s.input_ids) for s in samples]).cumsum(0)
-    ids, mask = array("i"), array("b")
-    for s in samples:
-        ids.extend(s.input_ids)
-        mask.extend(s.loss_mask)
-    as_long = lambda a, dtype: torch.frombuffer(a, dtype=dtype).long()  # noqa: E731  (copies: owns its memory)
-    return PackedBatch(as_long(ids, torch.int32), as_long(mask, torch.int8), cu)
+    def _in_flight(self) -> int:
+        """Blocks to prepare at once in Ray tasks; 0: in this process."""
+        if self.workers == 0:
+            return 0
+        ray = sys.modules.get("ray")  # never imported: no Ray in this process
+        if ray is None or not ray.is_initialized():
+            if self.workers is None:
+                return 0
+            raise RuntimeError(f"workers={self.workers} prepares data in Ray tasks: ray.init() first, or workers=0")
+        if self._tasks is None or not self._tasks.current():
+            from eagle_ray.data.parallel import BlockTasks
+
+            self._scans, self._ahead, self._spare = {}, deque(), {}  # refs of another Ray session
+            try:
+                self._tasks = BlockTasks(self.paths, self.encoder)
+            except Exception as e:  # e.g. a tokenizer that does not pickle
+                if self.workers is not None:
+                    raise
+                log.warning("data: preparing batches in this process: the encoder cannot go to Ray tasks (%s)", e)
+                self.workers = 0
+                return 0
+        return self.workers or DEFAULT_WORKERS
+
+    def _walk_tasks(self, index: int, k: int) -> Iterator[PackedBatch]:
+        epoch, b, skip = 0, 0, index
+        while skip and (self.epochs is None or epoch < self.epochs):  # seek, by the indexed counts
+            if self._index_through(b, k) is None:
+                self._check_nonempty()
+                epoch, b = epoch + 1, 0
+                continue
+            n = self._num_batches(epoch, b)
+            if skip < n:
+                break
+            skip -= n
+            b += 1
+        self._ahead.clear()  # indexing-only work past the target: the stream prepares those blocks with batches
+        yield from self._stream(epoch, b, skip, k)
+
+    def _stream(self, epoch: int, b: int, skip: int, k: int) -> Iterator[PackedBatch]:
+        """Batches from batch `skip` of block b of `epoch` on, prepared in Ray tasks ahead of the one served.
+
+        Up to `k` blocks ahead: two at first, one more each time the next block is not ready when its turn
+        comes (supply behind demand). Prefetching is speculative, so a stream that stays ahead of a slow
+        consumer wastes little when it is closed early.
+        """
+        pending: deque[_Job] = deque()
+        window = min(2, k)
+        current: _Job | None = None
+        last_new = False  # the data's last block has been submitted: no new block after it
+
+        def top_up() -> None:
+            nonlocal epoch, b, skip, last_new
+            while len(pending) < window and (self.epochs is None or epoch < self.epochs):
+                beyond = b >= len(self.index.blocks)
+                if beyond and self.index.complete:  # end of an epoch
+                    self._check_nonempty()
+                    epoch, b = epoch + 1, 0
+                    continue
+                if beyond and last_new:  # the epoch's end is known once the last block is taken
+                    return
+                job = self._job(epoch, b, skip)
+                pending.append(job)
+                last_new = last_new or job.last
+                b, skip = b + 1, 0
+
+        try:
+            while True:
+                top_up()
+                if not pending:
+                    return
+                job = pending.popleft()
+                if current is not None and window < k and job.ref is not None and not self._tasks.ready(job.ref):
+                    window += 1
+                    top_up()  # the next block starts while this one is awaited
+                current = job
+                batches = self._take(job)
+                yield from batches[job.skip :] if job.new else batches
+        finally:  # closed early (a rewind, a count of the first batches): what was submitted stays usable
+            for job in [current, *pending] if current is not None else pending:
+                self._spare[job.key] = job
+            while len(self._spare) > k + 1:
+                self._spare.pop(next(iter(self._spare)))
+
+    def _job(self, epoch: int, b: int, skip: int) -> _Job:
+        key = (epoch if self.shuffle else 0, b, skip)
+        if key in self._spare:
+            return self._spare.pop(key)
+        if b < len(self.index.blocks):
+            block = self.index.blocks[b]
+            runs = self._plan(epoch, b)[skip:]
+            needed = frozenset(i for run in runs for i in run)
+            if not runs:
+                return _Job(key, b, None, new=False, needed=needed)
+            ref = self._tasks.encode(block.start, len(block.lengths), needed=needed, runs=runs, planner=self.planner)
+            return _Job(key, b, ref, new=False, needed=needed)
+        return self._new_job(key, epoch, b, skip, pack=True)
+
+    def _new_job(self, key: tuple[int, int, int], epoch: int, b: int, skip: int, pack: bool) -> _Job:
+        """Block b, after the index: it starts where the index ends, or where the scan of block b-1 says."""
+        count = self._new_count(b)
+        if count <= 0:
+            return _Job(key, b, None, new=True, last=True)
+        start = self.index.next_start() if b == len(self.index.blocks) else self._scans[b]
+        if count == self.block_records and b + 1 not in self._scans:
+            # submitted before the encode: the chain of starts keeps ahead of the encodes for a CPU
+            self._scans[b + 1] = self._tasks.scan(start, count)
+        planner = self.planner if pack else None
+        ref = self._tasks.encode(start, count, planner=planner, epoch=epoch, block=b, **self._report_args())
+        return _Job(key, b, ref, new=True, skip=skip, last=count < self.block_records)
+
+    def _take(self, job: _Job) -> list[PackedBatch]:
+        """A job's result, taken in block order: index a new block (warnings, counts line), check an old one."""
+        frontier = job.block == len(self.index.blocks) and not self.index.complete
+        if job.ref is None:
+            if job.new and frontier:  # max_records ends the data here
+                self._finish()
+            return []
+        res = self._tasks.get(job.ref)
+        self.task_pids.add(res.pid)
+        if job.new and frontier:
+            self._index_new(res.read)
+        elif job.block < len(self.index.blocks):  # indexed, maybe since it was submitted as new
+            known = self.index.blocks[job.block].lengths
+            needed = job.needed if job.needed is not None else {i for i, n in enumerate(known) if n}
+            self._check_same(job.block, res.read.lengths, needed)
+        else:  # past the end of the data: speculated before the end was known
+            return []
+        return res.batches or []
+
+    def _index_through(self, b: int, k: int) -> Block | None:
+        """`_block` in Ray tasks: index up to block b, `k` blocks in flight; what is left in flight stays
+        for the next call (a seek or a count walks the blocks one by one)."""
+        while len(self.index.blocks) <= b and not self.index.complete:
+            nb = len(self.index.blocks)
+            while self._ahead and self._ahead[0].block < nb:  # indexed meanwhile, by a stream
+                self._ahead.popleft()
+            if self._ahead and self._ahead[0].block != nb:
+                self._ahead.clear()
+            while len(self._ahead) < k and not (self._ahead and self._ahead[-1].last):
+                nxt = nb + len(self._ahead)
+                self._ahead.append(self._new_job((0, nxt, -1), 0, nxt, 0, pack=False))
+            self._take(self._ahead.popleft())
+        if self.index.complete:
+            self._ahead.clear()
+        return self.index.blocks[b] if b < len(self.index.blocks) else None

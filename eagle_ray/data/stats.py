@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger("eagle_ray.data")
@@ -105,6 +106,18 @@ class Reporter:
             log.warning("skipped %s: [%s] %s", short_path(where), reason, detail)
         if self.warned == self.max_warnings:
             log.warning("further skipped records are counted by reason, not shown one by one")
+
+    def replay(self, skips: int, events: Sequence[tuple[str, str, str]]) -> None:
+        """A block's `skips`, already counted where it was read: warn about (strict: raise on) its first
+        `events` (reason, where, detail) as `skip` would have there, and count the rest toward the cap.
+
+        Blocks are read in other processes, in parallel; replaying them in block order here keeps one
+        sequence of warnings, from this process's logger, the same as reading them here would give.
+        """
+        scratch = DataStats()  # the block's own stats hold the counts
+        for reason, where, detail in events:
+            self.skip(scratch, reason, where, detail)
+        self.warned += skips - len(events)
 
 
 def short_path(where: str) -> str:

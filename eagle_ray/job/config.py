@@ -61,6 +61,7 @@ class DataConfig:
     seed: int = 0
     strict: bool = False  # True: a malformed record stops the run; False: skipped, logged with file:line
     max_records: int | None = None  # read at most this many conversations
+    workers: int | None = None  # blocks read/tokenized/packed at once in Ray tasks (1 CPU each); None: 4; 0: driver
 
 
 @dataclass
@@ -263,6 +264,7 @@ def _validate(c: JobConfig) -> None:
         "target.tp_size": c.target.tp_size >= 1,
         "data.max_length": c.data.max_length >= 2,
         "data.batch_tokens": c.data.batch_tokens >= c.data.max_length,
+        "data.workers": c.data.workers is None or c.data.workers >= 0,
         "training.num_workers": c.training.num_workers >= 1,
         "training.queue_depth": c.training.queue_depth >= 1,
         "checkpoint.every": c.checkpoint.every >= 1,

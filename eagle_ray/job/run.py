@@ -48,11 +48,13 @@ def parse_args(argv: list[str] | None) -> tuple[JobConfig, argparse.Namespace]:
 
 
 def _init_ray(c: JobConfig) -> None:
+    from eagle_ray.data.source import DEFAULT_WORKERS
     from eagle_ray.ray_init import init_ray
 
     # logical CPUs enough for every replica and worker: on a laptop they share the cores
     need = c.target.replicas * (c.target.cpus_per_replica or c.target.tp_size)
     need += c.training.num_workers * c.training.cpus_per_worker + 1
+    need += DEFAULT_WORKERS if c.data.workers is None else c.data.workers  # data tasks, one CPU each
     init_ray(
         c.ray.address, num_cpus=c.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999)), num_gpus=c.ray.num_gpus
     )
@@ -83,16 +85,17 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
         strict=c.data.strict,
         max_records=c.data.max_records,
         index_path=run_dir / "data_index.jsonl",  # restarts seek to a batch without re-tokenising
+        workers=c.data.workers,
     )
+    _init_ray(c)  # before the data is read: Ray tasks prepare it (the counting pass below included)
+    if stop is not None:
+        stop.install()  # ray.init replaced our SIGTERM handler
     tr = c.training
     max_steps = tr.max_steps
     if tr.epochs is not None:
         n = source.batches_per_epoch()
         max_steps = max(1, int(tr.epochs * n) // tr.num_workers)
         log.info("%d batches per epoch: %s epochs = %d steps", n, tr.epochs, max_steps)
-    _init_ray(c)
-    if stop is not None:
-        stop.install()  # ray.init replaced our SIGTERM handler
     engine = resolve_engine(c.target.engine)
     dtype = getattr(torch, c.target.dtype) if c.target.dtype else None
     if c.offline.mode != "from_dump":
@@ -157,6 +160,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             export=str(result.export_dir) if result.export_dir else None,
             data=source.stats.summary(),  # what was read, skipped (by reason) and repaired so far
             data_counts=source.stats.to_dict(),
+            data_task_processes=len(source.task_pids),  # 0: the data was prepared in the driver
         )
         summary["target_tokens_per_s"] = _pool_rate(pool, result) if live else None
         if c.eval.enabled and result.export_dir is not None and live:  # a dump holds no target to verify with
