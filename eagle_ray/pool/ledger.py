@@ -81,6 +81,11 @@ class ShardLedger:
         rec.state = "pending"
         return "retry"
 
+    def suspect(self, shard_id: int) -> bool:
+        """The shard failed before: the pool runs it alone, so a crash on it is blamed on it for certain."""
+        rec = self.records.get(shard_id)
+        return rec is not None and bool(rec.failures)
+
     def error(self, shard_id: int) -> str:
         """Why a quarantined shard was given up on: the pool logs it and puts it in the shard's result."""
         return self.errors[shard_id]

@@ -77,6 +77,7 @@ class _Replica:
     tokens_done: int = 0
     shards_done: int = 0
     failures: int = 0
+    solo: bool = False  # running a suspect shard alone: nothing joins it, so if it dies the blame is certain
 
 
 class PooledTargetModel(NeMoSurface):
@@ -306,7 +307,8 @@ class PooledTargetModel(NeMoSurface):
                 else:  # done before the death, only not yet collected: deliver it
                     self._delivered(shard, attempt, payload, r, meta)
                     continue
-            if not blamed:  # an actor runs its tasks in order: the first unfinished one was running
+            if not blamed:  # an actor runs its tasks in order: the first unfinished one was running (or its reply
+                # was lost with the process: a suspect re-runs alone, see `_pick`)
                 blamed = True
                 self._failed(shard, attempt, f"replica {r.replica_id} died running it: {type(err).__name__}")
             elif self._ledger.requeue(shard.shard_id, attempt):
@@ -429,10 +431,14 @@ class PooledTargetModel(NeMoSurface):
             ready = local or ready
         # a short queue per replica keeps it busy without piling work onto one that may die,
         # and lets replicas that join later take their share at once
-        ready = [r for r in ready if len(r.inflight) < self._per_replica]
+        # a shard that failed once runs alone: a dying replica's last replies can be lost with it, so blaming
+        # the first unfinished of several shards is a guess, and a good shard guessed twice would be quarantined
+        room = 1 if self._ledger.suspect(shard.shard_id) else self._per_replica
+        ready = [r for r in ready if not r.solo and len(r.inflight) < room]
         return min(ready, key=lambda r: (r.inflight_tokens, r.replica_id)) if ready else None
 
     def _dispatch(self, shard: _Shard, r: _Replica) -> None:
+        r.solo = self._ledger.suspect(shard.shard_id)
         attempt = self._ledger.dispatch(shard.shard_id)
         b = shard.batch
         meta, payload = r.actor.run.options(num_returns=2).remote(
@@ -552,6 +558,7 @@ class PooledTargetModel(NeMoSurface):
         if r.inflight and r.inflight[0] == ref:  # the next one starts now (an actor runs its tasks in order)
             r.head_since = time.monotonic() if len(r.inflight) > 1 else None
         r.inflight.remove(ref)
+        r.solo = r.solo and bool(r.inflight)
         r.inflight_tokens -= shard.batch.num_tokens
         self._inflight_bytes -= shard.nbytes
 
