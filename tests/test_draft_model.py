@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eagle_ray import PackedBatch, Supervision, build_draft_vocab, count_loss_tokens
+from eagle_ray.draft.decode import speculative_decode, target_decode
 from eagle_ray.draft.export import WEIGHTS, load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig, StepCache
 from eagle_ray.draft.speculate import propose, speculative_greedy, target_greedy
+from eagle_ray.draft.tree import SpecParams
 from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, TTTStats, padded_layout, teacher_targets, ttt_loss
 from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.tiny import markov_sequences
@@ -393,6 +395,52 @@ def test_speculative_greedy_validates_arguments(trained, target):
         speculative_greedy(target, trained.draft, [[1, 2]], max_new_tokens=0)
     with pytest.raises(ValueError, match="prompt"):
         speculative_greedy(target, trained.draft, [[1, 2], []])
+
+
+def test_cached_decoding_equals_target_greedy_in_every_mode(trained, markov_target, target):
+    engine = target.engine  # the HF engine: KV-cached extend
+    prompts = [s[:n].tolist() for s, n in zip(markov_sequences(3, 32, seed=5), [4, 9, 15], strict=True)]
+    reference = target_decode(engine, prompts, 20)
+    generated = engine.model.generate(torch.tensor([prompts[0]]), max_new_tokens=20, do_sample=False)
+    assert reference[0] == generated[0, 4:].tolist()  # our cached reference is transformers' own greedy
+    untrained = make_draft(markov_target, target, seed=3)
+    lengths = {}
+    for name, params in [
+        ("chain", SpecParams(topk=1, num_steps=4, num_draft_tokens=5)),
+        ("tree", SpecParams(topk=2, num_steps=4, num_draft_tokens=5)),
+        ("wide tree", SpecParams(topk=4, num_steps=3, num_draft_tokens=9)),
+    ]:
+        for kind, draft in [("trained", trained.draft), ("untrained", untrained)]:
+            r = speculative_decode(engine, draft, prompts, params, max_new_tokens=20)
+            assert r.reference == reference and r.outputs == reference, (name, kind)
+            assert r.proposed_draft_tokens == r.verify_forwards * (params.num_draft_tokens - 1)
+            assert r.produced == 3 * 19  # every token after the prefill's came from a verify
+            lengths[name, kind] = r.acceptance_length
+    print(f"\nacceptance length: {lengths}")
+    for name in ("chain", "tree", "wide tree"):
+        assert lengths[name, "untrained"] < 1.5 and lengths[name, "trained"] > 3.5, name
+    # the same chain as the uncached evaluator (the training layout, `propose`): the same tokens accepted
+    old = speculative_greedy(target, trained.draft, prompts, max_new_tokens=20, num_draft_tokens=4)
+    new = speculative_decode(engine, trained.draft, prompts, SpecParams(num_steps=4, num_draft_tokens=5), 20)
+    assert new.accepted_draft_tokens == old.accepted_draft_tokens and new.verify_forwards == old.verify_forwards
+
+
+def test_cached_decoding_stops_and_validates(trained, target):
+    engine, prompt = target.engine, markov_sequences(1, 8, seed=6)[0].tolist()
+    full = target_decode(engine, [prompt], 12)[0]
+    stop = full[5]
+    r = speculative_decode(engine, trained.draft, [prompt], SpecParams(), 12, stop_ids=(stop,))
+    assert r.outputs[0] == full[: full.index(stop) + 1] == r.reference[0]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_decode(engine, trained.draft, [prompt], max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompt"):
+        speculative_decode(engine, trained.draft, [prompt, []])
+    with pytest.raises(ValueError, match="num_steps \\+ 1"):
+        SpecParams(topk=1, num_steps=3, num_draft_tokens=6)
+    with pytest.raises(ValueError, match="at most 6 candidates"):
+        SpecParams(topk=2, num_steps=2, num_draft_tokens=8)
+    with pytest.raises(ValueError, match="temperature"):
+        SpecParams(temperature=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------

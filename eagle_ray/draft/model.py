@@ -183,6 +183,27 @@ class StepCache:
     diag: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+@dataclass
+class KVCache:
+    """Inference (serving-style decoding): keys/values of every slot run so far, one sequence.
+
+    Before each forward the caller sets `mask [Sq, len + Sq]`: which cached slots and which new
+    ones each new query sees (causal for an extend, ancestors for a tree step). `crop(n)` drops
+    slots from `n` on (a round's tree slots, once it is verified).
+    """
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def crop(self, n: int) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[:, :, :n], self.v[:, :, :n]
+
+
 class Attention(nn.Module):
     def __init__(self, c: Eagle3DraftConfig):
         super().__init__()
@@ -193,12 +214,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(2 * c.hidden_size, self.kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(self.heads * self.hd, c.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: StepCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: StepCache | KVCache) -> torch.Tensor:
         b, s, _ = x.shape
         split = lambda t, n: t.view(b, s, n, self.hd).transpose(1, 2)  # noqa: E731
         q = rope(split(self.q_proj(x), self.heads), positions, self.theta)
         k = rope(split(self.k_proj(x), self.kv_heads), positions, self.theta)
         v = split(self.v_proj(x), self.kv_heads)
+        if isinstance(cache, KVCache):
+            cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=2)
+            cache.v = v if cache.v is None else torch.cat([cache.v, v], dim=2)
+            return self._attend(q, cache.k, cache.v, cache.mask[None])
         eye = torch.eye(s, dtype=torch.bool, device=x.device).expand(b, s, s)
         if cache.base is None:
             cache.base = (k, v)
@@ -208,6 +233,10 @@ class Attention(nn.Module):
             keys = torch.cat([cache.base[0]] + [kd for kd, _ in cache.diag], dim=2)
             values = torch.cat([cache.base[1]] + [vd for _, vd in cache.diag], dim=2)
             mask = torch.cat([cache.base_mask] + [eye] * len(cache.diag), dim=2)
+        return self._attend(q, keys, values, mask)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, _, s, _ = q.shape
         rep = self.heads // self.kv_heads
         keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
@@ -295,6 +324,17 @@ class Eagle3Draft(nn.Module):
         if cache.base is None:
             hidden = self.fc(hidden)
         return self.midlayer(self.embed_tokens(input_ids), hidden, positions, cache)
+
+    def infer(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, aux: bool
+    ) -> torch.Tensor:
+        """One serving-style forward of new slots `[S]` of one sequence against `cache` (its mask set).
+
+        `aux`: `hidden` is the target's aux states (an extend over verified tokens, `fc` projects them),
+        else the draft's own hidden of each slot's parent (a tree step). Returns the pre-norm hidden `[S, H]`.
+        """
+        h = self.fc(hidden) if aux else hidden
+        return self.midlayer(self.embed_tokens(input_ids)[None], h[None], positions[None], cache)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits of pre-norm hidden states."""

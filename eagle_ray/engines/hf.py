@@ -10,11 +10,13 @@ where the model supports it, else eager (gpt-oss: its sinks have no SDPA kernel)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AutoModelForCausalLM
 
 from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_layer_ids
-from eagle_ray.engines.base import forward_in_runs
+from eagle_ray.engines.base import UnsupportedTargetError, forward_in_runs
 
 
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -101,6 +103,44 @@ class HFEngine:
         self._captured.clear()
         logits = self.model.get_output_embeddings()(last).float().cpu() if return_logits else None
         return aux.cpu(), last.cpu(), logits
+
+    def new_cache(self) -> Any:
+        """An empty KV cache shaped for this model's layers (for `extend`)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def extend(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serving-style forward of new tokens `[S]` of one sequence against a KV `cache` (a DynamicCache).
+
+        `visible [S, len(cache) + S]` (bool): which cached and new tokens each new token attends to (causal
+        for a prefill, ancestors for a tree verify). The new tokens' keys join `cache`. Returns their aux
+        states `[S, 3H]` and full logits `[S, V]` (float32).
+        """
+        window = min((getattr(layer, "sliding_window", None) or 1 << 62 for layer in cache.layers), default=1 << 62)
+        if visible.shape[1] > window:  # a tree mask cannot express a window: refuse rather than attend too far
+            raise UnsupportedTargetError(
+                f"{type(self.model).__name__} has sliding-window (or chunked) layers of {window} tokens; the cached "
+                f"evaluator needs full attention over {visible.shape[1]} tokens (shorter prompts, or another target)"
+            )
+        mask = torch.zeros(visible.shape, dtype=self.model.dtype).masked_fill(
+            ~visible, torch.finfo(self.model.dtype).min
+        )
+        self._captured.clear()
+        out = self._decoder(
+            input_ids=input_ids[None].to(self.device),
+            position_ids=positions[None].to(self.device),
+            attention_mask=mask[None, None].to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        aux = torch.cat([self._captured[i][0] for i in self.info.aux_layer_ids], dim=-1)
+        self._captured.clear()
+        logits = self.model.get_output_embeddings()(out.last_hidden_state[0]).float()
+        return aux.cpu(), logits.cpu()
 
     def forward(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         return forward_in_runs(batch, return_logits, self._run, self.max_batch_tokens, padded=True)
