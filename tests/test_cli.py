@@ -26,7 +26,7 @@ SCRIPT = Path(sys.executable).with_name("eagle-ray")
 HELP = {
     "train": ["usage: eagle-ray train", "--print-config", "training.max_steps", "eval.num_draft_tokens"],
     "dump": ["usage: eagle-ray dump", "--print-config", "offline.mode"],
-    "evaluate": ["usage: eagle-ray evaluate", "--draft DIR", "--num-draft-tokens", "--engine {auto,hf,sglang}"],
+    "evaluate": ["usage: eagle-ray evaluate", "--draft DIR", "--num-draft-tokens", "--topk TOPK", "--matrix"],
     "chaos": ["usage: eagle-ray chaos", "--kill-worker-at", "--tp-size"],
     "bench": ["usage: eagle-ray bench", "--quick", "--parts"],
 }
@@ -111,22 +111,36 @@ def export(tmp_path_factory):
     return save_draft(draft, root / "draft"), target_path
 
 
-def test_evaluate_runs_speculative_decoding_of_the_files_prompts(export, tmp_path):
+def test_evaluate_measures_each_prompt_set_in_each_mode(export, tmp_path):
     draft, target = export
     data = tmp_path / "held_out.jsonl"
     convs = [("Name three primary colours.", "Red, yellow and blue."), ("What is 2 + 2?", "It is 4.")]
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in convs]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval.json"
-    args = ["--draft", str(draft), "--target", str(target), "--engine", "hf", "--data", str(data), "--json", str(out)]
-    proc = eagle_ray("evaluate", *args, "--prompts", "5", "--max-new-tokens", "6", "--num-draft-tokens", "3")
+    args = ["--draft", str(draft), "--target", str(target), "--data", str(data), "--json", str(out), "--matrix"]
+    proc = eagle_ray("evaluate", *args, "--prompts", "3", "--max-new-tokens", "6", "--num-steps", "2", "--topk", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert (r["prompts"], r["prompts_requested"]) == (2, 5)  # the file's two conversations, each once
-    assert (r["engine"], r["max_new_tokens"], r["num_draft_tokens"]) == ("hf", 6, 3)
-    assert r["acceptance_length"] >= 1 and r["verify_forwards"] >= 2
-    assert r["matches_target_greedy"] is True  # speculative output equals target-only greedy, token for token
-    assert f"acceptance_length: {r['acceptance_length']:.3f}" in proc.stdout
+    assert list(r["modes"]) == ["chain greedy", "chain T=1", "tree k2 greedy", "tree k2 T=1"]
+    assert r["modes"]["tree k2 T=1"] == {
+        "topk": 2,
+        "num_steps": 2,
+        "num_draft_tokens": 3,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
+    sets = r["sets"]
+    assert (sets["sharegpt"]["prompts"], sets["humaneval"]["prompts"]) == (2, 3)  # the file's two conversations, once
+    for name, row in sets.items():
+        assert 1 <= row["simulated"]["acceptance_chain"] <= 3, name
+        for mode in r["modes"]:
+            assert row[mode]["acceptance_length"] >= 1 and row[mode]["verify_forwards"] >= row["prompts"], (name, mode)
+        # greedy speculative output equals target-only greedy, token for token; sampled output is not compared
+        assert row["chain greedy"]["matches_target_greedy"] is True and row["tree k2 greedy"]["matches_target_greedy"]
+        assert "matches_target_greedy" not in row["chain T=1"]
+        line = f"{name:<10} {'chain greedy':<16} {row['chain greedy']['acceptance_length']:>10.3f}"
+        assert line in proc.stdout, proc.stdout
 
 
 def test_evaluate_bad_input_exits_2_naming_the_path(export, tmp_path, capsys):
@@ -138,7 +152,9 @@ def test_evaluate_bad_input_exits_2_naming_the_path(export, tmp_path, capsys):
         (["--draft", str(target)], f"--draft {target}: not a draft export: not a one-layer LlamaForCausalLMEagle3"),
         (["--draft", str(draft), "--target", str(tmp_path)], f"--target {tmp_path}: not an HF checkpoint"),
         (["--draft", str(draft), "--target", str(target), "--data", str(tmp_path / "x.jsonl")], "x.jsonl"),
-        (["--draft", str(draft), "--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1"),
+        (["--draft", str(draft), "--num-steps", "0"], "--num-steps must be >= 1"),
+        (["--draft", str(draft), "--num-steps", "3", "--num-draft-tokens", "6"], "num_steps + 1 = 4 tokens"),
+        (["--draft", str(draft), "--sets", "sharegpt,mmlu"], "--sets: unknown ['mmlu']"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:

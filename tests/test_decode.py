@@ -14,7 +14,7 @@ from scipy.stats import chi2
 
 from eagle_ray.draft.decode import speculative_decode
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
-from eagle_ray.draft.tree import Candidates, Tree, draft_level, select_tree, target_probs, verify_sampling
+from eagle_ray.draft.tree import Candidates, SpecParams, Tree, draft_level, select_tree, target_probs, verify_sampling
 from eagle_ray.engines.hf import HFEngine
 from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.tiny import build_tiny_target
@@ -114,8 +114,6 @@ def test_speculative_sampling_has_the_target_distribution(small_vocab):
     torch.set_num_threads(1)
     try:
         prompt, temperature, n = [1, 4, 2], 0.8, 1500
-        from eagle_ray.draft.tree import SpecParams
-
         params = SpecParams(topk=2, num_steps=2, num_draft_tokens=4, temperature=temperature)
         r = speculative_decode(engine, draft, [prompt] * n, params, max_new_tokens=3, seed=10, check=False)
         # the exact law of tokens 2 and 3 (both come out of verification; token 1 from the prefill)

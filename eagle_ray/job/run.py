@@ -25,7 +25,7 @@ import ray
 import torch
 
 from eagle_ray.job.config import ConfigError, JobConfig, describe, load_job_config
-from eagle_ray.job.inputs import held_out_prompts, resolve_engine, tokenizer_spec
+from eagle_ray.job.inputs import end_tokens, held_out_prompts, resolve_engine, tokenizer_spec
 from eagle_ray.job.signals import StopSignals
 
 log = logging.getLogger("eagle_ray.job")
@@ -133,7 +133,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             resources_per_worker=resources,
             backend=tr.backend,
             draft_vocab_size=c.draft.vocab_size,
-            special_token_ids=[i for i in _end_tokens(tokenizer) if i < pool.info.vocab_size],
+            special_token_ids=[i for i in end_tokens(tokenizer) if i < pool.info.vocab_size],
             vocab_batches=c.draft.vocab_batches,
             queue_depth=tr.queue_depth,
             max_failures=tr.max_failures,
@@ -195,12 +195,6 @@ def _rate(rows: list[dict[str, Any]]) -> float:
     if not rows:
         return 0.0
     return rows[-1]["tokens"] / max(sum(r.get("step_s", 0.0) for r in rows), 1e-9)
-
-
-def _end_tokens(tokenizer: Any) -> list[int]:
-    """Turn/sequence end tokens: always in the draft vocabulary, whatever their count."""
-    ends = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
-    return sorted({i for name, i in tokenizer.special_tokens.items() if name in ends} | {tokenizer.eos_id})
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
