@@ -17,6 +17,8 @@ from ray import cloudpickle
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
 from eagle_ray import HFEagle3TargetModel, InvalidBatchError, PackedBatch
+from eagle_ray.draft.decode import target_decode
+from eagle_ray.generation import GenerationParams
 from eagle_ray.pool import PooledTargetModel, ShardResult
 
 
@@ -395,3 +397,40 @@ def test_a_client_that_dies_leaks_nothing_and_the_pool_serves_on(cluster, tiny_p
         )
     finally:
         owner.close()
+
+
+def test_generation_on_the_pool_is_exactly_once_and_per_request_through_a_kill(hf_pool, reference):
+    """Prompts continued by the replicas (transformers' generate): greedy equals the engine's own; sampled
+    answers depend on the request alone (its seed), so sharding and a kill mid-stream change nothing."""
+    hf_pool.scale(2)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 1024, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (6,), generator=g)]
+    greedy = GenerationParams(max_new_tokens=6)
+    engine = reference.engine
+    assert hf_pool.generate(prompts, greedy) == target_decode(engine, prompts, 6)
+    sampled = GenerationParams(max_new_tokens=6, temperature=1.0, seed=7)
+    want = engine.generate(PackedBatch.from_sequences(prompts), sampled)
+    assert hf_pool.generate(prompts, sampled) == want
+    # a stream of prompt batches, one replica killed mid-way: every answer once, in order, the same as alone
+    chunks = [prompts[i : i + 2] for i in range(0, 6, 2)] * 3
+    answers, seen = [], set()
+    for i, r in enumerate(hf_pool.stream([PackedBatch.from_sequences(c) for c in chunks], generate=sampled)):
+        assert r.error is None and (r.batch_index, r.sequences) not in seen
+        seen.add((r.batch_index, r.sequences))
+        answers.append((r.batch_index, r.sequences, ray.get(r.ref)))
+        if i == 1:
+            ray.kill(hf_pool._ready()[0].actor, no_restart=True)
+    for b, chunk in enumerate(chunks):
+        mine = [a for bi, _, part in answers if bi == b for a in part]
+        assert mine == engine.generate(PackedBatch.from_sequences(chunk), sampled), b
+    # bad input: refused before dispatch, and the pool serves on
+    before = hf_pool.stats()["shards_delivered"]
+    with pytest.raises(InvalidBatchError) as err:
+        hf_pool.generate([[1, 2], list(range(1020))], GenerationParams(max_new_tokens=8))
+    assert err.value.code == "sequence_too_long" and err.value.sequence == 1
+    with pytest.raises(InvalidBatchError):
+        hf_pool.generate([[1, 5000]], greedy)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationParams(max_new_tokens=0)
+    assert hf_pool.stats()["shards_delivered"] == before
+    assert hf_pool.generate(prompts[:1], greedy) == target_decode(engine, prompts[:1], 6)

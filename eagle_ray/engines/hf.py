@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_layer_ids
 from eagle_ray.engines.base import UnsupportedTargetError, forward_in_runs
+from eagle_ray.generation import GenerationParams
 
 
 def decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -141,6 +142,31 @@ class HFEngine:
         self._captured.clear()
         logits = self.model.get_output_embeddings()(out.last_hidden_state[0]).float()
         return aux.cpu(), logits.cpu()
+
+    @torch.no_grad()
+    def generate(self, batch: PackedBatch, params: GenerationParams, first: int = 0) -> list[list[int]]:
+        """transformers' `generate` per prompt (KV-cached; its own seed each, see `eagle_ray.generation`)."""
+        out = []
+        for i in range(batch.num_sequences):
+            ids = batch.input_ids[batch.sequence(i)][None].to(self.device)
+            kwargs = {"do_sample": False}
+            if params.temperature > 0:
+                kwargs = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(params.seed + first + i)
+                seq = self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=params.max_new_tokens,
+                    eos_token_id=list(params.stop_ids) or None,
+                    pad_token_id=params.stop_ids[0] if params.stop_ids else 0,
+                    **kwargs,
+                )[0, ids.shape[1] :].tolist()
+            if params.stop_ids:  # generate pads after a stop: cut there
+                stop = next((k for k, t in enumerate(seq) if t in params.stop_ids), None)
+                seq = seq if stop is None else seq[: stop + 1]
+            out.append(seq)
+        return out
 
     def forward(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         return forward_in_runs(batch, return_logits, self._run, self.max_batch_tokens, padded=True)

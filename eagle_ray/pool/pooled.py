@@ -23,6 +23,8 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from eagle_ray.contract import InvalidBatchError, ModelInfo, PackedBatch, Supervision, plan_runs, validate_packed
+from eagle_ray.engines.base import UnsupportedTargetError
+from eagle_ray.generation import GenerationParams
 from eagle_ray.pool import placement as pl
 from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.replica import TargetReplica
@@ -57,6 +59,7 @@ class _Shard:
     batch: PackedBatch
     logits: bool
     nbytes: int
+    gen: GenerationParams | None = None  # a generation request (token ids back), not a forward
 
 
 @dataclass
@@ -75,6 +78,8 @@ class _Replica:
     head_since: float | None = None  # when the shard at the head of `inflight` started running (about)
     busy_s: float = 0.0  # seconds its shards took, as the replica measured them: its rate is tokens_done / busy_s
     tokens_done: int = 0
+    gen_s: float = 0.0  # the same for generation shards, per new token: decoding runs at a rate of its own
+    gen_tokens: int = 0
     shards_done: int = 0
     failures: int = 0
     solo: bool = False  # running a suspect shard alone: nothing joins it, so if it dies the blame is certain
@@ -319,7 +324,10 @@ class PooledTargetModel(NeMoSurface):
         self._reconcile()
 
     def _delivered(self, shard: _Shard, attempt: int, payload: Any, r: _Replica, meta: dict[str, Any]) -> None:
-        r.busy_s += meta["seconds"]
+        if shard.gen is None:
+            r.busy_s += meta["seconds"]
+        else:
+            r.gen_s, r.gen_tokens = r.gen_s + meta["seconds"], r.gen_tokens + meta["new_tokens"]
         if self._ledger.complete(shard.shard_id, attempt):
             self._bytes_delivered += shard.nbytes
             r.tokens_done += meta["tokens"]
@@ -405,22 +413,28 @@ class PooledTargetModel(NeMoSurface):
 
     # ----------------------------------------------------------------------------------- dispatch
 
-    def _shards(self, batch: PackedBatch, batch_index: int, logits: bool, stream_id: int) -> list[_Shard]:
-        """Split a validated batch into shards."""
+    def _shards(
+        self, batch: PackedBatch, batch_index: int, logits: bool, stream_id: int, gen: GenerationParams | None = None
+    ) -> list[_Shard]:
+        """Split a validated batch into shards (for generation: by sequences, whose answers are the work)."""
         # split over the idle replicas only: one batch alone (submit, a stream's start) is served by all of
         # them at once, while in a busy stream each replica takes whole batches (fewer, larger forwards)
         idle = [r for r in self._ready() if not r.inflight] if not self._retry else []
         n = max(len(idle), 1)
         even = -(-batch.num_tokens // n)
         cap = min(self.info.kv_capacity_tokens, self._shard_tokens or even, even)
+        per_shard = -(-batch.num_sequences // n) if gen is not None else None
         shards = []
-        for start, stop in plan_runs(batch.seqlens, max(cap, 1)):
+        for start, stop in plan_runs(batch.seqlens, max(cap, 1), per_shard):
             sub = batch.select(start, stop)
             sid = self._next_shard_id
             self._next_shard_id += 1
             self._ledger.add(sid)
-            nbytes = sub.num_tokens * self._bytes_per_token(logits)
-            shards.append(_Shard(sid, stream_id, batch_index, (start, stop), sub, logits, nbytes))
+            if gen is None:
+                nbytes = sub.num_tokens * self._bytes_per_token(logits)
+            else:  # token ids back: 8 bytes per new token at most
+                nbytes = sub.num_sequences * gen.max_new_tokens * 8
+            shards.append(_Shard(sid, stream_id, batch_index, (start, stop), sub, logits, nbytes, gen))
         return shards
 
     def _pick(self, shard: _Shard, node_id: str | None) -> _Replica | None:
@@ -441,9 +455,15 @@ class PooledTargetModel(NeMoSurface):
         r.solo = self._ledger.suspect(shard.shard_id)
         attempt = self._ledger.dispatch(shard.shard_id)
         b = shard.batch
-        meta, payload = r.actor.run.options(num_returns=2).remote(
-            shard.shard_id, b.input_ids, b.loss_mask, b.cu_seqlens, shard.logits
-        )
+        if shard.gen is None:
+            meta, payload = r.actor.run.options(num_returns=2).remote(
+                shard.shard_id, b.input_ids, b.loss_mask, b.cu_seqlens, shard.logits
+            )
+        else:
+            first = shard.sequences[0]
+            meta, payload = r.actor.generate.options(num_returns=2).remote(
+                shard.shard_id, b.input_ids, b.cu_seqlens, shard.gen, first
+            )
         self._inflight[meta] = (shard, r, attempt, payload)
         if not r.inflight:
             r.head_since = time.monotonic()
@@ -460,10 +480,15 @@ class PooledTargetModel(NeMoSurface):
         # its own: it waits (a slow trainer's queue and prefetch stay within the budget)
         return self._inflight_bytes == 0 and (held == 0 or partial)
 
-    def shard_deadline_s(self, r: _Replica, num_tokens: int) -> float:
+    def shard_deadline_s(self, r: _Replica, num_tokens: int, new_tokens: int = 0) -> float:
         """How long a shard may run on `r` before the replica counts as hung: `shard_timeout_factor` times
         what its measured rate predicts, at least `shard_timeout_s`; 10x that floor until it finished one
-        (a first forward may compile, warm caches, or load lazily)."""
+        (a first forward may compile, warm caches, or load lazily). `new_tokens`: a generation shard's most
+        new tokens, at the replica's decoding rate."""
+        if new_tokens:
+            if r.gen_s <= 0 or r.gen_tokens <= 0:
+                return 10 * self._shard_timeout_s
+            return max(self._shard_timeout_s, self._shard_timeout_factor * new_tokens * r.gen_s / r.gen_tokens)
         if r.busy_s <= 0 or r.tokens_done <= 0:
             return 10 * self._shard_timeout_s
         return max(self._shard_timeout_s, self._shard_timeout_factor * num_tokens * r.busy_s / r.tokens_done)
@@ -476,7 +501,8 @@ class PooledTargetModel(NeMoSurface):
             if r.state not in ("ready", "draining") or not r.inflight or r.head_since is None:
                 continue
             shard = self._inflight[r.inflight[0]][0]
-            deadline = self.shard_deadline_s(r, shard.batch.num_tokens)
+            new = shard.batch.num_sequences * shard.gen.max_new_tokens if shard.gen is not None else 0
+            deadline = self.shard_deadline_s(r, shard.batch.num_tokens, new)
             if now - r.head_since > deadline:
                 self._on_replica_death(
                     r,
@@ -581,6 +607,7 @@ class PooledTargetModel(NeMoSurface):
         node_id: str | None = None,
         stall_timeout_s: float = 600.0,
         count_held: bool = True,
+        generate: GenerationParams | None = None,
     ) -> Iterator[ShardResult]:
         """Supervision for many batches, as `ShardResult`s holding object refs.
 
@@ -588,20 +615,26 @@ class PooledTargetModel(NeMoSurface):
         while `max_inflight_bytes` are in flight or held by un-released results. Bad input
         raises `InvalidBatchError` when its batch is reached, before it is dispatched.
         `node_id`: serve from replicas on the consumer's node while it has any (others only when
-        it has none). Several streams and submits may run at once, from different threads: each
-        gets its own shards, in its own order, and all share the replicas and the byte budget.
+        it has none). `generate`: each batch holds prompts, and each result's ref holds their answers
+        (token id lists, see `eagle_ray.generation`) instead of supervision. Several streams and submits may
+        run at once, from different threads: each gets its own shards, in its own order, and all share the
+        replicas and the byte budget.
         """
         with self._lock:
             sid = self._next_stream_id
             self._next_stream_id += 1
             self._outbox[sid] = deque()
         try:
-            yield from self._stream(sid, iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held)
+            if generate is not None:
+                self._check_generates()
+            yield from self._stream(
+                sid, iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held, generate
+            )
         finally:
             with self._lock:
                 del self._outbox[sid]
 
-    def _stream(self, sid, it, ordered, logits, node_id, stall_timeout_s, count_held) -> Iterator[ShardResult]:
+    def _stream(self, sid, it, ordered, logits, node_id, stall_timeout_s, count_held, gen) -> Iterator[ShardResult]:
         pending: deque[_Shard] = deque()
         order: deque[int] = deque()  # shard ids in submission order, not yet yielded
         ready: dict[int, ShardResult] = {}
@@ -631,11 +664,13 @@ class PooledTargetModel(NeMoSurface):
                         break
                     try:  # outside the lock: other streams keep dispatching meanwhile
                         batch = validate_packed(batch, self.info.vocab_size, self.info.max_context)
+                        if gen is not None:
+                            gen.check_fits(batch, self.info)
                     except InvalidBatchError as e:
                         bad_input, exhausted = e, True  # serve everything before it, then raise at its place
                         break
                     with self._lock:
-                        new = self._shards(batch, batch_index, logits, sid)
+                        new = self._shards(batch, batch_index, logits, sid, gen)
                     unyielded[batch_index] = len(new)
                     batch_index += 1
                     pending.extend(new)
@@ -705,6 +740,26 @@ class PooledTargetModel(NeMoSurface):
         """
         # the whole batch is gathered by design: only what is in flight counts against the budget
         return list(self.stream([batch], return_logits=return_logits, count_held=False))
+
+    def generate(self, prompts: list[list[int]], params: GenerationParams | None = None) -> list[list[int]]:
+        """Each prompt's continuation (new token ids), served exactly once across the replicas.
+
+        Bad prompts (`InvalidBatchError`) and bad params (`ValueError`) are refused before dispatch.
+        """
+        p = params or GenerationParams()
+        batch = PackedBatch.from_sequences([torch.as_tensor(q, dtype=torch.long) for q in prompts])
+        results = list(self.stream([batch], count_held=False, generate=p))
+        bad = [r.error for r in results if r.error]
+        if bad:
+            raise RuntimeError("\n".join(bad))
+        return [answer for part in ray.get([r.ref for r in results]) for answer in part]
+
+    def _check_generates(self) -> None:
+        if self.engine_name != "hf":
+            raise UnsupportedTargetError(
+                f"generation runs on the hf engine's replicas only (this pool's engine is {self.engine_name!r}); "
+                "SGLang's in-process decode loop is not wired yet"
+            )
 
     def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         """Single-target compatibility: pulls the supervision to the caller."""

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from eagle_ray.contract import PackedBatch, Supervision
+from eagle_ray.engines.base import UnsupportedTargetError
 from eagle_ray.testing.faults import replica_shard_fault
 
 
@@ -73,6 +74,26 @@ class TargetReplica:
             "seconds": time.perf_counter() - t0,
         }
         return meta, sup
+
+    def generate(
+        self, shard_id: int, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, params: Any, first: int
+    ) -> tuple[dict[str, Any], list[list[int]]]:
+        """Continue each prompt of a shard (`eagle_ray.generation`); `first`: the number of its first request."""
+        engine = self.target.engine
+        if not hasattr(engine, "generate"):
+            raise UnsupportedTargetError(f"the {self.engine_name} engine cannot generate yet; use engine='hf'")
+        t0 = time.perf_counter()
+        batch = PackedBatch(input_ids, torch.ones_like(input_ids), cu_seqlens)
+        replica_shard_fault(input_ids)
+        answers = engine.generate(batch, params, first)
+        meta = {
+            "shard_id": shard_id,
+            "replica_id": self.replica_id,
+            "tokens": 0,  # not prefill work: the shard deadline's rate stays the forward's
+            "new_tokens": sum(len(a) for a in answers),
+            "seconds": time.perf_counter() - t0,
+        }
+        return meta, answers
 
     @ray.method(concurrency_group="watch")
     def watch(self) -> None:
