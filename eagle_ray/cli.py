@@ -14,10 +14,11 @@ from collections.abc import Callable
 PROG = "eagle-ray"
 
 # name -> ("module:function", one line of help); a module is imported only when its command runs (train pulls in
-# Ray, bench the whole suite). A new command (`regenerate` is next) is one more entry here.
+# Ray, bench the whole suite). A new command is one more entry here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("eagle_ray.job.run:main", "train an EAGLE-3 draft against a pool of target replicas (Ray Train)"),
     "dump": ("eagle_ray.job.dump:main", "the train job with offline.mode=dump: write its supervision to disk"),
+    "regenerate": ("eagle_ray.job.regenerate:main", "rewrite chat data with the target's own answers, on a pool"),
     "evaluate": ("eagle_ray.job.evaluate:main", "measure a draft export's acceptance on a target (no Ray)"),
     "chaos": ("eagle_ray.job.chaos:main", "train while replicas and a worker are killed; audit every sample"),
     "bench": ("eagle_ray.job.bench:main", "the benchmark suite, benchmarks/suite.py of this checkout"),

@@ -1,8 +1,8 @@
 """Generation requests: what a replica is asked to continue, and how (the contract for `generate`).
 
-A request is a prompt (token ids) and `GenerationParams`. Sequence i of a batch whose first sequence is
-request number `first` samples with seed `params.seed + first + i`, so a request's answer depends on the
-request alone: a shard re-run on another replica (failover) gives the same tokens on the same hardware.
+A request is a prompt (token ids) and `GenerationParams`. Request j of a batch samples with seed
+`params.seeds[j]`, or `params.seed + j` without `seeds`, so a request's answer depends on the request alone:
+a shard re-run on another replica (failover) gives the same tokens on the same hardware.
 The answer holds the new tokens only, up to and including a stop id when one is emitted.
 """
 
@@ -20,6 +20,10 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
+    seeds: tuple[int, ...] | None = None  # one per request of the batch, overriding `seed`
+
+    def seed_of(self, j: int) -> int:
+        return self.seeds[j] if self.seeds is not None else self.seed + j
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -29,6 +33,8 @@ class GenerationParams:
 
     def check_fits(self, batch: PackedBatch, info: ModelInfo) -> None:
         """`InvalidBatchError` naming the first prompt whose answer would run past the target's context."""
+        if self.seeds is not None and len(self.seeds) != batch.num_sequences:
+            raise ValueError(f"{len(self.seeds)} seeds for {batch.num_sequences} prompts")
         for i, n in enumerate(batch.seqlens):
             if n + self.max_new_tokens > info.max_context:
                 raise InvalidBatchError(

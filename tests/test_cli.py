@@ -29,6 +29,7 @@ HELP = {
     "evaluate": ["usage: eagle-ray evaluate", "--draft DIR", "--num-draft-tokens", "--topk TOPK", "--matrix"],
     "chaos": ["usage: eagle-ray chaos", "--kill-worker-at", "--tp-size"],
     "bench": ["usage: eagle-ray bench", "--quick", "--parts"],
+    "regenerate": ["usage: eagle-ray regenerate", "--out FILE", "--max-new-tokens", "--replicas"],
 }
 
 

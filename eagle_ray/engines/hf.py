@@ -153,7 +153,7 @@ class HFEngine:
             if params.temperature > 0:
                 kwargs = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(params.seed + first + i)
+                torch.manual_seed(params.seed_of(first + i))
                 seq = self.model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),

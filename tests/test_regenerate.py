@@ -1,0 +1,95 @@
+"""`eagle-ray regenerate` on a real local Ray: a pool of tiny HF replicas rewrites chat data with its own answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import local_ray
+
+from eagle_ray.data import load_tokenizer
+from eagle_ray.data.templates import get_template
+from eagle_ray.draft.decode import target_decode
+from eagle_ray.engines.hf import HFEngine
+from eagle_ray.job.regenerate import parse_args, prompt_ids, resume_point, run
+from eagle_ray.tiny import build_tiny_target
+
+CONVS = [
+    [("user", "Name three primary colours."), ("assistant", "Red, yellow and blue.")],
+    [("user", "What is 2 + 2?"), ("assistant", "4."), ("user", "And 3 + 3?"), ("assistant", "6.")],
+    [("user", "word " * 400), ("assistant", "Too long to answer here.")],  # the prompt alone exceeds --max-length
+    [("system", "Be brief."), ("user", "Say hi."), ("assistant", "Hi!")],
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regen")
+    tok = load_tokenizer("qwen")
+    target = build_tiny_target(root / "target", "llama", vocab_size=-(-tok.vocab_size // 64) * 64)
+    data = root / "chats.jsonl"
+    rows = [{"messages": [{"role": r, "content": c} for r, c in conv]} for conv in CONVS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    with local_ray(num_cpus=2):
+        yield root, str(target), data, tok
+
+
+def args_for(root, target, data, out, *extra):
+    _, args = parse_args(
+        ["--target", target, "--data", str(data), "--out", str(out), "--max-new-tokens", "5", "--max-length", "200"]
+        + ["--block", "2", *extra]
+    )
+    return args
+
+
+def test_each_assistant_turn_becomes_the_targets_own_answer_and_a_rerun_resumes(setup):
+    root, target, data, tok = setup
+    out = root / "regen.jsonl"
+    result = run(args_for(root, target, data, out))
+    lines = out.read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["record"] for r in recs] == [0, 1, 3]  # record 2 is too long; the bad line is skipped and counted
+    assert result["too_long"] == 1 and result["records_written"] == 3 and result["turns"] == 4
+    assert "5 records -> 4 samples" in result["data"] and "skipped 1 (bad_json 1)" in result["data"], result["data"]
+    assert all(r["source"].startswith(str(data)) for r in recs)
+    # the answers are the target's greedy continuations, turn 2 after its own turn 1 (SpecForge's semantics)
+    encode = get_template("auto", tokenizer=tok).bind(tok)
+    engine = HFEngine(target, dtype=torch.float32)
+    for rec, conv in zip(recs, [CONVS[0], CONVS[1], CONVS[3]], strict=True):
+        msgs = [(m["role"], m["content"]) for m in rec["messages"]]
+        assert [m for m in msgs if m[0] != "assistant"] == [m for m in conv if m[0] != "assistant"]
+        for t, (role, content) in enumerate(msgs):
+            if role == "assistant":
+                want = target_decode(engine, [prompt_ids(encode, msgs[:t])], 5)[0]
+                assert content == tok.decode(want), (rec["record"], t)
+    assert msgs != CONVS[3]  # the original answers are gone
+    # a crash mid-write: a torn last line. The rerun drops it, keeps what was whole, and appends the rest once
+    torn = lines[0] + "\n" + lines[1][:20]
+    out.write_text(torn)
+    assert resume_point(out) == 1 and out.read_text() == lines[0] + "\n"
+    again = run(args_for(root, target, data, out))
+    assert again["resumed_at"] == 1 and again["records_written"] == 2
+    assert out.read_text().splitlines() == lines  # nothing rewritten, nothing twice
+    # sampled answers depend on the record and turn alone (its seed): the same on a rerun
+    hot = root / "hot.jsonl"
+    first = run(args_for(root, target, data, hot, "--temperature", "1.0", "--seed", "3"))
+    text = hot.read_text()
+    hot.unlink()
+    run(args_for(root, target, data, hot, "--temperature", "1.0", "--seed", "3", "--block", "1"))
+    assert hot.read_text() == text and first["records_written"] == 3 and text != out.read_text()
+
+
+def test_regenerate_bad_input_is_a_usage_error(setup, capsys):
+    from eagle_ray.job.regenerate import main
+
+    root, target, data, _ = setup
+    for argv, message in [
+        (["--out", "x", "--data", str(root / "missing.jsonl")], "missing.jsonl: no such file"),
+        (["--out", "x", "--target", str(root)], "not an HF checkpoint directory"),
+        (["--out", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--out", "x", "--temperature", "-1"], "--temperature >= 0"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
