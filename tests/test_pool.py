@@ -60,8 +60,14 @@ def check_complete(got: dict, inputs: list[PackedBatch], reference) -> None:
         torch.testing.assert_close(have, want, atol=1e-5, rtol=0)
 
 
-def test_pooled_sglang_equals_direct_engine_bit_exact(cluster, tiny_paths, sglang_target):
+def test_pooled_sglang_equals_direct_engine_bit_exact(cluster, tiny_paths, sglang_target, reference):
     path = tiny_paths["llama"]
+    prompts, greedy = [[5, 6, 7, 8, 9], [100, 200, 300], [7] * 12], GenerationParams(max_new_tokens=8)
+    want = target_decode(reference.engine, prompts, 8)  # transformers' greedy decoding, KV-cached
+    assert sglang_target(path).engine.generate(PackedBatch.from_sequences(prompts), greedy) == want
+    stop = GenerationParams(max_new_tokens=8, stop_ids=(want[1][2],))
+    cut = sglang_target(path).engine.generate(PackedBatch.from_sequences(prompts), stop)
+    assert cut[1] == want[1][: want[1].index(want[1][2]) + 1] and len(cut[1]) < 8
     batch = random_batch([12, 40, 7, 25], seed=11)
     direct = sglang_target(path).forward_packed(batch, return_logits=True)
     with PooledTargetModel.from_pretrained(path, engine="sglang", replicas=1, use_gpu=False) as pool:
@@ -70,6 +76,7 @@ def test_pooled_sglang_equals_direct_engine_bit_exact(cluster, tiny_paths, sglan
         assert torch.equal(pool.get_lm_head_weight(), sglang_target(path).get_lm_head_weight())
         padded = pool.generate_batch(torch.tensor([[1, 2, 3, 0]]), torch.tensor([[1, 1, 1, 0]]))
         assert padded.logits.shape == (1, 4, 1024) and padded.input_ids.tolist() == [[2, 3, 0, 0]]
+        assert pool.generate(prompts, greedy) == want  # SGLang's decode loop in the replica (S18)
     for f in ("aux_hidden_states", "last_hidden_states", "logits", "input_ids", "loss_mask", "cu_seqlens"):
         assert torch.equal(getattr(pooled, f), getattr(direct, f)), f
 

@@ -30,3 +30,29 @@ def test_progress_in_job_logs_is_a_line_every_tenth_of_the_way(caplog):
         and len(lines) == 10
         and lines[-1].startswith("tiny target: step 20/20")
     )
+
+
+def test_a_lumped_head_trains_the_frequent_tokens_and_saves_one_shared_row_for_the_rest(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_target(tmp_path / "t", "llama")
+    text = markov_sequences(64, 24, seed=1)
+    counts = torch.bincount(torch.cat(text), minlength=1024)
+    before = AutoModelForCausalLM.from_pretrained(path).lm_head.weight.detach().clone()
+    stats = pretrain_tiny_target(path, text, steps=30, batch_size=8, lr=3e-3, head_vocab=512, schedule=True)
+    head = AutoModelForCausalLM.from_pretrained(path).lm_head.weight.detach()
+    kept = counts.argsort(descending=True)[:512]
+    rest = torch.ones(1024, dtype=torch.bool)
+    rest[kept] = False
+    assert torch.equal(head[rest], head[rest][:1].expand(int(rest.sum()), -1))  # one shared row for the rest
+    assert not torch.equal(head[kept], before[kept])  # the frequent tokens' rows trained
+    assert stats["last_loss"] < stats["first_loss"]
+
+
+def test_distinct_ngram_ratio():
+    from eagle_ray.tiny import distinct_ngram_ratio
+
+    assert distinct_ngram_ratio([[1, 2, 3, 4, 5]]) == 1.0
+    assert distinct_ngram_ratio([[7] * 10]) == 1 / 7  # "the the the ...": one 4-gram, 7 times
+    assert distinct_ngram_ratio([[1, 2, 3, 4], [1, 2, 3, 4]]) == 0.5 and distinct_ngram_ratio([[1, 2]]) == 0.0

@@ -28,6 +28,10 @@ Seams (all 0.5.23):
      `eplb.expert_location.set_global_expert_location_metadata(None, allow_overwrite=True)`: a MoE model leaves its
      expert map in a process global that the next MoE build asserts is empty.
 
+  S18 generation: `runner.sample(logits_output, forward_batch)` (the batch's `sampling_info`, built from each
+     `Req`'s `SamplingParams` by `prepare_for_extend`), then per step `Req.output_ids` appended,
+     `batch.output_ids` / `input_ids` set and `prepare_for_decode()`, as `one_batch.py`'s `decode` does.
+
 Seams of the exported-draft check (`check_eagle3_draft_load`), also 0.5.23:
   S11 `ModelConfig.from_server_args(server_args, model_path=<draft dir>, is_draft_model=True)`: reads the export's
      config.json the way SGLang reads `speculative_draft_model_path` (a transformers `LlamaConfig`).
@@ -239,45 +243,49 @@ class RankRunner:
     def context_len(self) -> int:
         return int(self.runner.model_config.context_len)
 
-    @torch.no_grad()
-    def forward(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, return_logits: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One EXTEND forward over whole sequences; returns (aux, last hidden, logits|None) on CPU."""
-        runner = self.runner
-        reqs = []
-        cu = cu_seqlens.tolist()
-        ids = input_ids.tolist()
-        for i in range(len(cu) - 1):  # S6
-            req = Req(
-                rid=str(i),
-                origin_input_text="",
-                origin_input_ids=array("q", ids[cu[i] : cu[i + 1]]),
-                sampling_params=SamplingParams(temperature=0, max_new_tokens=1),
-            )
+    def _extend_batch(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> ScheduleBatch:
+        """S6: an EXTEND batch of whole sequences, no prefix cache (the KV pools are cleared after each use)."""
+        runner, reqs = self.runner, []
+        for i, (ids, sp) in enumerate(zip(prompts, sampling, strict=True)):
+            req = Req(rid=str(i), origin_input_text="", origin_input_ids=array("q", ids), sampling_params=sp)
             req.full_untruncated_fill_ids = req.origin_input_ids
             req.logprob_start_len = -1
-            req.extend_end = cu[i + 1] - cu[i]
+            req.extend_end = len(ids)
             reqs.append(req)
         tree_cache = TreeCacheNamespace(
             page_size=get_schedule().page_size,
             device=runner.device,
             token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
         )
+        batch = ScheduleBatch.init_new(
+            reqs=reqs,
+            req_to_token_pool=runner.req_to_token_pool,
+            token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
+            tree_cache=tree_cache,
+            model_config=runner.model_config,
+            enable_overlap=False,
+            spec_algorithm=SpeculativeAlgorithm.NONE,
+        )
+        batch.prepare_for_extend()
+        if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
+            batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
+            batch.prefill_input_ids_cpu = None
+        return batch
+
+    def _clear(self) -> None:  # S9
+        self.runner.req_to_token_pool.clear()
+        self.runner.token_to_kv_pool_allocator.clear()
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, return_logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One EXTEND forward over whole sequences; returns (aux, last hidden, logits|None) on CPU."""
+        runner = self.runner
+        cu, ids = cu_seqlens.tolist(), input_ids.tolist()
+        prompts = [ids[cu[i] : cu[i + 1]] for i in range(len(cu) - 1)]
         try:
-            batch = ScheduleBatch.init_new(
-                reqs=reqs,
-                req_to_token_pool=runner.req_to_token_pool,
-                token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator,
-                tree_cache=tree_cache,
-                model_config=runner.model_config,
-                enable_overlap=False,
-                spec_algorithm=SpeculativeAlgorithm.NONE,
-            )
-            batch.prepare_for_extend()
-            if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
-                batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
-                batch.prefill_input_ids_cpu = None
+            batch = self._extend_batch(prompts, [SamplingParams(temperature=0, max_new_tokens=1) for _ in prompts])
             fb = ForwardBatch.init_new(
                 batch, runner, capture_hidden_mode=CaptureHiddenMode.FULL, return_hidden_states_before_norm=False
             )
@@ -292,8 +300,38 @@ class RankRunner:
             # clone: the runner may reuse its output buffers on the next forward
             return aux.to("cpu", copy=True), last.to("cpu", copy=True), logits
         finally:
-            runner.req_to_token_pool.clear()  # S9
-            runner.token_to_kv_pool_allocator.clear()
+            self._clear()
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int]
+    ) -> list[list[int]]:
+        """S18: extend, then one decode step per new token for the whole batch (`one_batch.py`'s `extend` and
+        `decode`), sampling with SGLang's own sampler; each answer is cut after its first stop id."""
+        runner, stop = self.runner, set(stop_ids)
+        sampling = [
+            SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens) for _ in prompts
+        ]
+        try:
+            batch = self._extend_batch(prompts, sampling)
+            fb = ForwardBatch.init_new(batch, runner, return_hidden_states_before_norm=False)
+            nxt = runner.sample(runner.forward(fb).logits_output, fb)
+            out = [[t] for t in nxt.tolist()]
+            for _ in range(max_new_tokens - 1):
+                if all(o[-1] in stop or stop & set(o) for o in out):
+                    break
+                for req, t in zip(batch.reqs, nxt.tolist(), strict=True):
+                    req.output_ids.append(t)
+                batch.output_ids = nxt
+                batch.input_ids = nxt.to(torch.int64)
+                batch.prepare_for_decode()
+                fb = ForwardBatch.init_new(batch, runner, return_hidden_states_before_norm=False)
+                nxt = runner.sample(runner.forward(fb).logits_output, fb)
+                for o, t in zip(out, nxt.tolist(), strict=True):
+                    o.append(t)
+        finally:
+            self._clear()
+        return [o[: next((k + 1 for k, t in enumerate(o) if t in stop), len(o))] for o in out]
 
     def close(self) -> None:  # S10
         self.runner = None
@@ -369,7 +407,8 @@ def tp_worker_main(
 ) -> None:
     """Body of a TP-rank process (ranks >= 1): build, then run every batch rank 0 runs.
 
-    Messages: ("forward", input_ids, cu_seqlens, return_logits) -> ("ok",) | ("error", text);
+    Messages: ("forward", input_ids, cu_seqlens, return_logits) or ("generate", seed, *generate's arguments)
+    -> ("ok",) | ("error", text);
     ("close",) -> exits. Results stay with rank 0; this rank only takes part in the collectives.
     `parent_pid` (rank 0's process; default: the multiprocessing parent) and `parent_thread_is_main` (did rank 0
     spawn us from its main thread) tie this process's life to rank 0's: see `sglang.die_with_parent`.
@@ -396,7 +435,11 @@ def tp_worker_main(
         if msg[0] == "close":
             break
         try:
-            rank.forward(msg[1], msg[2], msg[3])
+            if msg[0] == "generate":
+                torch.manual_seed(msg[1])  # the seed rank 0 sampled with: every rank samples the same tokens
+                rank.generate(*msg[2:])
+            else:
+                rank.forward(msg[1], msg[2], msg[3])
             conn.send(("ok",))
         except Exception:
             conn.send(("error", traceback.format_exc()))

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch.distributed import TCPStore
 
-from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, resolve_aux_layer_ids
+from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, plan_runs, resolve_aux_layer_ids
 from eagle_ray.engines.base import UnsupportedTargetError, forward_in_runs
+from eagle_ray.generation import GenerationParams
 from eagle_ray.hf_checkpoint import checkpoint_dtype, embedding_and_lm_head, load_config
 
 # On a machine without CUDA: SGLang's plain CPU path (not its AMX engine, which needs a CPU
@@ -284,7 +285,8 @@ class SGLangEngine:
             raise RuntimeError(self._broken)
         return replies
 
-    def _run(self, batch: PackedBatch, return_logits: bool):
+    def _on_all_ranks(self, message: tuple, local: Any) -> Any:
+        """Send `message` to ranks >= 1, run `local()` on rank 0, and wait for every rank's reply."""
         if self._broken:
             raise RuntimeError(f"engine unusable after an earlier failure: {self._broken}")
         dead = [r for r, (proc, _) in enumerate(self._workers, start=1) if not proc.is_alive()]
@@ -294,8 +296,8 @@ class SGLangEngine:
             raise RuntimeError(self._broken)
         try:
             for _, conn in self._workers:
-                conn.send(("forward", batch.input_ids, batch.cu_seqlens, return_logits))
-            result = self._rank.forward(batch.input_ids, batch.cu_seqlens, return_logits)
+                conn.send(message)
+            result = local()
         except BaseException as e:
             if self._workers:  # the other ranks now wait in a collective rank 0 never joins
                 self._kill_workers()
@@ -303,6 +305,32 @@ class SGLangEngine:
             raise
         self._collect("ok")
         return result
+
+    def _run(self, batch: PackedBatch, return_logits: bool):
+        return self._on_all_ranks(
+            ("forward", batch.input_ids, batch.cu_seqlens, return_logits),
+            lambda: self._rank.forward(batch.input_ids, batch.cu_seqlens, return_logits),
+        )
+
+    def generate(self, batch: PackedBatch, params: GenerationParams, first: int = 0) -> list[list[int]]:
+        """Each prompt's continuation, decoded by SGLang's runner in batches that fit its KV pool.
+
+        Sampling draws from torch's generator seeded with the batch's first request's seed on every rank: a shard
+        re-run repeats itself. (SGLang seeds requests one by one only in its deterministic-inference mode.)
+        """
+        rank, out = self._rank, []
+        lengths = [n + params.max_new_tokens for n in batch.seqlens]
+        for start, stop in plan_runs(lengths, rank.kv_capacity_tokens, rank.max_requests):
+            prompts = [batch.input_ids[batch.sequence(i)].tolist() for i in range(start, stop)]
+            args = (prompts, params.max_new_tokens, params.temperature, params.top_p, list(params.stop_ids))
+            seed = params.seed_of(first + start)
+
+            def local(args=args, seed=seed) -> list[list[int]]:
+                torch.manual_seed(seed)
+                return rank.generate(*args)
+
+            out += self._on_all_ranks(("generate", seed, *args), local)
+        return out
 
     def forward(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         # Batches larger than the KV pool (or the request pool) become several forwards.

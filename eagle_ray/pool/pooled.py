@@ -23,7 +23,6 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from eagle_ray.contract import InvalidBatchError, ModelInfo, PackedBatch, Supervision, plan_runs, validate_packed
-from eagle_ray.engines.base import UnsupportedTargetError
 from eagle_ray.generation import GenerationParams
 from eagle_ray.pool import placement as pl
 from eagle_ray.pool.ledger import ShardLedger
@@ -625,8 +624,6 @@ class PooledTargetModel(NeMoSurface):
             self._next_stream_id += 1
             self._outbox[sid] = deque()
         try:
-            if generate is not None:
-                self._check_generates()
             yield from self._stream(
                 sid, iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held, generate
             )
@@ -755,13 +752,6 @@ class PooledTargetModel(NeMoSurface):
         if bad:
             raise RuntimeError("\n".join(bad))
         return [answer for part in ray.get([r.ref for r in results]) for answer in part]
-
-    def _check_generates(self) -> None:
-        if self.engine_name != "hf":
-            raise UnsupportedTargetError(
-                f"generation runs on the hf engine's replicas only (this pool's engine is {self.engine_name!r}); "
-                "SGLang's in-process decode loop is not wired yet"
-            )
 
     def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
         """Single-target compatibility: pulls the supervision to the caller."""
