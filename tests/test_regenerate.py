@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
 def args_for(root, target, data, out, *extra):
     _, args = parse_args(
         ["--target", target, "--data", str(data), "--out", str(out), "--max-new-tokens", "5", "--max-length", "200"]
-        + ["--block", "2", *extra]
+        + ["--block", "2", "--engine", "hf", *extra]
     )
     return args
 
@@ -93,3 +93,45 @@ def test_regenerate_bad_input_is_a_usage_error(setup, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_the_jobs_switch_regenerates_then_serves_the_new_data(setup):
+    """`regenerate.enabled=true`: the job rewrites its data on its own pool first, then runs on the rewrite
+    (here `offline.mode=dump`, which stops after writing the supervision: the switch, not training, is under test)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+
+    from eagle_ray.data import make_batch_source
+    from eagle_ray.offline import MissingSupervisionError, OfflineSupervision
+
+    root, target, data, tok = setup
+    cmd = [sys.executable, "jobs/dump_supervision.py", f"target.model_path={target}", "target.engine=hf"]
+    cmd += ["target.replicas=1", "data.format=messages", f"data.paths=[{data}]", "data.max_length=200"]
+    cmd += [
+        "data.batch_tokens=256",
+        "data.workers=0",
+        "data.shuffle_buffer=0",
+        "training.max_steps=2",
+        f"checkpoint.storage_path={root}",
+    ]
+    cmd += ["checkpoint.name=job", "regenerate.enabled=true", "regenerate.max_new_tokens=5", "logging.plot=false"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # this module's cluster
+    proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads((root / "job" / "summary.json").read_text())
+    regen = summary["regenerated"]
+    assert regen["records_written"] == 3 and regen["out"] == str(root / "job" / "regenerated.jsonl")
+    rows = [json.loads(x) for x in (root / "job" / "regenerated.jsonl").read_text().splitlines()]
+    assert [r["record"] for r in rows] == [0, 1, 3]
+    # the dumped batches are the regenerated conversations' batches, not the original data's
+    off = OfflineSupervision(root / "job" / "supervision")
+    settings = dict(template="auto", max_length=200, batch_tokens=256, workers=0)
+    regenerated, _ = make_batch_source("messages", [str(root / "job" / "regenerated.jsonl")], tok, **settings)
+    original, _ = make_batch_source("messages", [str(data)], tok, **settings)
+    assert len(off) == 2 and off.load(next(iter(regenerated(0)))).num_tokens > 0
+    with pytest.raises(MissingSupervisionError):
+        off.load(next(iter(original(0))))

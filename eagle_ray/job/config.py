@@ -117,6 +117,19 @@ class EvalConfig:
 
 
 @dataclass
+class RegenerateConfig:
+    """Train on the target's own answers (`eagle-ray regenerate`'s semantics, on the job's pool)."""
+
+    enabled: bool = False  # first rewrite the data's assistant turns with the target's answers, then train on them
+    max_new_tokens: int = 256  # per answer
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # record k's turn t samples with a seed of its own
+    block: int = 64  # conversations per block (the unit of resume)
+    out: str | None = None  # None: <storage_path>/<name>/regenerated.jsonl (resumed when it exists)
+
+
+@dataclass
 class OfflineConfig:
     mode: Literal["live", "dump", "from_dump"] = "live"  # dump: write supervision shards and stop
     dir: str | None = None  # None: <storage_path>/<name>/supervision
@@ -140,6 +153,7 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -270,11 +284,17 @@ def _validate(c: JobConfig) -> None:
         "checkpoint.every": c.checkpoint.every >= 1,
         "logging.log_every": c.logging.log_every >= 1,
         "placement.gpu_fraction": 0 < c.placement.gpu_fraction < 1,
+        "regenerate.max_new_tokens": c.regenerate.max_new_tokens >= 1,
+        "regenerate.block": c.regenerate.block >= 1,
+        "regenerate.temperature": c.regenerate.temperature >= 0,
+        "regenerate.top_p": 0 < c.regenerate.top_p <= 1,
     }
     bad = [k for k, ok in positive.items() if not ok]
     if bad:
         hint = " (data.batch_tokens must hold one max_length sequence)" if "data.batch_tokens" in bad else ""
         raise ConfigError(f"{bad[0]}: out of range{hint}")
+    if c.regenerate.enabled and (c.data.format == "pretokenized" or c.offline.mode == "from_dump"):
+        raise ConfigError("regenerate.enabled: needs chat data (data.format sharegpt or messages) and a live target")
     if c.placement.mode == "colocated" and c.target.tp_size != 1:
         raise ConfigError("placement.mode: colocated needs target.tp_size == 1")
     # here, not when training starts: after minutes of loading the target, a missing package is a costly surprise

@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="FILE", help="messages JSONL to write (appended on resume)")
     p.add_argument("--target", metavar="PATH", help="HF checkpoint dir (default: the train job's tiny target)")
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "sglang"], help="auto: sglang if installed")
     p.add_argument("--replicas", type=int, default=1, help="target replicas (default: %(default)s)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="default: %(default)s")
     p.add_argument("--data", action="append", metavar="FILE", help="chat data, repeatable (default: ShareGPT V3)")
@@ -53,6 +54,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--block", type=int, default=64, help="conversations per block (default: %(default)s)")
     p.add_argument("--ray-address", help="a running cluster (default: a local one)")
     args = p.parse_args(argv)
+    from eagle_ray.job.inputs import resolve_engine
+
+    args.engine = resolve_engine(args.engine)
     for name in ("replicas", "max_length", "max_new_tokens", "block"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -133,62 +137,41 @@ def _take(messages: list[Message], tokenizer: Any, answer: list[int], stop: tupl
     messages.append(("assistant", tokenizer.decode(answer[:-1] if finished else answer)))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
+def regenerate_file(pool: Any, tokenizer: Any, args: Any) -> dict[str, Any]:
+    """Regenerate `args.data` (format, max_records, chat_template) into `args.out` on `pool`, resuming.
 
-    from eagle_ray.data import load_tokenizer
+    `args` has this job's option names (the train job's `regenerate:` section passes its own, the same).
+    """
     from eagle_ray.data.sharegpt import iter_conversations
     from eagle_ray.data.stats import DataStats
     from eagle_ray.data.templates import get_template
-    from eagle_ray.job.inputs import end_tokens, tokenizer_spec
-    from eagle_ray.pool import PooledTargetModel
-    from eagle_ray.ray_init import init_ray
+    from eagle_ray.job.inputs import end_tokens
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(tokenizer_spec(args.target, args.tokenizer))
     encode = get_template(args.chat_template, tokenizer=tokenizer).bind(tokenizer)
     stop = tuple(end_tokens(tokenizer))
-    if args.target is None:
-        from eagle_ray.tiny import default_target
-
-        model_path = default_target(tokenizer)
-    else:
-        model_path = args.target
     start = resume_point(out)
     if start:
         log.info("resuming %s: %d records already written", out, start)
     stats = DataStats()
     convs = iter_conversations(args.data, kind=args.format, stats=stats, max_records=args.max_records)
-    started_ray = not ray.is_initialized()  # a caller's Ray (tests, a notebook) is used as is and left running
-    if started_ray:
-        need = int(args.replicas * args.cpus_per_replica + 0.999)
-        init_ray(args.ray_address, num_cpus=max(os.cpu_count() or 1, need))
     totals: Counter = Counter()
     written, t0 = 0, time.monotonic()
-    pool = PooledTargetModel(
-        model_path, engine="hf", replicas=args.replicas, cpus_per_replica=args.cpus_per_replica, use_gpu=None
-    )
-    try:
-        block: list[tuple[int, str, list[Message]]] = []
-        for k, (where, conv) in enumerate(convs):
-            if k < start:
-                continue
-            block.append((k, where, list(conv.messages)))
-            if len(block) == args.block:
-                written += _write_block(pool, encode, tokenizer, block, args, stop, out, totals)
-                block = []
-                _progress(written + start, totals, t0)
-        if block:
+    block: list[tuple[int, str, list[Message]]] = []
+    for k, (where, conv) in enumerate(convs):
+        if k < start:
+            continue
+        block.append((k, where, list(conv.messages)))
+        if len(block) == args.block:
             written += _write_block(pool, encode, tokenizer, block, args, stop, out, totals)
+            block = []
             _progress(written + start, totals, t0)
-    finally:
-        pool.shutdown()
-        if started_ray:
-            ray.shutdown()
+    if block:
+        written += _write_block(pool, encode, tokenizer, block, args, stop, out, totals)
+        _progress(written + start, totals, t0)
     return {
         "out": str(out),
-        "target": model_path,
         "resumed_at": start,
         "records_written": written,
         "records_read": stats.records,
@@ -196,6 +179,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **dict(totals),
         "wall_s": time.monotonic() - t0,
     }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from eagle_ray.data import load_tokenizer
+    from eagle_ray.job.inputs import tokenizer_spec
+    from eagle_ray.pool import PooledTargetModel
+    from eagle_ray.ray_init import init_ray
+
+    tokenizer = load_tokenizer(tokenizer_spec(args.target, args.tokenizer))
+    if args.target is None:
+        from eagle_ray.tiny import default_target
+
+        model_path = default_target(tokenizer)
+    else:
+        model_path = args.target
+    started_ray = not ray.is_initialized()  # a caller's Ray (tests, a notebook) is used as is and left running
+    if started_ray:
+        need = int(args.replicas * args.cpus_per_replica + 0.999)
+        init_ray(args.ray_address, num_cpus=max(os.cpu_count() or 1, need))
+    pool = PooledTargetModel(
+        model_path, engine=args.engine, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica
+    )
+    try:
+        return {"target": model_path, "engine": pool.engine_name, **regenerate_file(pool, tokenizer, args)}
+    finally:
+        pool.shutdown()
+        if started_ray:
+            ray.shutdown()
 
 
 def _write_block(pool, encode, tokenizer, block, args, stop, out: Path, totals: Counter) -> int:

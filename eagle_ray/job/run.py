@@ -72,27 +72,32 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(tokenizer_spec(c.target.model_path, c.data.tokenizer))
     model_path = c.target.model_path or default_target(tokenizer)
-    source, _ = make_batch_source(
-        c.data.format,
-        c.data.paths,
-        tokenizer,
-        template=c.data.chat_template,
-        max_length=c.data.max_length,
-        batch_tokens=c.data.batch_tokens,
-        max_sequences=c.data.max_sequences,
-        shuffle_buffer=c.data.shuffle_buffer,
-        seed=c.data.seed,
-        strict=c.data.strict,
-        max_records=c.data.max_records,
-        index_path=run_dir / "data_index.jsonl",  # restarts seek to a batch without re-tokenising
-        workers=c.data.workers,
-    )
+
+    def make_source(fmt: str, paths: list[str], index: str = "data_index.jsonl") -> Any:
+        return make_batch_source(
+            fmt,
+            paths,
+            tokenizer,
+            template=c.data.chat_template,
+            max_length=c.data.max_length,
+            batch_tokens=c.data.batch_tokens,
+            max_sequences=c.data.max_sequences,
+            shuffle_buffer=c.data.shuffle_buffer,
+            seed=c.data.seed,
+            strict=c.data.strict,
+            max_records=c.data.max_records,
+            index_path=run_dir / index,  # restarts seek to a batch without re-tokenising
+            workers=c.data.workers,
+        )[0]
+
+    # regenerating: the data is the target's answers, written once the pool is up
+    source = None if c.regenerate.enabled else make_source(c.data.format, c.data.paths)
     _init_ray(c)  # before the data is read: Ray tasks prepare it (the counting pass below included)
     if stop is not None:
         stop.install()  # ray.init replaced our SIGTERM handler
     tr = c.training
     max_steps = tr.max_steps
-    if tr.epochs is not None:
+    if tr.epochs is not None and source is not None:
         n = source.batches_per_epoch()
         max_steps = max(1, int(tr.epochs * n) // tr.num_workers)
         log.info("%d batches per epoch: %s epochs = %d steps", n, tr.epochs, max_steps)
@@ -111,6 +116,11 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     live = c.offline.mode != "from_dump"
     summary: dict[str, Any] = {"target": model_path, "engine": engine if live else "offline", "run_dir": str(run_dir)}
     try:
+        if c.regenerate.enabled:  # train on the target's own answers: the data becomes their messages JSONL
+            summary["regenerated"] = _regenerate(c, pool, tokenizer, run_dir)
+            source = make_source("messages", [summary["regenerated"]["out"]], "data_index_regenerated.jsonl")
+            if tr.epochs is not None:
+                max_steps = max(1, int(tr.epochs * source.batches_per_epoch()) // tr.num_workers)
         if c.offline.mode == "dump":
             from eagle_ray.offline import dump_supervision
 
@@ -188,6 +198,33 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             t_stop = time.monotonic()
             pool.shutdown()  # engines closed, replica actors killed, placement groups released
             log.info("target pool shut down in %.1f s", time.monotonic() - t_stop)
+
+
+def _regenerate(c: JobConfig, pool: Any, tokenizer: Any, run_dir: Path) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    from eagle_ray.job.regenerate import regenerate_file
+
+    r = c.regenerate
+    out = Path(r.out).expanduser() if r.out else run_dir / "regenerated.jsonl"
+    log.info("regenerating the data's assistant turns with the target's own answers into %s", out)
+    args = SimpleNamespace(
+        **{k: getattr(r, k) for k in ("max_new_tokens", "temperature", "top_p", "seed", "block")},
+        out=str(out),
+        data=c.data.paths or None,
+        format="auto" if c.data.format == "sharegpt" else c.data.format,
+        max_records=c.data.max_records,
+        max_length=c.data.max_length,
+        chat_template=c.data.chat_template,
+    )
+    result = regenerate_file(pool, tokenizer, args)
+    log.info(
+        "regenerated %d records (%d turns) in %.0f s",
+        result["records_written"],
+        result.get("turns", 0),
+        result["wall_s"],
+    )
+    return result
 
 
 def _rate(rows: list[dict[str, Any]]) -> float:
