@@ -12,7 +12,8 @@ from eagle_ray.data import load_tokenizer
 from eagle_ray.data.templates import get_template
 from eagle_ray.draft.decode import target_decode
 from eagle_ray.engines.hf import HFEngine
-from eagle_ray.job.regenerate import parse_args, prompt_ids, resume_point, run
+from eagle_ray.job.regenerate import parse_args, prompt_ids, regenerate_file, resume_point, run
+from eagle_ray.pool import PooledTargetModel
 from eagle_ray.tiny import build_tiny_target
 
 CONVS = [
@@ -35,6 +36,13 @@ def setup(tmp_path_factory):
         yield root, str(target), data, tok
 
 
+@pytest.fixture(scope="module")
+def pool(setup):
+    _, target, _, _ = setup
+    with PooledTargetModel.from_pretrained(target, engine="hf", replicas=1, cpus_per_replica=1) as p:
+        yield p
+
+
 def args_for(root, target, data, out, *extra):
     _, args = parse_args(
         ["--target", target, "--data", str(data), "--out", str(out), "--max-new-tokens", "5", "--max-length", "200"]
@@ -43,10 +51,10 @@ def args_for(root, target, data, out, *extra):
     return args
 
 
-def test_each_assistant_turn_becomes_the_targets_own_answer_and_a_rerun_resumes(setup):
+def test_each_assistant_turn_becomes_the_targets_own_answer_and_a_rerun_resumes(setup, pool):
     root, target, data, tok = setup
     out = root / "regen.jsonl"
-    result = run(args_for(root, target, data, out))
+    result = run(args_for(root, target, data, out))  # the job's own pool, once; the reruns share `pool`
     lines = out.read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert [r["record"] for r in recs] == [0, 1, 3]  # record 2 is too long; the bad line is skipped and counted
@@ -68,15 +76,15 @@ def test_each_assistant_turn_becomes_the_targets_own_answer_and_a_rerun_resumes(
     torn = lines[0] + "\n" + lines[1][:20]
     out.write_text(torn)
     assert resume_point(out) == 1 and out.read_text() == lines[0] + "\n"
-    again = run(args_for(root, target, data, out))
+    again = regenerate_file(pool, tok, args_for(root, target, data, out))
     assert again["resumed_at"] == 1 and again["records_written"] == 2
     assert out.read_text().splitlines() == lines  # nothing rewritten, nothing twice
     # sampled answers depend on the record and turn alone (its seed): the same on a rerun
     hot = root / "hot.jsonl"
-    first = run(args_for(root, target, data, hot, "--temperature", "1.0", "--seed", "3"))
+    first = regenerate_file(pool, tok, args_for(root, target, data, hot, "--temperature", "1.0", "--seed", "3"))
     text = hot.read_text()
     hot.unlink()
-    run(args_for(root, target, data, hot, "--temperature", "1.0", "--seed", "3", "--block", "1"))
+    regenerate_file(pool, tok, args_for(root, target, data, hot, "--temperature", "1.0", "--seed", "3", "--block", "1"))
     assert hot.read_text() == text and first["records_written"] == 3 and text != out.read_text()
 
 
