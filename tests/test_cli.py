@@ -134,7 +134,8 @@ def test_evaluate_measures_each_prompt_set_in_each_mode(export, tmp_path):
     sets = r["sets"]
     assert (sets["sharegpt"]["prompts"], sets["humaneval"]["prompts"]) == (2, 3)  # the file's two conversations, once
     for name, row in sets.items():
-        assert 1 <= row["simulated"]["acceptance_chain"] <= 3, name
+        assert 1 <= row["simulated"]["acceptance_rounds"] <= row["simulated"]["acceptance_chain"] <= 3, name
+        assert 1 <= row["simulated_on_target_text"]["acceptance_rounds"] <= 3, name
         for mode in r["modes"]:
             assert row[mode]["acceptance_length"] >= 1 and row[mode]["verify_forwards"] >= row["prompts"], (name, mode)
         # greedy speculative output equals target-only greedy, token for token; sampled output is not compared

@@ -21,7 +21,14 @@ from eagle_ray.draft.export import WEIGHTS, load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig, StepCache
 from eagle_ray.draft.speculate import propose, speculative_greedy, target_greedy
 from eagle_ray.draft.tree import SpecParams
-from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, TTTStats, padded_layout, teacher_targets, ttt_loss
+from eagle_ray.draft.ttt import (
+    DEFAULT_STEP_DECAY,
+    TTTStats,
+    padded_layout,
+    teacher_targets,
+    ttt_loss,
+    walk_rounds,
+)
 from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.tiny import markov_sequences
 
@@ -312,7 +319,7 @@ def test_stats_summary_formulas_and_flat_round_trip():
     assert out["acceptance_product"] == pytest.approx(1 + 0.8 + 0.8 * 0.6 + 0.8 * 0.6 * 0.375)  # 2.46
     assert out["acceptance_chain"] == pytest.approx(1 + 12 / 10)
     flat = s.flat()
-    assert flat.dtype == torch.float64 and flat.numel() == 3 * 3 + 1
+    assert flat.dtype == torch.float64 and flat.numel() == 3 * 3 + 3
     back = TTTStats.from_flat(flat)
     for a, b in zip(back.as_tensor(), s.as_tensor(), strict=True):
         assert torch.equal(a, b.double())
@@ -320,6 +327,16 @@ def test_stats_summary_formulas_and_flat_round_trip():
     assert twice["tokens"] == 20 and twice["acc"] == pytest.approx(out["acc"])
     empty = TTTStats(torch.zeros(2), torch.tensor([2.0, 0.0]), torch.tensor([4.0, 0.0]), torch.tensor(1.0)).summary()
     assert empty["acc"] == [0.5, 0.0] and empty["acceptance_product"] == pytest.approx(1.5)
+
+
+def test_walked_rounds_accept_leading_steps_plus_the_bonus():
+    first = torch.tensor([[False, True, True, True, True, True, False], [True, True, True, False, False, False, False]])
+    lead = torch.tensor([[0, 2, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0]])
+    tokens, rounds = walk_rounds(first, lead)
+    # row 0: slot 1 takes 3 (lands on 4), slot 4 takes 2 (lands on 6, not a loss slot); row 1: 3 rounds of 1
+    assert (float(tokens), float(rounds)) == (8.0, 5.0)
+    s = TTTStats(torch.zeros(1), torch.ones(1), torch.ones(1), torch.tensor(0.0), tokens, rounds)
+    assert s.summary()["acceptance_rounds"] == 8 / 5
 
 
 def test_loss_is_the_decay_weighted_mean_of_the_steps_about_ln_vocab_at_init(markov_target, target):

@@ -20,11 +20,15 @@ Acceptance estimates (greedy, chain of `steps` drafted tokens):
   at that slot: the accepted length a verifier would see if the data were the target's own
   greedy text (teacher forcing feeds dataset tokens, not the draft's). Better founded; the
   evaluator in `speculate.py` measures the real thing.
+- `acceptance_rounds`: the verify rounds a greedy decoder would run over the text, walked: a round at
+  the first loss slot accepts its leading correct steps plus the bonus token, the next round starts
+  after them. Rounds start where the last one failed, at harder slots than the average one, so this
+  is below `acceptance_chain`; on the target's own greedy text it is what a server measures.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -78,12 +82,14 @@ class TTTStats:
     correct: torch.Tensor  # [K] slots where the draft's argmax equals the target's
     count: torch.Tensor  # [K] loss-masked slots at step k
     chain_sum: torch.Tensor  # [] sum over step-0 slots of leading correct steps
+    rounds_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # [] tokens of the walked rounds
+    rounds: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # [] walked rounds
 
     def __add__(self, other: TTTStats) -> TTTStats:
         return TTTStats(*[a + b for a, b in zip(self.as_tensor(), other.as_tensor(), strict=True)])
 
     def as_tensor(self) -> list[torch.Tensor]:
-        return [self.loss_sum, self.correct, self.count, self.chain_sum]
+        return [self.loss_sum, self.correct, self.count, self.chain_sum, self.rounds_sum, self.rounds]
 
     def flat(self) -> torch.Tensor:
         """One float64 vector (for an all-reduce)."""
@@ -91,8 +97,8 @@ class TTTStats:
 
     @staticmethod
     def from_flat(v: torch.Tensor) -> TTTStats:
-        k = (v.numel() - 1) // 3
-        return TTTStats(v[:k], v[k : 2 * k], v[2 * k : 3 * k], v[3 * k])
+        k = (v.numel() - 3) // 3
+        return TTTStats(v[:k], v[k : 2 * k], v[2 * k : 3 * k], v[3 * k], v[3 * k + 1], v[3 * k + 2])
 
     def summary(self) -> dict[str, float | list[float]]:
         count = self.count.double().clamp(min=1)
@@ -107,6 +113,7 @@ class TTTStats:
             "tokens": int(self.count[0]),
             "acceptance_product": product,
             "acceptance_chain": 1.0 + float(self.chain_sum) / float(count[0]),
+            "acceptance_rounds": float(self.rounds_sum) / max(float(self.rounds), 1.0),
         }
 
 
@@ -156,6 +163,7 @@ def ttt_loss(
     positions = torch.arange(width, device=device).expand(b, width)
     first = idx >= 0
     run = first.clone()  # slots whose chain is still all-correct
+    lead = torch.zeros(first.shape, dtype=torch.long, device=device)  # per slot: its leading correct steps
     chain = torch.zeros((), device=device)
     total = torch.zeros((), device=device)
     loss_sum, correct, count = (torch.zeros(steps, device=device) for _ in range(3))
@@ -171,11 +179,29 @@ def ttt_loss(
         hit = torch.zeros_like(sel)
         hit[sel] = (logp.argmax(-1) == p.argmax(-1)) & ok
         run &= hit
+        lead += run
         chain += run[first].sum()
         loss_sum[k], correct[k], count[k] = ce.detach().sum(), hit.sum(), sel.sum()
         ids, idx = _shift(ids, 0), _shift(idx, -1)
     weight = sum(decay**k for k in range(steps))
-    return total / weight, TTTStats(loss_sum.cpu(), correct.cpu(), count.cpu(), chain.detach().cpu())
+    rounds_sum, rounds = walk_rounds(first.cpu(), lead.cpu())
+    stats = TTTStats(loss_sum.cpu(), correct.cpu(), count.cpu(), chain.detach().cpu(), rounds_sum, rounds)
+    return total / weight, stats
+
+
+def walk_rounds(first: torch.Tensor, lead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, rounds) of greedy verify rounds walked over each row of `[B, S]` loss slots `first`, where
+    slot t's round accepts `lead[t]` drafted tokens and the bonus: the next round starts at t + lead[t] + 1."""
+    tokens = rounds = 0
+    for row_first, row_lead in zip(first.tolist(), lead.tolist(), strict=True):
+        t = 0
+        while t < len(row_first):
+            if not row_first[t]:
+                t += 1
+                continue
+            tokens, rounds = tokens + row_lead[t] + 1, rounds + 1
+            t += row_lead[t] + 1
+    return torch.tensor(float(tokens)), torch.tensor(float(rounds))
 
 
 class TTTObjective(torch.nn.Module):
