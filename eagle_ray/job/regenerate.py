@@ -122,8 +122,7 @@ def regenerate_block(
             _take(out[c], tokenizer, answer, stop, counts)
         for c in who:
             at[c] += 1  # past the original assistant turn
-            # drop a trailing user turn left without an answer: the data pipeline wants the assistant last
-            if at[c] >= len(convs[c]):
+            if at[c] >= len(convs[c]):  # the conversation is done
                 live.discard(c)
         turn += 1
         counts["turns"] += len(who)

@@ -745,8 +745,6 @@ class PooledTargetModel(NeMoSurface):
         """
         p = params or GenerationParams()
         batch = PackedBatch.from_sequences([torch.as_tensor(q, dtype=torch.long) for q in prompts])
-        if p.seeds is not None and len(p.seeds) != batch.num_sequences:
-            raise ValueError(f"{len(p.seeds)} seeds for {batch.num_sequences} prompts")
         results = list(self.stream([batch], count_held=False, generate=p))
         bad = [r.error for r in results if r.error]
         if bad:
