@@ -406,6 +406,73 @@ def test_a_client_that_dies_leaks_nothing_and_the_pool_serves_on(cluster, tiny_p
         owner.close()
 
 
+@ray.remote(num_cpus=0)
+class _Streamer:
+    """A client process streaming its own batches straight to the shared pool's replicas."""
+
+    def __init__(self, name: str, **overrides):
+        from eagle_ray import PooledTargetModel
+
+        self.target = PooledTargetModel.connect(name, **overrides)
+
+    def replicas(self) -> list[dict]:
+        return self.target.replicas()
+
+    def run(self, inputs: list[PackedBatch], kill_at: int | None = None, stop_at: int | None = None):
+        out, stopped = [], None
+        for i, r in enumerate(self.target.stream(inputs)):
+            aux = None if r.ref is None else ray.get(r.ref).aux_hidden_states
+            out.append((r.batch_index, r.sequences, r.error, aux))
+            if i == kill_at:
+                ray.kill(self.target._ready()[0].actor, no_restart=True)
+            if i == stop_at:
+                stopped = self.target.replicas()[0]
+                os.kill(stopped["pid"], signal.SIGSTOP)  # a wedged replica: alive, silent
+        return out, stopped, self.target.stats()
+
+
+def test_clients_dispatch_themselves_exactly_once_through_a_kill_and_a_hang(cluster, tiny_paths, reference):
+    """Clients of a shared pool stream at once, each straight to the replicas: one kills a replica, the other
+    stops one (SIGSTOP). Each client re-runs its own lost shards, every value exact, once, in its order; the
+    owner replaces both replicas (the hung one on the client's report) and a later client sees the new ones."""
+    from eagle_ray.pool import serve_pool
+
+    owner = serve_pool(
+        "direct", tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1, shard_timeout_s=5.0
+    )
+    try:
+        inputs = {t: batches(10, seed=20 + t) for t in range(2)}
+        a, b = _Streamer.remote("direct"), _Streamer.remote("direct", shard_tokens=64)
+        (got_a, _, stats_a), (got_b, stopped, stats_b) = ray.get(
+            [a.run.remote(inputs[0], kill_at=2), b.run.remote(inputs[1], stop_at=3)], timeout=300
+        )
+        for t, (got, st) in enumerate(((got_a, stats_a), (got_b, stats_b))):
+            keys = [(bi, seqs) for bi, seqs, *_ in got]
+            assert keys == sorted(keys) and len(set(keys)) == len(keys), keys  # its own order, each once
+            check_complete({(bi, *seqs): aux for bi, seqs, err, aux in got if err is None}, inputs[t], reference)
+            assert st["shards_delivered"] == len(got), st  # counted by the client: its own traffic
+        assert stats_a["replicas_replaced"] >= 1 and stats_b["replicas_replaced"] >= 1  # each saw its loss
+        deadline = time.monotonic() + 120
+        while True:  # the owner retires the hung replica (killed: not left running) and starts replacements
+            pool = owner.pool_stats()
+            live = {r["replica_id"] for r in pool["replicas"] if r["state"] == "ready"}
+            if len(live) == 2 and stopped["replica_id"] not in live and pool["replicas_replaced"] >= 2:
+                break
+            assert time.monotonic() < deadline, pool
+            time.sleep(0.5)
+        gone = time.monotonic() + 30
+        while psutil.pid_exists(stopped["pid"]) and psutil.Process(stopped["pid"]).status() != "zombie":
+            assert time.monotonic() < gone, "the hung replica's process was left running"
+            time.sleep(0.2)
+        late = _Streamer.remote("direct")
+        assert {r["replica_id"] for r in ray.get(late.replicas.remote())} == live
+        more = batches(2, seed=30)
+        got, _, _ = ray.get(late.run.remote(more))
+        check_complete({(bi, *seqs): aux for bi, seqs, err, aux in got}, more, reference)
+    finally:
+        owner.close()
+
+
 def test_generation_on_the_pool_is_exactly_once_and_per_request_through_a_kill(hf_pool, reference):
     """Prompts continued by the replicas (transformers' generate): greedy equals the engine's own; sampled
     answers depend on the request alone (its seed), so sharding and a kill mid-stream change nothing."""

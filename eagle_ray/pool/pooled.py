@@ -140,17 +140,48 @@ class PooledTargetModel(NeMoSurface):
         env["env_vars"] = {**ZERO_COPY_ENV, **env.get("env_vars", {})}
         self._runtime_env = env
         self._actor_cls = ray.remote(concurrency_groups={"watch": 1})(TargetReplica)  # run() stays sequential
-        self._lock = threading.RLock()
-        self._replicas: dict[int, _Replica] = {}
+        self._init_dispatch(
+            max_inflight_bytes, shard_tokens, max_shard_failures, max_inflight_per_replica, shard_timeout_s,
+            shard_timeout_factor,
+        )  # fmt: skip
         self._next_replica_id = 0
         self._target_replicas = replicas
         self._starts = 0
         self._max_starts = max_replica_starts if max_replica_starts is not None else 3 * max(replicas, 1) + 10
+        self._start_timeout_s = start_timeout_s
+        try:
+            self._reconcile()
+            self._wait_ready(start_timeout_s)
+        except BaseException:
+            self.shutdown()  # release what was reserved
+            raise
+        if self._max_inflight_bytes is None:
+            store = ray.cluster_resources().get("object_store_memory", 2**31)
+            self._max_inflight_bytes = int(0.25 * store)
+
+    def _init_dispatch(
+        self,
+        max_inflight_bytes: int | None,
+        shard_tokens: int | None,
+        max_shard_failures: int,
+        max_inflight_per_replica: int,
+        shard_timeout_s: float,
+        shard_timeout_factor: float,
+    ) -> None:
+        """The dispatch state, shared by the pool's owner and its clients (`eagle_ray.pool.shared`)."""
+        if shard_timeout_s <= 0 or shard_timeout_factor < 1:
+            raise ValueError(
+                f"shard_timeout_s must be > 0 and shard_timeout_factor >= 1, got {shard_timeout_s}, "
+                f"{shard_timeout_factor}"
+            )
+        if max_inflight_per_replica < 1:
+            raise ValueError(f"max_inflight_per_replica must be >= 1, got {max_inflight_per_replica}")
+        self._lock = threading.RLock()
+        self._replicas: dict[int, _Replica] = {}
         self._ledger = ShardLedger(max_failures=max_shard_failures)
         self._next_shard_id = 0
-        self._inflight: dict[
-            Any, tuple[_Shard, _Replica, int, Any]
-        ] = {}  # meta ref -> (shard, replica, attempt, payload)
+        # meta ref -> (shard, replica, attempt, payload)
+        self._inflight: dict[Any, tuple[_Shard, _Replica, int, Any]] = {}
         self._retry: deque[_Shard] = deque()
         self._inflight_bytes = 0  # dispatched, not yet handed out
         self._held = _Held()  # handed out, ShardResult still alive
@@ -164,28 +195,26 @@ class PooledTargetModel(NeMoSurface):
         self._info: ModelInfo | None = None
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self._weights_ref: ray.ObjectRef | None = None
-        self._start_timeout_s = start_timeout_s
-        if shard_timeout_s <= 0 or shard_timeout_factor < 1:
-            raise ValueError(
-                f"shard_timeout_s must be > 0 and shard_timeout_factor >= 1, got {shard_timeout_s}, "
-                f"{shard_timeout_factor}"
-            )
         self._shard_timeout_s = shard_timeout_s
+        self._shard_timeout_factor = shard_timeout_factor
         self._housekeeping_s = 0.25
         self._next_housekeeping = 0.0
-        self._shard_timeout_factor = shard_timeout_factor
+        # refs every poll also waits on, with what to do when one resolves (a client's membership updates)
+        self._signals: dict[Any, Any] = {}
         # per running stream (or submit), its results waiting to be taken: several run at once, from
         # any thread; a result whose stream has ended (abandoned) has no outbox and is dropped
         self._outbox: dict[int, deque[ShardResult]] = {}
-        try:
-            self._reconcile()
-            self._wait_ready(start_timeout_s)
-        except BaseException:
-            self.shutdown()  # release what was reserved
-            raise
-        if self._max_inflight_bytes is None:
-            store = ray.cluster_resources().get("object_store_memory", 2**31)
-            self._max_inflight_bytes = int(0.25 * store)
+
+    def dispatch_settings(self) -> dict[str, Any]:
+        """What a client of this pool dispatches with, unless it says otherwise (`eagle_ray.pool.shared`)."""
+        return {
+            "max_inflight_bytes": self._max_inflight_bytes,
+            "shard_tokens": self._shard_tokens,
+            "max_shard_failures": self._ledger.max_failures,
+            "max_inflight_per_replica": self._per_replica,
+            "shard_timeout_s": self._shard_timeout_s,
+            "shard_timeout_factor": self._shard_timeout_factor,
+        }
 
     @classmethod
     def from_pretrained(cls, model_path: str, **kwargs: Any) -> PooledTargetModel:
@@ -532,7 +561,8 @@ class PooledTargetModel(NeMoSurface):
                 watched = {r.watch_ref: r for r in self._replicas.values() if r.watch_ref is not None}
             else:
                 watched = {}
-            waiting += [*starting, *watched]
+            signals = dict(self._signals)
+            waiting += [*starting, *watched, *signals]
         if not waiting:
             return
         if idle and releases is not None and timeout > 0:
@@ -544,6 +574,10 @@ class PooledTargetModel(NeMoSurface):
             done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
         with self._lock:
             for ref in done:
+                if ref in signals:
+                    if self._signals.pop(ref, None) is not None:  # once, whichever thread's poll saw it
+                        signals[ref](ref)
+                    continue
                 # by dict, not a scan of the replicas per ref; another thread's poll may have handled it meanwhile
                 r = starting.get(ref) or watched.get(ref)
                 if r is not None:
@@ -704,7 +738,7 @@ class PooledTargetModel(NeMoSurface):
     def _check_progress(self, order, pending, box, last_progress: float, stall_timeout_s: float) -> None:
         """Raise instead of waiting forever when the stream cannot move."""
         queued = bool(self._retry or pending or box)  # box: settled by another thread's poll meanwhile
-        if order and not self._replicas:
+        if order and self._none_left():
             raise RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}")
         stuck = time.monotonic() - last_progress > 1.0  # the scan below is O(in flight x order): only when stuck
         if order and stuck and not queued and not any(sh.shard_id in order for sh, *_ in self._inflight.values()):
@@ -717,6 +751,10 @@ class PooledTargetModel(NeMoSurface):
                 else f"no replica ready; last start errors: {self._start_errors[-3:]}"
             )
             raise RuntimeError(f"stream stalled for {stall_timeout_s}s: {why}")
+
+    def _none_left(self) -> bool:
+        """No replica serves, and none is starting: a stream waiting for one would wait forever."""
+        return not self._replicas
 
     def _abandon(self, shard_ids: set[int]) -> None:
         """A stream ended early (error, or the consumer stopped): forget its unfinished shards.
@@ -760,11 +798,12 @@ class PooledTargetModel(NeMoSurface):
         return Supervision.concat(ray.get([r.ref for r in results]))
 
     @staticmethod
-    def connect(name: str) -> Any:
-        """A client (`PoolClient`) of the pool another process started with `serve_pool(name, ...)`."""
+    def connect(name: str, **overrides: Any) -> Any:
+        """A client (`PoolClient`) of the pool another process started with `serve_pool(name, ...)`: it dispatches
+        to the replicas itself. `overrides`: its own dispatch settings (`max_inflight_bytes`, ...)."""
         from eagle_ray.pool.shared import connect_pool
 
-        return connect_pool(name)
+        return connect_pool(name, **overrides)
 
     def scale(self, replicas: int) -> None:
         """Set the number of replicas; new ones join when ready, surplus ones drain first."""

@@ -1,113 +1,226 @@
-"""One pool, many clients: a `PooledTargetModel` hosted in a named actor, used from any process.
+"""One pool, many clients: a pool's replicas owned by one named actor, used from any process.
 
-`serve_pool(name, model_path, ...)` starts a `PoolServer` actor that owns the pool (its
-replicas live and die with it) and returns the owner's client; `PooledTargetModel.connect(name)`
-(= `connect_pool`) gives any other process in the Ray cluster, a trainer's rank for example,
-a client of the same pool. A client has the single-target surface (`forward_packed`,
-`generate_batch`, `generate_batch_async`, `set_vocab_mapping`, ...). Its requests are served
-exactly once and in its own order, concurrently with other clients': the server runs each
-request as a `submit` of its own on the pool, which serves several at once.
+`serve_pool(name, model_path, ...)` starts a `PoolServer` actor that owns the replicas (starts,
+watches, replaces and scales them) and returns the owner's client; `PooledTargetModel.connect(name)`
+(= `connect_pool`) gives any other process in the Ray cluster, a trainer's rank for example, a
+client of the same replicas.
 
-Tensors never pass through the server: a client sends its batch, the server answers with the
-shards' object refs, and the client reads the supervision from the object store. Those refs are
-borrowed by the client, so when a client dies Ray frees what it held; the target's weights are
-one object a replica put, which every client reads.
+The server is the control plane only: membership. A client is a `PooledTargetModel` of its own
+that dispatches its shards straight to the replicas, keeps its own shard ledger and byte budget,
+and owns its results, so no request, tensor or object ref of a client passes through the server
+(or the driver). What grows with the traffic runs where the traffic is, and the server's cost
+grows with membership changes only. The client learns of membership by long-polling the server
+(`view`); a replica it finds dead or hung it drops at once, re-runs its shards elsewhere, and
+reports to the server, which retires and replaces it for everyone.
+
+A client's requests are served exactly once and in its own order (its own ledger), concurrently
+with other clients'. A client that dies leaks nothing: Ray frees the objects it owned.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-import torch
 
-from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, validate_packed
-from eagle_ray.target import NeMoSurface
+from eagle_ray.contract import ModelInfo
+from eagle_ray.pool.pooled import PooledTargetModel, _Replica
+
+log = logging.getLogger(__name__)
 
 _NAMESPACE = "eagle_ray"  # a client in another job finds the pool without knowing the owner's namespace
 
 
+@dataclass(frozen=True)
+class View:
+    """The pool's membership as its owner sees it: what a client may dispatch to."""
+
+    version: int
+    info: ModelInfo | None
+    replicas: tuple[tuple[int, Any, dict], ...] = ()  # ready ones: (replica id, actor handle, description)
+    starting: int = 0  # replicas being started (a client with none ready waits for them)
+    errors: tuple[str, ...] = field(default_factory=tuple)  # the owner's last start errors
+
+
 class PoolServer:
-    """Actor body: hosts one `PooledTargetModel`; each method call runs in a thread of its own."""
+    """Actor body: owns one pool's replicas; a housekeeping thread is the one that watches them."""
 
     def __init__(self, model_path: str, pool_kwargs: dict[str, Any]):
-        from eagle_ray.pool.pooled import PooledTargetModel
-
         self.pool = PooledTargetModel(model_path, **pool_kwargs)
+        self._cond = threading.Condition()
+        self._view = View(0, None)
+        self._closed = False
+        self._publish()
+        self._thread = threading.Thread(target=self._housekeep, name="eagle-ray-pool-owner", daemon=True)
+        self._thread.start()
 
-    def describe(self) -> tuple[ModelInfo, list[ray.ObjectRef]]:
-        return self.pool.info, [self.pool.weights_ref()]  # in a list: the client borrows the ref
+    def _housekeep(self) -> None:
+        """Notice replicas that start, die or hang (past a deadline of the owner's own shards), replace them,
+        and publish every change."""
+        while not self._closed:
+            try:
+                self.pool._poll(timeout=0.5, completions=False)
+                self._publish()
+            except Exception:
+                log.exception("pool owner: housekeeping failed")
+                time.sleep(0.5)
 
-    def submit(self, batch: PackedBatch, return_logits: bool) -> list[tuple[tuple[int, int], Any, str | None]]:
-        return [(r.sequences, r.ref, r.error) for r in self.pool.submit(batch, return_logits)]
+    def _publish(self) -> None:
+        pool = self.pool
+        with pool._lock:
+            ready = tuple((r.replica_id, r.actor, r.desc) for r in pool._ready())
+            starting = sum(r.state == "starting" for r in pool._replicas.values())
+            info = pool._info
+            errors = tuple(pool._start_errors[-3:])
+        with self._cond:
+            old = self._view
+            if [x[0] for x in old.replicas] == [x[0] for x in ready] and old.starting == starting:
+                return
+            self._view = View(old.version + 1, info, ready, starting, errors)
+            self._cond.notify_all()
+
+    def view(self, since: int, timeout_s: float = 30.0) -> View:
+        """The membership once its version is past `since` (at most `timeout_s` later: then as it is)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._view.version > since or self._closed, timeout_s)
+            return self._view
+
+    def describe(self) -> tuple[ModelInfo, list[ray.ObjectRef], dict[str, Any], View]:
+        # the weights ref in a list: the client borrows it
+        return self.pool.info, [self.pool.weights_ref()], self.pool.dispatch_settings(), self._view
+
+    def report(self, replica_id: int, reason: str) -> None:
+        """A client found this replica dead or hung: retire it (its TP ranks die with it) and start another."""
+        pool = self.pool
+        with pool._lock:
+            r = pool._replicas.get(replica_id)
+            if r is not None and r.state in ("ready", "draining"):
+                pool._on_replica_death(r, RuntimeError(f"a client reported it: {reason}"))
+        self._publish()
 
     def stats(self) -> dict[str, Any]:
         return self.pool.stats()
 
     def scale(self, replicas: int) -> None:
         self.pool.scale(replicas)
+        self._publish()
 
     def shutdown(self) -> None:
+        self._closed = True
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
         self.pool.shutdown()
 
 
-class PoolClient(NeMoSurface):
-    """A handle on a shared pool, with the single-target surface. Cheap: one per process or rank."""
+class PoolClient(PooledTargetModel):
+    """A pool's client, with the pool's whole surface (`stream`, `submit`, `generate`, `forward_packed`,
+    `generate_batch[_async]`...): it dispatches to the owner's replicas itself. Cheap: one per process or rank.
 
-    _async_workers = 16  # generate_batch_async: requests in flight at once
+    It dispatches with the owner's settings (byte budget, shard size, timeouts) unless `overrides` says
+    otherwise: the budget is this client's own, so many clients may want a share each. `stats()` counts
+    this client's traffic; `pool_stats()` is the owner's view (replicas, replacements).
+    """
 
-    def __init__(self, server: Any, owner: bool):
-        self._server = server
-        self._owner = owner
-        self._info, (self._weights_ref,) = ray.get(server.describe.remote())
-        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, server: Any, owner: bool, **overrides: Any):
+        self._server, self._owner = server, owner
+        info, (weights_ref,), settings, view = ray.get(server.describe.remote())
+        unknown = set(overrides) - set(settings)
+        if unknown:
+            raise TypeError(f"unknown client settings {sorted(unknown)}; known: {sorted(settings)}")
+        self._init_dispatch(**{**settings, **overrides})
+        self._info, self._weights_ref = info, weights_ref
+        self._target_replicas = 0  # the owner's business
+        self._gone: set[int] = set()  # replicas this client found dead: never taken back from a stale view
+        self._view = View(-1, info)
+        self._apply(view)
 
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
+    # membership comes from the owner -----------------------------------------------------------------
 
-    def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
-        batch = validate_packed(batch, self._info.vocab_size, self._info.max_context)  # before dispatch
-        return self._forward_validated(batch, return_logits)
+    def _apply(self, view: View) -> None:
+        """Take a newer view, then ask for the next one (a long poll every poll of this client waits on)."""
+        with self._lock:
+            if self._server is not None:
+                self._signals[self._server.view.remote(max(view.version, self._view.version))] = self._on_view
+            if view.version <= self._view.version:
+                return
+            self._view = view
+            if view.info is not None:
+                self._info = view.info
+            listed = set()
+            for rid, actor, desc in view.replicas:
+                listed.add(rid)
+                if rid not in self._replicas and rid not in self._gone:
+                    # no watch ref: a busy replica's death shows in its shards' refs, an idle one's in a new view
+                    self._replicas[rid] = _Replica(rid, actor, None, state="ready", desc=desc)
+            for r in list(self._replicas.values()):
+                if r.replica_id not in listed and r.state == "ready":
+                    r.state = "draining"  # the owner retired or drained it: finish what it runs, send it nothing
+            self._reconcile()
 
-    def _forward_validated(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
-        return _gather(ray.get(self._server.submit.remote(batch, return_logits)))
+    def _on_view(self, ref: Any) -> None:
+        try:
+            view = ray.get(ref)
+        except Exception as e:  # the owner is gone: serve on with the replicas known, while they live
+            log.warning("pool owner unreachable (%s): no more membership updates", e)
+            self._server = None
+            return
+        self._apply(view)
 
-    def _weights_once(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._weights is None:
-            self._weights = ray.get(self._weights_ref)
-        return self._weights
+    def _reconcile(self) -> None:
+        with self._lock:
+            for r in list(self._replicas.values()):
+                if r.state == "draining" and not r.inflight:
+                    self._remove(r)
 
-    def get_input_embeddings(self) -> torch.nn.Embedding:
-        return torch.nn.Embedding.from_pretrained(self._weights_once()[0].clone(), freeze=True)
+    def _remove(self, r: _Replica) -> None:
+        if self._replicas.get(r.replica_id) is r:  # the owner kills and releases it, not a client
+            r.state = "dead"
+            del self._replicas[r.replica_id]
 
-    def get_lm_head_weight(self) -> torch.Tensor:
-        return self._weights_once()[1]
+    def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
+        if r.replica_id not in self._gone:
+            self._gone.add(r.replica_id)
+            if self._server is not None:
+                self._server.report.remote(r.replica_id, f"{type(err).__name__}: {err}")
+        super()._on_replica_death(r, err)
 
-    def stats(self) -> dict[str, Any]:
+    def _none_left(self) -> bool:
+        return not self._replicas and (self._server is None or not (self._view.replicas or self._view.starting))
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        return  # replicas arrive with views
+
+    # the owner's business, through the server --------------------------------------------------------
+
+    def weights_ref(self) -> ray.ObjectRef:
+        return self._weights_ref
+
+    def pool_stats(self) -> dict[str, Any]:
+        """The owner's stats: every replica's state and node, replacements (not this client's traffic)."""
         return ray.get(self._server.stats.remote())
 
     def scale(self, replicas: int) -> None:
+        if replicas < 0:
+            raise ValueError(f"replicas must be >= 0, got {replicas}")
         ray.get(self._server.scale.remote(replicas))
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
         """A client lets go; the owner's close also shuts the pool down (its replicas, then the server)."""
         self._close_executor()
-        if self._owner and self._server is not None:
+        with self._lock:
+            self._replicas.clear()
+            self._signals.clear()
+        server, self._server = self._server, None
+        if self._owner and server is not None:
             try:
-                ray.get(self._server.shutdown.remote(), timeout=60)
+                ray.get(server.shutdown.remote(), timeout=60)
             finally:
-                ray.kill(self._server, no_restart=True)
-        self._server = None
-
-    shutdown = close
-
-
-def _gather(parts: list[tuple[tuple[int, int], Any, str | None]]) -> Supervision:
-    bad = [err for _, _, err in parts if err]
-    if bad:
-        raise RuntimeError("\n".join(bad))
-    return Supervision.concat(ray.get([ref for _, ref, _ in parts]))
+                ray.kill(server, no_restart=True)
 
 
 def serve_pool(name: str, model_path: str, **pool_kwargs: Any) -> PoolClient:
@@ -119,7 +232,8 @@ def serve_pool(name: str, model_path: str, **pool_kwargs: Any) -> PoolClient:
 
     if not ray.is_initialized():
         init_ray()
-    cls = ray.remote(num_cpus=0, max_concurrency=256)(PoolServer)  # threads: each request waits on the pool
+    # threads: each client's membership long-poll holds one
+    cls = ray.remote(num_cpus=0, max_concurrency=1024)(PoolServer)
     server = cls.options(name=name, namespace=_NAMESPACE, max_restarts=0).remote(model_path, pool_kwargs)
     try:
         return PoolClient(server, owner=True)
@@ -128,10 +242,11 @@ def serve_pool(name: str, model_path: str, **pool_kwargs: Any) -> PoolClient:
         raise
 
 
-def connect_pool(name: str) -> PoolClient:
-    """A client of the pool another process started with `serve_pool(name, ...)`."""
+def connect_pool(name: str, **overrides: Any) -> PoolClient:
+    """A client of the pool another process started with `serve_pool(name, ...)`; `overrides`: its own
+    dispatch settings (`max_inflight_bytes`, `shard_tokens`, `max_inflight_per_replica`, ...)."""
     try:
         server = ray.get_actor(name, namespace=_NAMESPACE)
     except ValueError:
         raise ValueError(f"no eagle_ray pool named {name!r} in this Ray cluster; start one with serve_pool") from None
-    return PoolClient(server, owner=False)
+    return PoolClient(server, owner=False, **overrides)
