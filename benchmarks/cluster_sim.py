@@ -34,6 +34,7 @@ import io
 import itertools
 import json
 import math
+import os
 import pstats
 import sys
 import threading
@@ -53,7 +54,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from eagle_ray.contract import PackedBatch  # noqa: E402
-from eagle_ray.pool import PooledTargetModel  # noqa: E402
+from eagle_ray.pool import PooledTargetModel, serve_pool  # noqa: E402
 from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV  # noqa: E402
 from eagle_ray.train.feed import SupervisionFeed  # noqa: E402
 
@@ -98,6 +99,34 @@ class Trainer:
             time.sleep(meta["tokens"] / tokens_per_s)
             out.append((t1, t1 - t0, time.time() - t1, int(meta["tokens"])))
 
+    def connect(self, pool_name: str, budget: int) -> None:
+        """Become a client of the pool (direct plane), before the run: every consumer starts at once."""
+        from eagle_ray import PooledTargetModel
+
+        self.bank = batch_bank()
+        self.client = PooledTargetModel.connect(pool_name, max_inflight_bytes=budget)
+
+    def train_direct(self, rank: int, world: int, steps: int, tokens_per_s: float) -> list[tuple[float, ...]]:
+        """The same consumer on the direct data plane: its client streams this rank's own batches
+        (`step * world + rank`) to the replicas itself; the driver and the pool's owner do nothing per batch."""
+        from eagle_ray.train.direct import RankReader
+
+        mine = (self.bank[(s * world + rank) % len(self.bank)] for s in range(steps))
+        out = []
+        try:
+            it = iter(RankReader(self.client, mine, timeout_s=120.0))
+            while True:
+                t0 = time.time()
+                try:
+                    _, sup, meta = next(it)
+                except StopIteration:
+                    return out
+                t1 = time.time()
+                time.sleep(meta["tokens"] / tokens_per_s)
+                out.append((t1, t1 - t0, time.time() - t1, int(meta["tokens"])))
+        finally:
+            self.client.close()
+
 
 @ray.remote(num_cpus=0)
 class Monitor:
@@ -109,6 +138,7 @@ class Monitor:
         from ray.core.generated import node_manager_pb2, node_manager_pb2_grpc
 
         self.proc = psutil.Process(driver_pid)
+        self.owner: psutil.Process | None = None  # the pool's owner process (direct plane), sampled beside
         self.period_s = period_s
         self._req = node_manager_pb2.GetNodeStatsRequest(include_memory_info=False)
         # one channel per raylet, kept: opening one per sample cost ~10 ms of CPU each
@@ -121,8 +151,8 @@ class Monitor:
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _reset(self) -> None:
-        # t, driver cpu s, driver rss, host busy cpu s, host total cpu s, host available bytes
-        self.samples: list[tuple[float, float, int, float, float, int]] = []
+        # t, driver cpu s, driver rss, host busy cpu s, host total cpu s, host available bytes, owner cpu s
+        self.samples: list[tuple[float, float, int, float, float, int, float]] = []
         self.threads: list[tuple[float, dict[int, float]]] = []
         self.store: list[tuple[float, dict[str, int]]] = []
 
@@ -136,7 +166,14 @@ class Monitor:
                 host = psutil.cpu_times()
                 total = sum(host)
                 busy = total - host.idle - getattr(host, "iowait", 0.0)
-                row = (t, ct.user + ct.system, rss, busy, total, psutil.virtual_memory().available)
+                owner = 0.0
+                if self.owner is not None:
+                    try:
+                        oc = self.owner.cpu_times()
+                        owner = oc.user + oc.system
+                    except psutil.Error:
+                        pass
+                row = (t, ct.user + ct.system, rss, busy, total, psutil.virtual_memory().available, owner)
                 thr = None
                 if n % 5 == 0:
                     thr = {th.id: th.user_time + th.system_time for th in self.proc.threads()}
@@ -159,9 +196,10 @@ class Monitor:
             n += 1
             time.sleep(max(0.0, self.period_s - (time.time() - t)))
 
-    def begin(self) -> None:
+    def begin(self, owner_pid: int | None = None) -> None:
         with self._lock:
             self._reset()
+            self.owner = psutil.Process(owner_pid) if owner_pid else None
 
     def end(self) -> dict[str, Any]:
         with self._lock:
@@ -280,23 +318,33 @@ def run_once(
     # the first steps fill the pipeline (a stream's first batches are split over all idle replicas): not steady
     warm = max(2, math.ceil(0.2 * steady))
     steps = warm + steady
+    direct = spec["plane"] == "direct"
     s0 = pool.stats()
-    ray.get(monitor.begin.remote())
-    feed_cls = _ProfiledFeed if profile else SupervisionFeed
-    feed = feed_cls(pool, source, world_size=W, max_steps=steps, queue_depth=2, stall_timeout_s=120.0).start()
+    if direct:
+        budget = int(0.25 * NODES * STORE_MB * 2**20 / W)  # the pool's default budget, shared out
+        ray.get([trainers[r].connect.remote(spec["pool_name"], budget) for r in range(W)])
+    ray.get(monitor.begin.remote(spec.get("owner_pid")))
     t_run0 = time.time()
-    refs = [trainers[r].train.remote(feed.handles, r, spec["trainer_tps"]) for r in range(W)]
+    if direct:  # no feed: each consumer is a client of the pool, streaming its own batches
+        feed = None
+        refs = [trainers[r].train_direct.remote(r, W, steps, spec["trainer_tps"]) for r in range(W)]
+    else:
+        feed_cls = _ProfiledFeed if profile else SupervisionFeed
+        feed = feed_cls(pool, source, world_size=W, max_steps=steps, queue_depth=2, stall_timeout_s=120.0).start()
+        refs = [trainers[r].train.remote(feed.handles, r, spec["trainer_tps"]) for r in range(W)]
     deadline = time.monotonic() + 60 + 4 * steps * W * BATCH_TOKENS / ideal
     while True:
         done, _ = ray.wait(refs, num_returns=W, timeout=1.0)
         if len(done) == W:
             break
         low = host_low_on_memory(abort_gb)
-        if feed.error is not None or time.monotonic() > deadline or low:
-            feed.close()
+        failed = feed is not None and feed.error is not None
+        if failed or time.monotonic() > deadline or low:
+            if feed is not None:
+                feed.close()
             if low:
                 raise OutOfHostMemory(f"run {spec['sweep']} R={R} W={W} aborted: {low}")
-            raise RuntimeError(f"run {spec} failed: feed error {feed.error!r} or timed out")
+            raise RuntimeError(f"run {spec} failed: feed error {getattr(feed, 'error', None)!r} or timed out")
     records = ray.get(refs)
     mon = ray.get(monitor.end.remote())
     labels = ray.get(monitor.thread_names.remote())
@@ -308,9 +356,10 @@ def run_once(
         tid = getattr(getattr(feed, attr, None), "native_id", None)
         if tid is not None:
             labels[tid] = label
-    feed_stats = dict(feed.stats)
+    feed_stats = dict(feed.stats) if feed is not None else {}
     profs = [p for p in (getattr(feed, "profile", None), getattr(feed, "listener_profile", None)) if p is not None]
-    feed.close()
+    if feed is not None:
+        feed.close()
     s1 = pool.stats()
 
     # the steady window: every consumer past its warm-up steps, until the first one got its last record
@@ -332,7 +381,8 @@ def run_once(
         for nid, used in per_node.items():
             store_peak[nid] = max(store_peak.get(nid, 0), used)
     rss = [s[2] for s in smp if s[0] >= t_run0] or [smp[-1][2]]
-    total_batches = s1["shards_delivered"] - s0["shards_delivered"]
+    # direct: the consumers' clients count their own shards; one per batch unless a batch was split at the start
+    total_batches = steps * W if direct else s1["shards_delivered"] - s0["shards_delivered"]
     row = {
         **spec,
         "run_wall_s": time.time() - t_run0,
@@ -343,6 +393,7 @@ def run_once(
         "delivered_over_ideal": tokens_rate / ideal,
         "wait_share": wait / busy if busy else float("nan"),
         "driver_ms_per_batch": 1e3 * cpu / span / batch_rate,
+        "owner_ms_per_batch": 1e3 * (_at(smp, t_b, 6) - _at(smp, t_a, 6)) / span / batch_rate,
         "driver_cores": cpu / span,
         "host_busy": host,
         "window_s": span,
@@ -486,16 +537,23 @@ def scale_to(
     return True
 
 
-def make_pool(replica_tps: float, hidden: int) -> PooledTargetModel:
-    return PooledTargetModel(
-        "synthetic",
-        engine="synthetic",
-        replicas=1,
-        use_gpu=False,
-        cpus_per_replica=1,
-        engine_kwargs={"tokens_per_s": replica_tps, "hidden": hidden, "vocab_size": VOCAB},
-        start_timeout_s=600.0,
-    )
+def make_pool(plane: str, replica_tps: float, hidden: int) -> tuple[PooledTargetModel, dict[str, Any]]:
+    """The pool, and what a run's spec needs to know of it. feed: the pool lives in the driver, which
+    dispatches every shard; direct: an owner actor holds the replicas and each consumer is a client."""
+    kwargs = {
+        "engine": "synthetic",
+        "replicas": 1,
+        "use_gpu": False,
+        "cpus_per_replica": 1,
+        "engine_kwargs": {"tokens_per_s": replica_tps, "hidden": hidden, "vocab_size": VOCAB},
+        "start_timeout_s": 600.0,
+    }
+    if plane == "feed":
+        return PooledTargetModel("synthetic", **kwargs), {"plane": plane}
+    name = f"cluster-sim-{replica_tps:.0f}"
+    owner = serve_pool(name, "synthetic", **kwargs)
+    pid = ray.get(owner._server.__ray_call__.remote(lambda self: os.getpid()))
+    return owner, {"plane": plane, "pool_name": name, "owner_pid": pid}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -514,17 +572,17 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
-        f"{'sweep':<15}{'R':>4}{'W':>4}{'supply':>9}{'demand':>9}{'deliv':>9}{'d/ideal':>8}{'wait%':>7}"
-        f"{'drv ms/b':>9}{'net':>7}{'drv cores':>10}{'shards/b':>9}{'store MB':>9}{'RSS MB s/pk/e':>16}{'host%':>6}"
+        f"{'sweep':<22}{'R':>4}{'W':>4}{'supply':>9}{'demand':>9}{'deliv':>9}{'d/ideal':>8}{'wait%':>7}"
+        f"{'drv ms/b':>9}{'net':>7}{'owner':>7}{'drv cores':>10}{'store MB':>9}{'RSS MB s/pk/e':>16}{'host%':>6}"
     )
     print("\n" + head)
     for r in rows:
         rss = r["driver_rss_mb"]
         print(
-            f"{r['sweep']:<15}{r['R']:>4}{r['W']:>4}{r['supply_tps'] / 1e3:>8.1f}k{r['demand_tps'] / 1e3:>8.1f}k"
+            f"{r['sweep']:<22}{r['R']:>4}{r['W']:>4}{r['supply_tps'] / 1e3:>8.1f}k{r['demand_tps'] / 1e3:>8.1f}k"
             f"{r['delivered_tps'] / 1e3:>8.1f}k{r['delivered_over_ideal']:>8.3f}{100 * r['wait_share']:>7.1f}"
-            f"{r['driver_ms_per_batch']:>9.2f}{r['driver_ms_per_batch_net']:>7.2f}{r['driver_cores']:>10.3f}{r['shards_per_batch']:>9.2f}"
-            f"{r['store_peak_mb_max_node']:>9.1f}"
+            f"{r['driver_ms_per_batch']:>9.2f}{r['driver_ms_per_batch_net']:>7.2f}{r['owner_ms_per_batch']:>7.2f}"
+            f"{r['driver_cores']:>10.3f}{r['store_peak_mb_max_node']:>9.1f}"
             f"{rss['start']:>6.0f}/{rss['peak']:.0f}/{rss['end']:.0f}".rjust(16)
             + f"{100 * r['host_busy']:>6.0f}"
         )
@@ -574,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         "--abort-gb", type=float, default=1.5, help="a run stops (and the sweep with it) below this much free memory"
     )
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile'd run of the feed thread")
+    ap.add_argument(
+        "--plane",
+        choices=("feed", "direct", "both"),
+        default="both",
+        help="feed: the driver dispatches and feeds every batch; direct: each consumer is a pool client",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "cluster_sim.json")
     args = ap.parse_args(argv)
     Rs = args.replicas or ([1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64])
@@ -605,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.get(monitor.begin.remote())
         source = make_source(batch_bank())
 
-        def sweep(pool: PooledTargetModel, replica_tps: float, rs: list[int], specs) -> None:
+        def sweep(pool: PooledTargetModel, plane: dict[str, Any], replica_tps: float, rs: list[int], specs) -> None:
             for R in rs:
                 more_w = max(0, max(w for _, w, _ in specs(R)) - len(fleet.actors))
                 try:
@@ -617,8 +681,8 @@ def main(argv: list[str] | None = None) -> int:
                     return
                 idle = idle_cores(monitor, 1.0 if args.quick else 3.0)
                 for name, w, trainer_tps in specs(R):
-                    spec = {"sweep": name, "R": R, "W": w, "replica_tps": replica_tps, "trainer_tps": trainer_tps}
-                    spec.update(seconds=seconds, driver_idle_cores=idle)
+                    spec = {"sweep": f"{plane['plane']} {name}", "R": R, "W": w, "replica_tps": replica_tps}
+                    spec.update(trainer_tps=trainer_tps, seconds=seconds, driver_idle_cores=idle, **plane)
                     trainers = fleet.ensure(spec["W"])
                     try:
                         row = run_once(pool, trainers, monitor, spec, source, abort_gb=args.abort_gb)
@@ -633,31 +697,35 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  ({time.monotonic() - t_start:.0f} s so far; this run {row['run_wall_s']:.0f} s)")
 
         r0 = args.replica_tps
-        pool = make_pool(r0, args.hidden)
 
         def ab(R: int):
             W = min(MAX_W, R)
             return [("supply<demand", W, 2 * R * r0 / W), ("supply>=demand", W, R * r0 / (1.5 * W))]
 
-        sweep(pool, r0, Rs, ab)
-        pool.shutdown()
-        pool = make_pool(fixed_replica_tps, args.hidden)
-        sweep(pool, fixed_replica_tps, fixed_rs, lambda R: [("fixed-W", fixed_w, fixed_demand / fixed_w)])
         profile = None
-        if not args.no_profile and not args.quick:
-            R = len(pool.replicas())
-            spec = {
-                "sweep": "fixed-W+cProfile",
-                "R": R,
-                "W": fixed_w,
-                "replica_tps": fixed_replica_tps,
-                "trainer_tps": fixed_demand / fixed_w,
-                "seconds": seconds,
-            }
-            try:
-                profile = run_once(pool, fleet.ensure(fixed_w), monitor, spec, source, True, args.abort_gb)
-            except OutOfHostMemory as e:
-                memory["notes"].append(str(e))
+        for plane in ["feed", "direct"] if args.plane == "both" else [args.plane]:
+            pool, info = make_pool(plane, r0, args.hidden)
+            sweep(pool, info, r0, Rs, ab)
+            pool.shutdown()
+            pool, info = make_pool(plane, fixed_replica_tps, args.hidden)
+            sweep(pool, info, fixed_replica_tps, fixed_rs, lambda R: [("fixed-W", fixed_w, fixed_demand / fixed_w)])
+            if plane == "feed" and not args.no_profile and not args.quick:
+                R = len(pool.replicas())
+                spec = {
+                    "sweep": "feed fixed-W+cProfile",
+                    "plane": plane,
+                    "R": R,
+                    "W": fixed_w,
+                    "replica_tps": fixed_replica_tps,
+                    "trainer_tps": fixed_demand / fixed_w,
+                    "seconds": seconds,
+                }
+                try:
+                    profile = run_once(pool, fleet.ensure(fixed_w), monitor, spec, source, True, args.abort_gb)
+                except OutOfHostMemory as e:
+                    memory["notes"].append(str(e))
+            pool.shutdown()
+            pool = None
     finally:
         if pool is not None:
             pool.shutdown()
@@ -684,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\ndriver CPU by thread (share), per run:")
     for r in rows:
         parts = ", ".join(f"{k.split(' (')[0]} {100 * v:.0f}%" for k, v in list(r["driver_cpu_by_thread"].items())[:4])
-        print(f"  {r['sweep']:<15} R={r['R']:<3} {parts}")
+        print(f"  {r['sweep']:<22} R={r['R']:<3} {parts}")
     if profile is not None:
         p = profile["profile"]
         print(f"\ncProfile of the feed thread, fixed-W R={profile['R']} ({p['batches']} batches), ms per batch:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -418,17 +419,56 @@ class _Streamer:
     def replicas(self) -> list[dict]:
         return self.target.replicas()
 
-    def run(self, inputs: list[PackedBatch], kill_at: int | None = None, stop_at: int | None = None):
+    def run(self, inputs: list[PackedBatch], at: int = -1, kill: int | None = None, stop: int | None = None):
+        """Stream `inputs`; after result `at`, kill replica `kill` or stop replica `stop` (by id)."""
         out, stopped = [], None
         for i, r in enumerate(self.target.stream(inputs)):
             aux = None if r.ref is None else ray.get(r.ref).aux_hidden_states
             out.append((r.batch_index, r.sequences, r.error, aux))
-            if i == kill_at:
-                ray.kill(self.target._ready()[0].actor, no_restart=True)
-            if i == stop_at:
-                stopped = self.target.replicas()[0]
+            if i == at and kill is not None:
+                ray.kill(self.target._replicas[kill].actor, no_restart=True)
+            if i == at and stop is not None:
+                stopped = self.target._replicas[stop].desc
                 os.kill(stopped["pid"], signal.SIGSTOP)  # a wedged replica: alive, silent
         return out, stopped, self.target.stats()
+
+    def train(self, inputs: list[PackedBatch], kill_at: int, step_s: float):
+        """A rank's own data plane (`RankReader`), training slower than the replicas serve."""
+        from eagle_ray.train.direct import RankReader
+
+        out, peak = [], 0
+        reader = RankReader(_LosesOne(self.target), inputs)
+        for step, sup, _ in reader:
+            st = self.target.stats()
+            peak = max(peak, st["inflight_bytes"] + st["held_bytes"])
+            out.append((step, sup.aux_hidden_states.clone()))
+            if step == kill_at:
+                ray.kill(self.target._ready()[0].actor, no_restart=True)
+            time.sleep(step_s)
+        return out, peak, self.target.stats(), reader.reruns
+
+
+@ray.remote(num_cpus=0)
+class _Putter:
+    def put(self) -> list:
+        return [ray.put(torch.zeros(1))]  # in a list: the caller borrows the ref, this actor owns the object
+
+
+class _LosesOne:
+    """Fault injection on a real client: one result's ref is swapped for one whose object is gone (its owner
+    died): Ray raises OwnerDiedError, an ObjectLostError, as for an object whose node died before it was read."""
+
+    def __init__(self, target):
+        self.target = target
+        putter = _Putter.remote()
+        (self.gone,) = ray.get(putter.put.remote())
+        ray.kill(putter, no_restart=True)
+
+    def stream(self, batches, **kwargs):
+        for i, r in enumerate(self.target.stream(batches, **kwargs)):
+            if i == 3 and self.gone is not None:
+                r, self.gone = dataclasses.replace(r, ref=self.gone), None
+            yield r
 
 
 def test_clients_dispatch_themselves_exactly_once_through_a_kill_and_a_hang(cluster, tiny_paths, reference):
@@ -443,8 +483,9 @@ def test_clients_dispatch_themselves_exactly_once_through_a_kill_and_a_hang(clus
     try:
         inputs = {t: batches(10, seed=20 + t) for t in range(2)}
         a, b = _Streamer.remote("direct"), _Streamer.remote("direct", shard_tokens=64)
+        first, second = sorted(r["replica_id"] for r in owner.replicas())
         (got_a, _, stats_a), (got_b, stopped, stats_b) = ray.get(
-            [a.run.remote(inputs[0], kill_at=2), b.run.remote(inputs[1], stop_at=3)], timeout=300
+            [a.run.remote(inputs[0], at=2, kill=first), b.run.remote(inputs[1], at=3, stop=second)], timeout=300
         )
         for t, (got, st) in enumerate(((got_a, stats_a), (got_b, stats_b))):
             keys = [(bi, seqs) for bi, seqs, *_ in got]
@@ -464,11 +505,18 @@ def test_clients_dispatch_themselves_exactly_once_through_a_kill_and_a_hang(clus
         while psutil.pid_exists(stopped["pid"]) and psutil.Process(stopped["pid"]).status() != "zombie":
             assert time.monotonic() < gone, "the hung replica's process was left running"
             time.sleep(0.2)
-        late = _Streamer.remote("direct")
+        # a later client, a rank reading its own steps through a small budget: it sees the replacements, gets
+        # every step once and in order through another kill, and what it holds stays within its budget
+        more = batches(8, seed=30)
+        per_batch = max(b.num_tokens for b in more) * reference.info.bytes_per_token
+        late = _Streamer.remote("direct", max_inflight_bytes=2 * per_batch)
         assert {r["replica_id"] for r in ray.get(late.replicas.remote())} == live
-        more = batches(2, seed=30)
-        got, _, _ = ray.get(late.run.remote(more))
-        check_complete({(bi, *seqs): aux for bi, seqs, err, aux in got}, more, reference)
+        got, peak, st, reruns = ray.get(late.train.remote(more, kill_at=2, step_s=0.2), timeout=300)
+        assert reruns == 1  # the lost one, served again from its batch
+        assert [step for step, _ in got] == list(range(len(more)))
+        for (_, aux), batch in zip(got, more, strict=True):
+            torch.testing.assert_close(aux, reference.forward_packed(batch).aux_hidden_states, atol=1e-5, rtol=0)
+        assert peak <= 3 * per_batch and st["replicas_replaced"] >= 1, (peak, per_batch, st)
     finally:
         owner.close()
 

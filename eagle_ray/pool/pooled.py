@@ -730,6 +730,9 @@ class PooledTargetModel(NeMoSurface):
                     res = ready.pop(order.popleft())
                     _yielded(res.batch_index, unyielded, partial)
                     yield res
+                # what was yielded is the consumer's to hold or drop: this frame must not keep it alive while it
+                # waits for the budget (a consumer that dropped it would wait on the stream, the stream on it)
+                settled = res = None
                 with self._lock:
                     self._check_progress(order, pending, box, last_progress, stall_timeout_s)
         finally:
