@@ -571,6 +571,25 @@ def test_seek_reads_one_block_with_a_saved_index(chat_file, qwen, tmp_path):
     assert source(chat_file, qwen, **{**kw, "max_length": 100}).index.blocks == []  # new settings
 
 
+def test_rank_batches_are_every_worldth_batch_and_tokenize_only_their_records(chat_file, qwen, tmp_path):
+    kw = dict(batch_tokens=300, shuffle_buffer=7, seed=5, epochs=2)
+    full = list(source(chat_file, qwen, **kw, index_path=tmp_path / "index.jsonl")(0))
+    world = 3
+    for rank, step in [(0, 0), (2, 0), (1, 5), (0, len(full) // world)]:
+        counting = CountingTokenizer(qwen)
+        rank_source = source(chat_file, counting, **kw, index_path=tmp_path / "index.jsonl")  # indexed already
+        got = list(rank_source.rank_batches(rank, world, step))
+        want = full[step * world + rank :: world]
+        assert seqs(got) == seqs(want) and len(got) == len(want)
+        assert all(torch.equal(a.loss_mask, b.loss_mask) for a, b in zip(got, want, strict=True))
+        if step == 0:  # about a third of what all batches cost (a block read twice may re-encode a record)
+            every = CountingTokenizer(qwen)
+            list(source(chat_file, every, **kw, index_path=tmp_path / "index.jsonl")(0))
+            assert counting.calls < 0.5 * every.calls, (counting.calls, every.calls)
+    with pytest.raises(ValueError, match="rank"):
+        source(chat_file, qwen, **kw).rank_batches(3, world)
+
+
 def test_batches_per_epoch(chat_file, qwen):
     src = source(chat_file, qwen, batch_tokens=300, epochs=2)
     assert 2 * src.batches_per_epoch() == len(list(src(0)))

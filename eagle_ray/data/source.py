@@ -111,6 +111,37 @@ class ChatBatchSource:
             raise ValueError(f"index must be >= 0, got {index}")
         return self._batches_gen(index)
 
+    def rank_batches(self, rank: int, world: int, step: int = 0) -> Iterator[PackedBatch]:
+        """Rank `rank`'s batches in a run of `world` ranks, from `step` on: global batches `step * world + rank`,
+        then every `world`-th, the same batches `batches_from` numbers. Read in this process (a rank's own data
+        plane, `train/direct.py`): once a block is indexed only this rank's records in it are tokenized, so the
+        ranks share the data work instead of each doing all of it. Index every block first (a pass such as
+        `batches_per_epoch()` in one process, or a saved index) and give the ranks no `index_path` to write:
+        a block read here before it is indexed is tokenized whole, and an index file has one writer."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return self._rank_gen(rank, world, step * world + rank)
+
+    def _rank_gen(self, rank: int, world: int, first: int) -> Iterator[PackedBatch]:
+        epoch, b, base = 0, 0, 0  # base: the global index of block b's first batch
+        while self.epochs is None or epoch < self.epochs:
+            if self._block(b) is None:  # end of an epoch
+                self._check_nonempty()
+                epoch, b = epoch + 1, 0
+                continue
+            n = self._num_batches(epoch, b)
+            lo = max(first, base)
+            mine = range(lo + (rank - lo) % world - base, n, world)  # this rank's batches of the block
+            if mine:
+                plan = self._plan(epoch, b)
+                runs = [plan[j] for j in mine]
+                samples = self._read(b, {i for run in runs for i in run})
+                for run in runs:
+                    yield pack([samples[i] for i in run])
+            base, b = base + n, b + 1
+
     def samples_from(self, index: int) -> Iterator[Sample]:
         """Samples in training order from global sample `index` on (across epochs); read in this process."""
         return self._walk(index, lambda epoch, b: self._block(b).samples, self._samples)
