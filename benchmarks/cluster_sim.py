@@ -366,6 +366,10 @@ def run_once(
     t_a = max(rec[warm - 1][0] for rec in records)
     t_b = min(rec[-1][0] for rec in records)
     got = sorted((t, w, tr, n) for rec in records for (t, w, tr, n) in rec if t_a <= t <= t_b)
+    if t_a >= t_b:  # no common steady window: one consumer was done before another was warm
+        t0 = min(rec[0][0] for rec in records)
+        spans = ", ".join(f"{rec[0][0] - t0:.1f}/{rec[warm - 1][0] - t0:.1f}/{rec[-1][0] - t0:.1f}" for rec in records)
+        print(f"  {spec['sweep']} R={R} W={W}: no steady window; per consumer first/warm/last record (s): {spans}")
     span = max(t_b - t_a, 1e-9)
     # arrivals come in bursts (replicas finish in step): the slope of the cumulative count is the rate, where a
     # count over a window bounded by arrivals is off by up to a burst

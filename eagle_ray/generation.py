@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from eagle_ray.contract import InvalidBatchError, ModelInfo, PackedBatch
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """The sampling settings every request shares (generation here, speculative decoding in `draft/tree.py`)."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int = 256
@@ -28,8 +34,7 @@ class GenerationParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        check_sampling(self.temperature, self.top_p)
 
     def check_fits(self, batch: PackedBatch, info: ModelInfo) -> None:
         """`InvalidBatchError` naming the first prompt whose answer would run past the target's context."""

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eagle_ray.generation import check_sampling
+
 
 @dataclass(frozen=True)
 class SpecParams:
@@ -47,8 +49,7 @@ class SpecParams:
                 f"num_draft_tokens {self.num_draft_tokens}: topk {self.topk} and num_steps {self.num_steps} draft"
                 f" at most {most} candidates, so at most {most + 1} tokens"
             )
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        check_sampling(self.temperature, self.top_p)
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ consumer, never through the driver (except for the single-target compatibility c
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import weakref
@@ -199,6 +200,7 @@ class PooledTargetModel(NeMoSurface):
         self._shard_timeout_factor = shard_timeout_factor
         self._housekeeping_s = 0.25
         self._next_housekeeping = 0.0
+        self._salt = random.getrandbits(32)
         # refs every poll also waits on, with what to do when one resolves (a client's membership updates)
         self._signals: dict[Any, Any] = {}
         # per running stream (or submit), its results waiting to be taken: several run at once, from
@@ -477,7 +479,9 @@ class PooledTargetModel(NeMoSurface):
         # the first unfinished of several shards is a guess, and a good shard guessed twice would be quarantined
         room = 1 if self._ledger.suspect(shard.shard_id) else self._per_replica
         ready = [r for r in ready if not r.solo and len(r.inflight) < room]
-        return min(ready, key=lambda r: (r.inflight_tokens, r.replica_id)) if ready else None
+        # ties (idle replicas) by a per-pool order: many clients, each seeing only its own load, then spread
+        # their first shards instead of all picking the lowest id
+        return min(ready, key=lambda r: (r.inflight_tokens, hash((r.replica_id, self._salt)))) if ready else None
 
     def _dispatch(self, shard: _Shard, r: _Replica) -> None:
         r.solo = self._ledger.suspect(shard.shard_id)
