@@ -114,7 +114,7 @@ class Trainer:
         mine = (self.bank[(s * world + rank) % len(self.bank)] for s in range(steps))
         out = []
         try:
-            it = iter(RankReader(self.client, mine, timeout_s=120.0))
+            it = iter(RankReader(self.client, mine, timeout_s=120.0, rank=rank, world=world))
             while True:
                 t0 = time.time()
                 try:

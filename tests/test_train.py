@@ -18,7 +18,7 @@ from eagle_ray.draft.export import load_draft
 from eagle_ray.draft.speculate import speculative_greedy
 from eagle_ray.engines.sglang import verify_eagle3_export
 from eagle_ray.job.chaos import ChaosSettings, chaos_training, print_report
-from eagle_ray.pool import PooledTargetModel
+from eagle_ray.pool import PooledTargetModel, serve_pool
 from eagle_ray.target import HFEagle3TargetModel
 from eagle_ray.tiny import markov_batches, markov_sequences
 from eagle_ray.train.loop import DraftTrainConfig
@@ -118,6 +118,28 @@ def test_stop_resume_and_worker_failure_reproduce_the_loss_curve(pool, reference
     a, b = load_draft(resumed.export_dir), load_draft(reference.export_dir)
     for name, t in a.state_dict().items():
         torch.testing.assert_close(t, b.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_direct_plane_trains_the_reference_curve_with_nothing_per_batch_on_the_driver(
+    cluster, markov_target, reference, tmp_path
+):
+    """Each worker a client of a shared pool, streaming its own batches (step * W + rank) to the replica itself:
+    the driver-fed reference's losses step for step, every sample once, and not one batch through the driver."""
+    owner = serve_pool("train-direct", markov_target, engine="sglang", replicas=1, cpus_per_replica=1)
+    try:
+        run = _train(owner, tmp_path, "direct", train=_config(stop_at_step=20), data_plane="direct")
+        mine = owner.stats()
+    finally:
+        owner.close()
+    assert [r["step"] for r in run.history] == list(range(1, 21)) and run.feed == {}
+    for got, ref in zip(run.history, reference.history[:20], strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6), got["step"]
+        assert got["samples"] == ref["samples"]
+    assert mine["shards_delivered"] == 0  # the driver's own client dispatched nothing: the workers did
+    audit = audit_run(tmp_path / "direct", 2)
+    assert audit.ok and len(audit.samples) == 2 * 20 * 8, audit.problems
+    served = audit_run(reference.export_dir.parent, 2).samples  # the same samples as the reference's first 20 steps
+    assert audit.samples == {k: v for k, v in served.items() if k[0] < 2 * 20}
 
 
 def test_chaos_replica_and_worker_kills_lose_and_duplicate_nothing(reference, markov_target, tmp_path):

@@ -22,6 +22,7 @@ Without Ray (or `workers=0`) it does the same work itself. Both run `blocks.py`:
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from collections import deque
@@ -123,6 +124,19 @@ class ChatBatchSource:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         return self._rank_gen(rank, world, step * world + rank)
+
+    def for_ranks(self) -> ChatBatchSource:
+        """A copy to send to the ranks (each calls `rank_batches` in its own process): the whole data indexed
+        first (here, in Ray tasks when Ray is up), the index kept in memory only (one writer per index file),
+        no Ray tasks of this process's, data read in the rank's process."""
+        self.batches_per_epoch()  # indexes every block: no rank tokenizes a whole block to find its batches
+        rank = copy.copy(self)
+        rank.index = BlockIndex(self.index.fingerprint)
+        rank.index.blocks, rank.index.complete = list(self.index.blocks), self.index.complete
+        rank.index.stats = self.index.stats
+        rank.workers, rank._tasks, rank._cache, rank.task_pids = 0, None, None, set()
+        rank._batch_counts, rank._scans, rank._ahead, rank._spare = dict(self._batch_counts), {}, deque(), {}
+        return rank
 
     def _rank_gen(self, rank: int, world: int, first: int) -> Iterator[PackedBatch]:
         epoch, b, base = 0, 0, 0  # base: the global index of block b's first batch

@@ -12,6 +12,7 @@ with 128 + the signal number. See `StopSignals`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -146,6 +147,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             special_token_ids=[i for i in end_tokens(tokenizer) if i < pool.info.vocab_size],
             vocab_batches=c.draft.vocab_batches,
             queue_depth=tr.queue_depth,
+            data_plane=tr.data_plane,
             max_failures=tr.max_failures,
             resume_from=c.checkpoint.resume_from,
             export_dir=c.export.dir,
@@ -158,6 +160,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             stop.install()  # Ray Train's fit() replaced our SIGINT handler, and leaves its own installed
         last = result.history[-10:]
         summary.update(
+            data_plane=tr.data_plane,
             steps=result.steps,
             samples=result.history[-1]["samples"] if result.history else 0,
             tokens=result.history[-1]["tokens"] if result.history else 0,
@@ -253,9 +256,13 @@ def _target_pool(c: JobConfig, model_path: str, engine: str, dtype: torch.dtype 
         from eagle_ray.offline import OfflineSupervision
 
         return OfflineSupervision(Path(c.offline.dir).expanduser() if c.offline.dir else c.run_dir() / "supervision")
-    from eagle_ray.pool import PooledTargetModel
+    from eagle_ray.pool import PooledTargetModel, serve_pool
 
-    return PooledTargetModel.from_pretrained(
+    if c.training.data_plane == "direct":  # the workers connect to it by name and dispatch themselves
+        start = functools.partial(serve_pool, f"eagle-ray-{c.checkpoint.name}-{os.getpid()}")
+    else:
+        start = PooledTargetModel.from_pretrained
+    return start(
         model_path,
         engine=engine,
         replicas=c.target.replicas,

@@ -81,6 +81,7 @@ class _Replica:
     gen_s: float = 0.0  # the same for generation shards, per new token: decoding runs at a rate of its own
     gen_tokens: int = 0
     shards_done: int = 0
+    dispatches: int = 0  # shards sent to it (by this pool or client)
     failures: int = 0
     solo: bool = False  # running a suspect shard alone: nothing joins it, so if it dies the blame is certain
 
@@ -201,6 +202,9 @@ class PooledTargetModel(NeMoSurface):
         self._housekeeping_s = 0.25
         self._next_housekeeping = 0.0
         self._salt = random.getrandbits(32)
+        # a batch alone is split over the idle replicas; a client of a shared pool sees only its own load, so
+        # "idle" means little there and it sends whole batches (`eagle_ray.pool.shared`)
+        self._split_idle = True
         # refs every poll also waits on, with what to do when one resolves (a client's membership updates)
         self._signals: dict[Any, Any] = {}
         # per running stream (or submit), its results waiting to be taken: several run at once, from
@@ -449,7 +453,7 @@ class PooledTargetModel(NeMoSurface):
         """Split a validated batch into shards (for generation: by sequences, whose answers are the work)."""
         # split over the idle replicas only: one batch alone (submit, a stream's start) is served by all of
         # them at once, while in a busy stream each replica takes whole batches (fewer, larger forwards)
-        idle = [r for r in self._ready() if not r.inflight] if not self._retry else []
+        idle = [r for r in self._ready() if not r.inflight] if self._split_idle and not self._retry else []
         n = max(len(idle), 1)
         even = -(-batch.num_tokens // n)
         cap = min(self.info.kv_capacity_tokens, self._shard_tokens or even, even)
@@ -479,9 +483,11 @@ class PooledTargetModel(NeMoSurface):
         # the first unfinished of several shards is a guess, and a good shard guessed twice would be quarantined
         room = 1 if self._ledger.suspect(shard.shard_id) else self._per_replica
         ready = [r for r in ready if not r.solo and len(r.inflight) < room]
-        # ties (idle replicas) by a per-pool order: many clients, each seeing only its own load, then spread
-        # their first shards instead of all picking the lowest id
-        return min(ready, key=lambda r: (r.inflight_tokens, hash((r.replica_id, self._salt)))) if ready else None
+        # ties (idle replicas) go to the one sent least so far, then by a per-pool order: one request at a time
+        # rotates over the replicas, and many clients, each seeing only its own load, spread their first shards
+        # instead of all picking the lowest id
+        key = lambda r: (r.inflight_tokens, r.dispatches, hash((r.replica_id, self._salt)))  # noqa: E731
+        return min(ready, key=key) if ready else None
 
     def _dispatch(self, shard: _Shard, r: _Replica) -> None:
         r.solo = self._ledger.suspect(shard.shard_id)
@@ -500,6 +506,7 @@ class PooledTargetModel(NeMoSurface):
         if not r.inflight:
             r.head_since = time.monotonic()
         r.inflight.append(meta)
+        r.dispatches += 1
         r.inflight_tokens += b.num_tokens
         self._inflight_bytes += shard.nbytes
 
@@ -645,6 +652,7 @@ class PooledTargetModel(NeMoSurface):
         stall_timeout_s: float = 600.0,
         count_held: bool = True,
         generate: GenerationParams | None = None,
+        ahead: int | None = None,
     ) -> Iterator[ShardResult]:
         """Supervision for many batches, as `ShardResult`s holding object refs.
 
@@ -655,7 +663,8 @@ class PooledTargetModel(NeMoSurface):
         it has none). `generate`: each batch holds prompts, and each result's ref holds their answers
         (token id lists, see `eagle_ray.generation`) instead of supervision. Several streams and submits may
         run at once, from different threads: each gets its own shards, in its own order, and all share the
-        replicas and the byte budget.
+        replicas and the byte budget. `ahead`: at most this many of the stream's shards dispatched and not yet
+        yielded (a consumer that reads in order gains nothing from more, and holds up the replicas' queues).
         """
         with self._lock:
             sid = self._next_stream_id
@@ -663,13 +672,15 @@ class PooledTargetModel(NeMoSurface):
             self._outbox[sid] = deque()
         try:
             yield from self._stream(
-                sid, iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held, generate
+                sid, iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held, generate, ahead
             )
         finally:
             with self._lock:
                 del self._outbox[sid]
 
-    def _stream(self, sid, it, ordered, logits, node_id, stall_timeout_s, count_held, gen) -> Iterator[ShardResult]:
+    def _stream(
+        self, sid, it, ordered, logits, node_id, stall_timeout_s, count_held, gen, ahead
+    ) -> Iterator[ShardResult]:
         pending: deque[_Shard] = deque()
         order: deque[int] = deque()  # shard ids in submission order, not yet yielded
         ready: dict[int, ShardResult] = {}
@@ -684,6 +695,8 @@ class PooledTargetModel(NeMoSurface):
                 while True:  # dispatch what the budget allows; pull batches (outside the lock) as needed
                     with self._lock:
                         queue = self._retry if self._retry else pending
+                        if queue and ahead is not None and len(order) - len(pending) >= ahead and not self._retry:
+                            break  # far enough ahead of the consumer
                         if queue:
                             r = self._pick(queue[0], node_id)
                             if r is None or not self._budget_allows(queue[0], count_held, bool(partial)):

@@ -126,13 +126,15 @@ class PoolClient(PooledTargetModel):
     this client's traffic; `pool_stats()` is the owner's view (replicas, replacements).
     """
 
-    def __init__(self, server: Any, owner: bool, **overrides: Any):
+    def __init__(self, server: Any, owner: bool, name: str, **overrides: Any):
         self._server, self._owner = server, owner
+        self.name = name  # what other processes `connect` to
         info, (weights_ref,), settings, view = ray.get(server.describe.remote())
         unknown = set(overrides) - set(settings)
         if unknown:
             raise TypeError(f"unknown client settings {sorted(unknown)}; known: {sorted(settings)}")
         self._init_dispatch(**{**settings, **overrides})
+        self._split_idle = False
         self._info, self._weights_ref = info, weights_ref
         self._target_replicas = 0  # the owner's business
         self._gone: set[int] = set()  # replicas this client found dead: never taken back from a stale view
@@ -236,7 +238,7 @@ def serve_pool(name: str, model_path: str, **pool_kwargs: Any) -> PoolClient:
     cls = ray.remote(num_cpus=0, max_concurrency=1024)(PoolServer)
     server = cls.options(name=name, namespace=_NAMESPACE, max_restarts=0).remote(model_path, pool_kwargs)
     try:
-        return PoolClient(server, owner=True)
+        return PoolClient(server, owner=True, name=name)
     except BaseException:
         ray.kill(server, no_restart=True)
         raise
@@ -249,4 +251,4 @@ def connect_pool(name: str, **overrides: Any) -> PoolClient:
         server = ray.get_actor(name, namespace=_NAMESPACE)
     except ValueError:
         raise ValueError(f"no eagle_ray pool named {name!r} in this Ray cluster; start one with serve_pool") from None
-    return PoolClient(server, owner=False, **overrides)
+    return PoolClient(server, owner=False, name=name, **overrides)

@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 class RankReader:
     """Iterate `(step, Supervision, meta)` for `batches` (the ones for steps `start_step`, `start_step + 1`, ...).
 
-    `depth`: records read ahead of the consumer. `node_id`: serve from replicas on this node while it has
-    any (default: the caller's node; colocated replicas are read zero-copy).
+    `depth`: records read ahead of the consumer. `rank`, `world`: a rank of a run whose global batch `step * world +
+    rank` this is (`meta["batch"]`). `node_id`: serve only from replicas on this node while it has
+    any (`stream`'s rule), for colocated placement, where the consumer's own node holds its replica and reads
+    it zero-copy. The default (None) uses every replica: with separate placement a node's one replica would
+    otherwise cap its consumer at that replica's rate while the others idle.
     """
 
     def __init__(
@@ -44,12 +47,18 @@ class RankReader:
         depth: int = 2,
         timeout_s: float = 600.0,
         node_id: str | None = None,
+        rank: int = 0,
+        world: int = 1,
     ):
+        import uuid
+
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.target, self.batches, self.start_step = target, batches, start_step
         self.depth, self.timeout_s = depth, timeout_s
-        self.node_id = node_id if node_id is not None else ray.get_runtime_context().get_node_id()
+        self.node_id = node_id
+        self.rank, self.world = rank, world  # meta["batch"]: the global batch index, step * world + rank
+        self.incarnation = uuid.uuid4().hex  # names this reader in the sample log, as FeedReader's does
         self.reruns = 0  # batches served again because their objects were lost
 
     def _serve(self, out: queue.Queue, stop: threading.Event) -> None:
@@ -62,8 +71,11 @@ class RankReader:
                 yield b
 
         parts: dict[int, list] = {}
-        stream = self.target.stream(source(), node_id=self.node_id, stall_timeout_s=self.timeout_s)
+        stream = None
         try:
+            stream = self.target.stream(
+                source(), node_id=self.node_id, stall_timeout_s=self.timeout_s, ahead=self._ahead()
+            )
             for res in stream:
                 if res.error:
                     raise RuntimeError(f"step {self.start_step + res.batch_index} lost a shard: {res.error}")
@@ -75,7 +87,12 @@ class RankReader:
                 got = parts.pop(res.batch_index)
                 sup = self._read(step, batch, got)
                 del kept[res.batch_index]
-                meta = {"step": step, "tokens": batch.num_tokens, "sequences": batch.num_sequences}
+                meta = {
+                    "step": step,
+                    "batch": step * self.world + self.rank,
+                    "tokens": batch.num_tokens,
+                    "sequences": batch.num_sequences,
+                }
                 if not self._hand(out, stop, ("item", step, sup, meta, got)):
                     return
                 # handed over: only the record holds its results now, so the consumer's release frees them while
@@ -85,7 +102,16 @@ class RankReader:
         except BaseException as e:  # surfaced in the consumer, not lost in a thread
             self._hand(out, stop, ("error", e))
         finally:
-            stream.close()
+            if stream is not None:
+                stream.close()
+
+    def _ahead(self) -> int:
+        """Shards this reader keeps dispatched ahead of its consumer: what it will read next, plus its share of
+        the replicas' queues (`max_inflight_per_replica` each, shared by the `world` ranks), so the replicas stay
+        busy without a queue of every client's shards on every replica (a batch would wait behind all of them).
+        Counted from the replicas when the stream starts."""
+        per_replica = self.target.dispatch_settings()["max_inflight_per_replica"]
+        return self.depth + 1 + -(-per_replica * max(len(self.target.replicas()), 1) // self.world)
 
     def _read(self, step: int, batch: PackedBatch, got: list) -> Supervision:
         try:
@@ -118,6 +144,7 @@ class RankReader:
         stop = threading.Event()
         thread = threading.Thread(target=self._serve, args=(records, stop), name="eagle-ray-rank-reader", daemon=True)
         thread.start()
+        record = held = sup = None
         try:
             while True:
                 try:
@@ -133,8 +160,25 @@ class RankReader:
                 del held, sup, record  # the consumer is done with this step: its bytes leave the budget
         finally:
             stop.set()
+            record = held = sup = None  # closed mid-step: release it, the serving thread may wait on its budget
             while thread.is_alive():  # unblock a hand-over nobody will take
                 try:
                     records.get(timeout=0.1)
                 except queue.Empty:
                     pass
+
+
+class CycledBatches:
+    """A list of batches as a rank source: global batch g is `batches[g % len]` (what `train_draft` makes of a
+    list); picklable, so each rank builds its own stream."""
+
+    def __init__(self, batches: list[PackedBatch]):
+        if not batches:
+            raise ValueError("no training batches")
+        self.batches = list(batches)
+
+    def rank_batches(self, rank: int, world: int, step: int = 0) -> Iterator[PackedBatch]:
+        g = step * world + rank
+        while True:
+            yield self.batches[g % len(self.batches)]
+            g += world

@@ -99,7 +99,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = None
     t_window, wait, step_tokens = time.monotonic(), 0.0, 0
     t_wait = time.monotonic()
-    reader = FeedReader(config["feed"], rank, state["step"], config.get("feed_timeout_s", 600.0))
+    timeout = config.get("feed_timeout_s", 600.0)
+    if config.get("direct"):  # this worker streams its own batches to the pool's replicas
+        from eagle_ray.pool.shared import connect_pool
+        from eagle_ray.train.direct import RankReader
+
+        d = config["direct"]
+        client = connect_pool(d["pool"])
+        batches = d["source"].rank_batches(rank, world, state["step"])
+        reader = RankReader(client, batches, state["step"], d["depth"], timeout, rank=rank, world=world)
+    else:
+        reader = FeedReader(config["feed"], rank, state["step"], timeout)
     sample_log = SampleLogWriter(config["run_dir"], rank)
     sample_log.start(state["step"], reader.incarnation)
     for step, sup, meta in reader:

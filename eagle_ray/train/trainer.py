@@ -80,6 +80,7 @@ def train_draft(
     progress_every_s: float = 10.0,
     trackers: Sequence[str] | Trackers = (),
     tracker_config: dict[str, Any] | None = None,
+    data_plane: str = "feed",
 ) -> TrainResult:
     """Train a draft for `train.max_steps` steps of `num_workers` batches each.
 
@@ -93,9 +94,19 @@ def train_draft(
     ("tensorboard" writes `<storage_path>/<name>/tensorboard`; "wandb", "mlflow": see `trackers.py`) or
     opened `Trackers`, closed at the end either way; `tracker_config` is what they record as the run's config
     (default: `train` and the worker count).
+
+    `data_plane`: "feed" (the driver streams the pool and feeds each worker its batches) or "direct" (each
+    worker is a client of `pool`, a `serve_pool` pool, and streams its own batches to the replicas: nothing
+    per batch on the driver; `data` must then be a list or a `ChatBatchSource`, whose whole data is indexed
+    here first). Both serve rank r batch `step * num_workers + r`.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if data_plane not in ("feed", "direct"):
+        raise ValueError(f"data_plane must be 'feed' or 'direct', got {data_plane!r}")
+    direct = None
+    if data_plane == "direct":
+        direct = {"pool": _pool_name(pool), "source": _rank_source(data), "depth": queue_depth}
     source = _source(data)
     run_dir = Path(storage_path) / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,8 +126,12 @@ def train_draft(
     if not isinstance(trackers, Trackers):  # opened before the feed starts: a tracker that fails leaves nothing to stop
         config = tracker_config if tracker_config is not None else {"train": asdict(train), "num_workers": num_workers}
         trackers = open_trackers(trackers, run_dir, name, config)
-    feed = SupervisionFeed(pool, source, num_workers, train.max_steps, queue_depth, feed_timeout_s).start()
-    monitor = Progress(sink, train.max_steps, pool, progress, progress_every_s, trackers)
+    feed = None
+    if direct is None:
+        feed = SupervisionFeed(pool, source, num_workers, train.max_steps, queue_depth, feed_timeout_s).start()
+    # direct: the workers' clients dispatch, so the driver's pool has no traffic to show; the target's rate is
+    # then what the trainers consumed (each sample once)
+    monitor = Progress(sink, train.max_steps, pool if direct is None else None, progress, progress_every_s, trackers)
     if progress != "off" or trackers:
         monitor.start()
     metrics_path = run_dir / "metrics.jsonl"
@@ -126,7 +141,8 @@ def train_draft(
             "train": asdict(train),
             "draft_config": draft_config.as_dict(),
             "weights": weights,
-            "feed": feed.handles,
+            "feed": feed.handles if feed is not None else None,
+            "direct": direct,
             "use_gpu": use_gpu,
             "metrics_path": str(metrics_path),
             "run_dir": str(run_dir),
@@ -151,14 +167,15 @@ def train_draft(
     try:
         result = trainer.fit()
     except Exception as e:
-        if feed.error is not None:
+        if feed is not None and feed.error is not None:
             raise RuntimeError(f"the supervision feed failed: {feed.error}") from e
         raise
     finally:
-        feed.close()
+        if feed is not None:
+            feed.close()
         if monitor.running:
             monitor.stop()
-    if feed.error is not None:
+    if feed is not None and feed.error is not None:
         raise RuntimeError(f"the supervision feed failed: {feed.error}") from feed.error
     # rank 0's file has earlier runs' steps (if it is on this node); the sink has this run's, from anywhere
     by_step = {r["step"]: r for r in _history(metrics_path)}
@@ -175,7 +192,29 @@ def train_draft(
                 from eagle_ray.draft.export import load_draft, save_draft
 
                 save_draft(load_draft(Path(d) / "draft"), exported, dtype=export_dtype)
-    return TrainResult(exported, result.checkpoint, steps, history, dict(feed.stats), vocab)
+    return TrainResult(exported, result.checkpoint, steps, history, dict(feed.stats) if feed else {}, vocab)
+
+
+def _pool_name(pool: Any) -> str:
+    name = getattr(pool, "name", None)
+    if name is None:
+        raise TypeError(
+            "data_plane='direct' needs a shared pool, whose workers connect to it by name: "
+            "pool = serve_pool(name, model_path, ...)"
+        )
+    return name
+
+
+def _rank_source(data: Any) -> Any:
+    """What each worker builds its own batches from (picklable): `rank_batches(rank, world, step)`."""
+    from eagle_ray.data.source import ChatBatchSource
+    from eagle_ray.train.direct import CycledBatches
+
+    if isinstance(data, ChatBatchSource):
+        return data.for_ranks()
+    if callable(data):
+        raise TypeError("data_plane='direct' needs a list of batches or a ChatBatchSource, not a function")
+    return CycledBatches(list(data))
 
 
 def _history(path: Path) -> list[dict[str, Any]]:
