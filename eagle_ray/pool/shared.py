@@ -89,9 +89,10 @@ class PoolServer:
             self._cond.wait_for(lambda: self._view.version > since or self._closed, timeout_s)
             return self._view
 
-    def describe(self) -> tuple[ModelInfo, list[ray.ObjectRef], dict[str, Any], View]:
+    def describe(self) -> tuple[ModelInfo, list[ray.ObjectRef], dict[str, Any], View, dict[str, str]]:
         # the weights ref in a list: the client borrows it
-        return self.pool.info, [self.pool.weights_ref()], self.pool.dispatch_settings(), self._view
+        where = {"model_path": self.pool.model_path, "engine_name": self.pool.engine_name}
+        return self.pool.info, [self.pool.weights_ref()], self.pool.dispatch_settings(), self._view, where
 
     def report(self, replica_id: int, reason: str) -> None:
         """A client found this replica dead or hung: retire it (its TP ranks die with it) and start another."""
@@ -129,7 +130,8 @@ class PoolClient(PooledTargetModel):
     def __init__(self, server: Any, owner: bool, name: str, **overrides: Any):
         self._server, self._owner = server, owner
         self.name = name  # what other processes `connect` to
-        info, (weights_ref,), settings, view = ray.get(server.describe.remote())
+        info, (weights_ref,), settings, view, where = ray.get(server.describe.remote())
+        self.model_path, self.engine_name = where["model_path"], where["engine_name"]  # what the replicas serve
         unknown = set(overrides) - set(settings)
         if unknown:
             raise TypeError(f"unknown client settings {sorted(unknown)}; known: {sorted(settings)}")
