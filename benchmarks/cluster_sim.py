@@ -87,17 +87,7 @@ class Trainer:
         """Per step: (time.time() when the record arrived, seconds waited for it, seconds trained, tokens)."""
         from eagle_ray.train.feed import FeedReader
 
-        out = []
-        it = iter(FeedReader(handles, rank, start_step=0, timeout_s=120.0))
-        while True:
-            t0 = time.time()
-            try:
-                _, sup, meta = next(it)
-            except StopIteration:
-                return out
-            t1 = time.time()
-            time.sleep(meta["tokens"] / tokens_per_s)
-            out.append((t1, t1 - t0, time.time() - t1, int(meta["tokens"])))
+        return consume(FeedReader(handles, rank, start_step=0, timeout_s=120.0), tokens_per_s)
 
     def connect(self, pool_name: str, budget: int) -> None:
         """Become a client of the pool (direct plane), before the run: every consumer starts at once."""
@@ -112,20 +102,25 @@ class Trainer:
         from eagle_ray.train.direct import RankReader
 
         mine = (self.bank[(s * world + rank) % len(self.bank)] for s in range(steps))
-        out = []
         try:
-            it = iter(RankReader(self.client, mine, timeout_s=120.0, rank=rank, world=world))
-            while True:
-                t0 = time.time()
-                try:
-                    _, sup, meta = next(it)
-                except StopIteration:
-                    return out
-                t1 = time.time()
-                time.sleep(meta["tokens"] / tokens_per_s)
-                out.append((t1, t1 - t0, time.time() - t1, int(meta["tokens"])))
+            return consume(RankReader(self.client, mine, timeout_s=120.0, rank=rank, world=world), tokens_per_s)
         finally:
             self.client.close()
+
+
+def consume(reader: Any, tokens_per_s: float) -> list[tuple[float, float, float, int]]:
+    """Train on each record by sleeping; per step: (time.time() when it arrived, seconds waited, trained, tokens)."""
+    out = []
+    it = iter(reader)
+    while True:
+        t0 = time.time()
+        try:
+            _, _sup, meta = next(it)
+        except StopIteration:
+            return out
+        t1 = time.time()
+        time.sleep(meta["tokens"] / tokens_per_s)
+        out.append((t1, t1 - t0, time.time() - t1, int(meta["tokens"])))
 
 
 @ray.remote(num_cpus=0)
