@@ -347,13 +347,16 @@ def test_poison_shard_quarantined_pool_keeps_serving(cluster, tiny_paths, refere
     env = {"env_vars": {"EAGLE_RAY_CHAOS_CRASH_TOKEN": str(poison)}}
     with PooledTargetModel.from_pretrained(
         tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1, runtime_env=env,
-        max_shard_failures=2, shard_tokens=64,
+        max_shard_failures=2, shard_tokens=64, max_inflight_per_replica=1,
     ) as pool:  # fmt: skip
         results = list(pool.stream(inputs))
         stats = pool.stats()
     bad = [r for r in results if r.error]
     assert len(bad) == 1 and bad[0].batch_index == 2 and bad[0].sequences[0] <= 1 < bad[0].sequences[1]
     assert f"shard {bad[0].shard_id} quarantined after 2 failed attempts" in bad[0].error
+    # one shard in flight per replica, so each death is blamed on the shard that caused it: two poison runs, two
+    # replicas (with two in flight, a dying replica's finished reply can be lost with it and its neighbour
+    # blamed: the poison then costs one replica more, as CI saw once)
     assert stats["shards_quarantined"] == 1 and stats["replicas_replaced"] == 2, stats
     good = gather([r for r in results if not r.error])
     clean = [b for i, b in enumerate(inputs) if i != 2]
