@@ -523,6 +523,25 @@ def test_clients_dispatch_themselves_exactly_once_through_a_kill_and_a_hang(clus
         for (_, aux), batch in zip(got, more, strict=True):
             torch.testing.assert_close(aux, reference.forward_packed(batch).aux_hidden_states, atol=1e-5, rtol=0)
         assert peak <= 3 * per_batch, (peak, per_batch, st)  # (the killed replica may have held none of its shards)
+        # placement counts other clients' shards: with another client's backlog on one replica (on the owner's
+        # load board, posted as a client posts its own), a client sends all its work to the other one
+        me = PooledTargetModel.connect("direct")
+        heard = time.monotonic() + 120
+        while len(ids := sorted(d["replica_id"] for d in me.replicas())) < 2:  # the killed one's replacement
+            assert time.monotonic() < heard, me.stats()
+            time.sleep(0.2)
+            me.stats()  # polls: views come in
+        busy, free = ids
+        while {r["replica_id"]: r["others_inflight_tokens"] for r in me.stats()["replicas"]}[busy] != 10**6:
+            ray.get(me._server.loads.remote("a-backlog", {busy: 10**6}))  # fresh: a quiet client stops counting
+            assert time.monotonic() < heard, me.stats()
+            time.sleep(0.05)
+        assert {r["replica_id"]: r["inflight_tokens"] for r in owner.pool_stats()["replicas"]}[busy] == 10**6
+        for batch in batches(4, seed=40):
+            me.forward_packed(batch)
+        served = {r["replica_id"]: r["shards_done"] for r in me.stats()["replicas"]}
+        assert served[busy] == 0 and served[free] >= 4, served  # balanced by its own load alone: 2 and 2
+        me.close()
     finally:
         owner.close()
 

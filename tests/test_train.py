@@ -3,9 +3,11 @@
 One uninterrupted reference run; a second run is stopped half-way, resumed from its checkpoint
 and, in the resumed part, loses a worker to an injected failure (Ray Train restarts the group from
 the last checkpoint). Both must follow the reference's loss curve step for step. A chaos run on a
-pool of two SGLang TP-2 replicas loses replicas (`ray.kill`, SIGKILL of TP rank 0 and of TP rank 1)
-and a SIGKILLed draft worker, and its sample ledger must equal the reference's: nothing lost, nothing
-consumed twice.
+shared pool of two SGLang TP-2 replicas, each worker streaming its own batches to them (the direct data
+plane), loses replicas (`ray.kill`, SIGKILL of TP rank 0 and of TP rank 1) and a SIGKILLed draft worker,
+and its sample ledger must equal the reference's: nothing lost, nothing consumed twice. (The driver-fed
+plane's failover is the same pool code, tested through kills in test_pool*.py and a lost node in
+test_pool_cluster.py; its worker restarts here, in the stop/resume test.)
 """
 
 from __future__ import annotations
@@ -145,10 +147,10 @@ def test_direct_plane_trains_the_reference_curve_with_nothing_per_batch_on_the_d
 def test_chaos_replica_and_worker_kills_lose_and_duplicate_nothing(reference, markov_target, tmp_path):
     clean = audit_run(reference.export_dir.parent, 2)
     assert clean.ok and clean.restarts == 0 and len(clean.samples) == 2 * STEPS * 8, clean.problems
-    settings = ChaosSettings(steps=STEPS, faults=3, every_s=(2.0, 6.0), kill_worker_at=35, checkpoint_every=CKPT)
-    with PooledTargetModel.from_pretrained(
-        markov_target, engine="sglang", replicas=2, tp_size=2, cpus_per_replica=1
-    ) as pool:
+    settings = ChaosSettings(
+        steps=STEPS, faults=3, every_s=(2.0, 6.0), kill_worker_at=35, checkpoint_every=CKPT, data_plane="direct"
+    )
+    with serve_pool("chaos", markov_target, engine="sglang", replicas=2, tp_size=2, cpus_per_replica=1) as pool:
         report = chaos_training(pool, markov_batches(STEPS), settings, tmp_path, baseline=clean.samples)
     print_report(report)
     assert [f["kind"] for f in report["replica_faults"]] == ["ray_kill", "sigkill", "sigkill_tp"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ class ChaosSettings:
     kill_worker_at: int | None = 50  # a draft worker SIGKILLs itself at this step (None: no trainer fault)
     checkpoint_every: int = 20
     seed: int = 0
+    data_plane: str = "feed"  # or "direct": each worker a client of the pool (a `serve_pool` pool)
 
 
 def _train(pool: Any, batches: list[PackedBatch], s: ChaosSettings, storage: Path, name: str, fail: bool):
@@ -59,6 +61,7 @@ def _train(pool: Any, batches: list[PackedBatch], s: ChaosSettings, storage: Pat
         backend="gloo",
         resources_per_worker={"CPU": 1},
         max_failures=2,
+        data_plane=s.data_plane,
     )
 
 
@@ -83,7 +86,8 @@ def chaos_training(
         clean = audit_run(storage / "fault-free", s.workers)
         report["fault_free"] = {"seconds": time.monotonic() - t0, "problems": clean.problems}
         baseline = clean.samples
-    replaced0 = pool.stats()["replicas_replaced"]
+    owner_stats = getattr(pool, "pool_stats", pool.stats)  # a shared pool: the owner replaces replicas
+    replaced0 = owner_stats()["replicas_replaced"]
     t0 = time.monotonic()
     with ChaosMonkey(pool, s.kinds, s.every_s, s.faults, s.seed) as monkey:
         result = _train(pool, batches, s, storage, "chaos", fail=True)
@@ -96,8 +100,8 @@ def chaos_training(
         seconds=time.monotonic() - t0,
         steps=result.steps,
         replica_faults=[asdict(f) for f in faults],
-        replicas_replaced=pool.stats()["replicas_replaced"] - replaced0,
-        worker_restarts=result.feed["restarts"],
+        replicas_replaced=owner_stats()["replicas_replaced"] - replaced0,
+        worker_restarts=audit.restarts,
         samples_checked=len(audit.samples),
         rolled_back_steps=audit.rolled_back,
         duplicates=audit.duplicates,
@@ -130,26 +134,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--tp-size", type=int, default=2, help="SGLang TP size (2 makes the TP-rank fault possible)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data-plane", choices=("feed", "direct"), default=d.data_plane, help="as training.data_plane")
     p.add_argument("--out", default="chaos_report.json", help="where the JSON report goes")
     a = p.parse_args(argv)
 
     import ray
     import torch
 
-    from eagle_ray.pool import PooledTargetModel
+    from eagle_ray.pool import PooledTargetModel, serve_pool
     from eagle_ray.ray_init import init_ray
     from eagle_ray.tiny import build_tiny_target, markov_batches
 
     torch.set_num_threads(1)
     kinds = FAULTS if a.tp_size > 1 else tuple(k for k in FAULTS if k != "sigkill_tp")
-    s = ChaosSettings(a.steps, faults=a.faults, kinds=kinds, kill_worker_at=a.kill_worker_at, seed=a.seed)
+    s = ChaosSettings(
+        a.steps, faults=a.faults, kinds=kinds, kill_worker_at=a.kill_worker_at, seed=a.seed, data_plane=a.data_plane
+    )
     need = a.replicas * a.tp_size + s.workers + 1
     init_ray("local", num_cpus=need)  # logical CPUs: replicas and workers mostly wait on each other
     with tempfile.TemporaryDirectory(prefix="eagle_ray_chaos_") as tmp:
         target = str(build_tiny_target(Path(tmp) / "target", "llama"))
-        with PooledTargetModel.from_pretrained(
-            target, engine="sglang", replicas=a.replicas, tp_size=a.tp_size, cpus_per_replica=1
-        ) as pool:
+        shape = {"engine": "sglang", "replicas": a.replicas, "tp_size": a.tp_size, "cpus_per_replica": 1}
+        if a.data_plane == "direct":  # the workers connect to it by name
+            start = serve_pool(f"eagle-ray-chaos-{os.getpid()}", target, **shape)
+        else:
+            start = PooledTargetModel.from_pretrained(target, **shape)
+        with start as pool:
             report = chaos_training(pool, markov_batches(40), s, Path(tmp) / "runs")
     ray.shutdown()
     print_report(report)

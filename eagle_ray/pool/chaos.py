@@ -75,10 +75,13 @@ class ChaosMonkey:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eagle-ray-chaos", daemon=True)
         self._t0, self._delivered0 = 0.0, 0
+        # a shared pool's owner client: the owner's stats are the replicas' truth, and its clients' work shows as
+        # tokens in flight there (the owner's own client may dispatch nothing)
+        self._stats = getattr(pool, "pool_stats", pool.stats)
 
     def start(self) -> ChaosMonkey:
         self._t0 = time.monotonic()
-        self._delivered0 = self.pool.stats()["shards_delivered"]
+        self._delivered0 = self._stats()["shards_delivered"]
         self._thread.start()
         return self
 
@@ -95,41 +98,54 @@ class ChaosMonkey:
 
     def _run(self) -> None:
         try:
-            if not self._wait(lambda st: st["shards_delivered"] > self._delivered0, "the first shard"):
+            if not self._wait(_serving(self._delivered0), "the first shard"):
                 return  # faults start once the run is being served, not while it sets up
             while len(self.faults) < self.max_faults:
                 if self._stop.wait(self.rng.uniform(*self.every_s)):
                     return
-                if not self._wait(lambda st: any(r["state"] == "ready" for r in st["replicas"]), "a ready replica"):
+                victims = self._wait(self._victims, "a ready replica")
+                if not victims:
                     return
-                self.faults.append(self.inject(self.kinds[len(self.faults) % len(self.kinds)]))
+                self.faults.append(self.inject(self.kinds[len(self.faults) % len(self.kinds)], victims))
                 log.warning("chaos: %s", self.faults[-1])
         except BaseException as e:  # noticed by the caller, never raised into the run
             log.exception("chaos monkey failed")
             self.error = e
 
-    def _wait(self, until: Any, what: str) -> bool:
-        """Poll the pool's stats until `until(stats)`; False if stopped first."""
+    def _wait(self, until: Any, what: str) -> Any:
+        """Poll the pool's stats until `until(stats)` is true, and return that; None if stopped first."""
         deadline = time.monotonic() + self.recover_timeout_s
         while not self._stop.is_set():
-            if until(self.pool.stats()):
-                return True
+            if got := until(self._stats()):
+                return got
             if time.monotonic() > deadline:
                 raise TimeoutError(f"chaos: no {what} within {self.recover_timeout_s}s")
             self._stop.wait(0.2)
-        return False
+        return None
 
-    def inject(self, kind: str) -> Fault:
-        """Kill one randomly chosen ready replica, the `kind` way."""
-        desc = self.rng.choice(self.pool.replicas())
+    def _victims(self, st: dict[str, Any]) -> list[dict]:
+        """Ready replicas by `st` (for a shared pool the owner's: a client's own list lags its views), with what
+        they reported (pids, TP ranks)."""
+        ready = {r["replica_id"] for r in st["replicas"] if r["state"] == "ready"}
+        return [d for d in self.pool.replicas() if d["replica_id"] in ready]
+
+    def inject(self, kind: str, victims: list[dict] | None = None) -> Fault:
+        """Kill one randomly chosen ready replica (of `victims`, default the pool's), the `kind` way."""
+        desc = self.rng.choice(victims or self.pool.replicas())
         rid, at = desc["replica_id"], time.monotonic() - self._t0
         if kind == "ray_kill":
             with self.pool._lock:  # the pool owns the handle; a fault tool may borrow it
-                actor = self.pool._replicas[rid].actor
-            ray.kill(actor, no_restart=True)
+                r = self.pool._replicas.get(rid)
+            if r is not None:  # (else it died meanwhile, of something else)
+                ray.kill(r.actor, no_restart=True)
             return Fault(at, kind, rid, None, None)
         ranks = [r for r in desc["ranks"] if (r["tp_rank"] != 0) == (kind == "sigkill_tp")]
         rank = self.rng.choice(ranks)
         on_node = NodeAffinitySchedulingStrategy(desc["node_id"], soft=False)
         ray.get(_kill_pid.options(scheduling_strategy=on_node).remote(rank["pid"]))
         return Fault(at, kind, rid, rank["pid"], rank["tp_rank"])
+
+
+def _serving(delivered0: int) -> Any:
+    """A pool serving the run: a shard delivered since the start, or (clients of a shared pool) work in flight."""
+    return lambda st: st["shards_delivered"] > delivered0 or any(r["inflight_tokens"] for r in st["replicas"])

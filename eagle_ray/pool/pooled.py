@@ -82,6 +82,7 @@ class _Replica:
     gen_tokens: int = 0
     shards_done: int = 0
     dispatches: int = 0  # shards sent to it (by this pool or client)
+    others_tokens: int = 0  # a shared pool's other clients' tokens in flight on it, as last heard (`shared.py`)
     failures: int = 0
     solo: bool = False  # running a suspect shard alone: nothing joins it, so if it dies the blame is certain
 
@@ -415,6 +416,7 @@ class PooledTargetModel(NeMoSurface):
 
     def replicas(self) -> list[dict[str, Any]]:
         """What each ready replica reported when it started (node, GPU ids, TP rank pids...)."""
+        self._poll(timeout=0, completions=False)  # notice replicas that started or died meanwhile
         with self._lock:
             return [dict(r.desc) for r in self._ready() if r.desc]
 
@@ -432,6 +434,7 @@ class PooledTargetModel(NeMoSurface):
                         "shards_done": r.shards_done,
                         "inflight_shards": len(r.inflight),
                         "inflight_tokens": r.inflight_tokens,
+                        "others_inflight_tokens": r.others_tokens,
                         "failures": r.failures,
                     }
                     for r in self._replicas.values()
@@ -483,10 +486,10 @@ class PooledTargetModel(NeMoSurface):
         # the first unfinished of several shards is a guess, and a good shard guessed twice would be quarantined
         room = 1 if self._ledger.suspect(shard.shard_id) else self._per_replica
         ready = [r for r in ready if not r.solo and len(r.inflight) < room]
-        # ties (idle replicas) go to the one sent least so far, then by a per-pool order: one request at a time
-        # rotates over the replicas, and many clients, each seeing only its own load, spread their first shards
-        # instead of all picking the lowest id
-        key = lambda r: (r.inflight_tokens, r.dispatches, hash((r.replica_id, self._salt)))  # noqa: E731
+        # the shortest queue, counting other clients' shards as last heard; ties (idle replicas) go to the one
+        # sent least so far, then by a per-pool order: one request at a time rotates over the replicas, and
+        # clients that heard the same loads spread their shards instead of all picking the lowest id
+        key = lambda r: (r.inflight_tokens + r.others_tokens, r.dispatches, hash((r.replica_id, self._salt)))  # noqa: E731
         return min(ready, key=key) if ready else None
 
     def _dispatch(self, shard: _Shard, r: _Replica) -> None:

@@ -8,10 +8,14 @@ client of the same replicas.
 The server is the control plane only: membership. A client is a `PooledTargetModel` of its own
 that dispatches its shards straight to the replicas, keeps its own shard ledger and byte budget,
 and owns its results, so no request, tensor or object ref of a client passes through the server
-(or the driver). What grows with the traffic runs where the traffic is, and the server's cost
-grows with membership changes only. The client learns of membership by long-polling the server
-(`view`); a replica it finds dead or hung it drops at once, re-runs its shards elsewhere, and
-reports to the server, which retires and replaces it for everyone.
+(or the driver). What grows with the traffic runs where the traffic is. The client learns of
+membership by long-polling the server (`view`); a replica it finds dead or hung it drops at once,
+re-runs its shards elsewhere, and reports to the server, which retires and replaces it for everyone.
+
+Placement sees everyone's load: a few times a second each busy client tells the server its tokens
+in flight per replica and hears the totals (`loads`, one small call, never per shard), so it sends
+each shard to the shortest queue counting other clients' shards, not only its own. Without that,
+clients that each balance their own load pile onto some replicas while others idle.
 
 A client's requests are served exactly once and in its own order (its own ledger), concurrently
 with other clients'. A client that dies leaks nothing: Ray frees the objects it owned.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +38,8 @@ from eagle_ray.pool.pooled import PooledTargetModel, _Replica
 log = logging.getLogger(__name__)
 
 _NAMESPACE = "eagle_ray"  # a client in another job finds the pool without knowing the owner's namespace
+_LOADS_EVERY_S = 0.1  # a busy client's load exchange: fresh against shards of a second, 10 small calls a second
+_LOADS_STALE_S = 5.0  # a client not heard from for this long (dead, or stopped polling) counts for nothing
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,11 @@ class PoolServer:
         self._cond = threading.Condition()
         self._view = View(0, None)
         self._closed = False
+        # the load board, owned by the one thread of the "loads" group: client -> {replica id: tokens in flight}
+        self._board: dict[str, dict[int, int]] = {}
+        self._heard: dict[str, float] = {}
+        self._totals: dict[int, int] = {}
+        self._next_sweep = 0.0
         self._publish()
         self._thread = threading.Thread(target=self._housekeep, name="eagle-ray-pool-owner", daemon=True)
         self._thread.start()
@@ -89,6 +101,31 @@ class PoolServer:
             self._cond.wait_for(lambda: self._view.version > since or self._closed, timeout_s)
             return self._view
 
+    @ray.method(concurrency_group="loads")
+    def loads(self, client: str, mine: dict[int, int] | None) -> dict[int, int]:
+        """A client's tokens in flight per replica in (None: it left), every client's totals out."""
+        now = time.monotonic()
+        self._post(client, mine)
+        if now >= self._next_sweep:  # a client that died or went quiet stops counting
+            self._next_sweep = now + 1.0
+            for c in [c for c, t in self._heard.items() if now - t > _LOADS_STALE_S]:
+                self._post(c, None)
+        if mine is not None:
+            self._heard[client] = now
+        return dict(self._totals)
+
+    def _post(self, client: str, mine: dict[int, int] | None) -> None:
+        for rid, tokens in self._board.pop(client, {}).items():
+            left = self._totals.pop(rid) - tokens
+            if left:
+                self._totals[rid] = left
+        if mine is None:
+            self._heard.pop(client, None)
+            return
+        self._board[client] = mine
+        for rid, tokens in mine.items():
+            self._totals[rid] = self._totals.get(rid, 0) + tokens
+
     def describe(self) -> tuple[ModelInfo, list[ray.ObjectRef], dict[str, Any], View, dict[str, str]]:
         # the weights ref in a list: the client borrows it
         where = {"model_path": self.pool.model_path, "engine_name": self.pool.engine_name}
@@ -103,8 +140,13 @@ class PoolServer:
                 pool._on_replica_death(r, RuntimeError(f"a client reported it: {reason}"))
         self._publish()
 
+    @ray.method(concurrency_group="loads")  # the board's thread: it reads the totals
     def stats(self) -> dict[str, Any]:
-        return self.pool.stats()
+        """The owner's stats; each replica's `inflight_tokens` is every client's, as last reported."""
+        out = self.pool.stats()
+        for r in out["replicas"]:
+            r["inflight_tokens"] = self._totals.get(r["replica_id"], 0)
+        return out
 
     def scale(self, replicas: int) -> None:
         self.pool.scale(replicas)
@@ -140,6 +182,9 @@ class PoolClient(PooledTargetModel):
         self._info, self._weights_ref = info, weights_ref
         self._target_replicas = 0  # the owner's business
         self._gone: set[int] = set()  # replicas this client found dead: never taken back from a stale view
+        self._key = uuid.uuid4().hex  # this client on the owner's load board
+        self._loads_ref: Any = None
+        self._next_loads = 0.0
         self._view = View(-1, info)
         self._apply(view)
 
@@ -153,6 +198,7 @@ class PoolClient(PooledTargetModel):
             if view.version <= self._view.version:
                 return
             self._view = view
+            self._start_errors = list(view.errors)  # the owner's: what a client's "no replicas" error shows
             if view.info is not None:
                 self._info = view.info
             listed = set()
@@ -165,6 +211,29 @@ class PoolClient(PooledTargetModel):
                 if r.replica_id not in listed and r.state == "ready":
                     r.state = "draining"  # the owner retired or drained it: finish what it runs, send it nothing
             self._reconcile()
+
+    def _poll(self, timeout: float, completions: bool = True, releases: int | None = None) -> None:
+        self._share_loads()
+        super()._poll(timeout, completions, releases)
+
+    def _share_loads(self) -> None:
+        """Every `_LOADS_EVERY_S` while this client polls: tell the owner its tokens in flight per replica and
+        hear everyone's (one call at a time, waited on by the polls like the membership long poll)."""
+        with self._lock:
+            if self._server is None or self._loads_ref is not None or time.monotonic() < self._next_loads:
+                return
+            mine = {r.replica_id: r.inflight_tokens for r in self._replicas.values() if r.inflight_tokens}
+            self._loads_ref = self._server.loads.remote(self._key, mine)
+            self._signals[self._loads_ref] = lambda ref: self._on_loads(ref, mine)
+
+    def _on_loads(self, ref: Any, mine: dict[int, int]) -> None:
+        self._loads_ref, self._next_loads = None, time.monotonic() + _LOADS_EVERY_S
+        try:
+            totals = ray.get(ref)
+        except Exception:
+            return  # the owner is gone: the membership poll says so
+        for r in self._replicas.values():
+            r.others_tokens = max(0, totals.get(r.replica_id, 0) - mine.get(r.replica_id, 0))
 
     def _on_view(self, ref: Any) -> None:
         try:
@@ -220,6 +289,8 @@ class PoolClient(PooledTargetModel):
             self._replicas.clear()
             self._signals.clear()
         server, self._server = self._server, None
+        if server is not None:
+            server.loads.remote(self._key, None)  # off the board now, not once it goes stale
         if self._owner and server is not None:
             try:
                 ray.get(server.shutdown.remote(), timeout=60)
@@ -236,8 +307,8 @@ def serve_pool(name: str, model_path: str, **pool_kwargs: Any) -> PoolClient:
 
     if not ray.is_initialized():
         init_ray()
-    # threads: each client's membership long-poll holds one
-    cls = ray.remote(num_cpus=0, max_concurrency=1024)(PoolServer)
+    # threads: each client's membership long-poll holds one; the load board has a thread of its own
+    cls = ray.remote(num_cpus=0, max_concurrency=1024, concurrency_groups={"loads": 1})(PoolServer)
     server = cls.options(name=name, namespace=_NAMESPACE, max_restarts=0).remote(model_path, pool_kwargs)
     try:
         return PoolClient(server, owner=True, name=name)
