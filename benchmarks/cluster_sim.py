@@ -310,8 +310,10 @@ def run_once(
     supply, demand = R * spec["replica_tps"], W * spec["trainer_tps"]
     ideal = min(supply, demand)
     steady = max(4, math.ceil(ideal / BATCH_TOKENS * spec["seconds"] / W))
-    # the first steps fill the pipeline (a stream's first batches are split over all idle replicas): not steady
-    warm = max(2, math.ceil(0.2 * steady))
+    # the first steps fill the pipeline (a stream's first batches are split over all idle replicas), and what a
+    # consumer read ahead meanwhile drains faster than supply: not steady. Past its read-ahead (the feed's queue and
+    # prefetch, a RankReader's depth and its share of the replicas' queues; the same rule for both planes)
+    warm = max(2, math.ceil(0.2 * steady), 2 + 1 + math.ceil(2 * R / W) + 2)
     steps = warm + steady
     direct = spec["plane"] == "direct"
     s0 = pool.stats()

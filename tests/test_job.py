@@ -91,7 +91,9 @@ def test_the_errors_a_user_must_see_still_show(tmp_path):
 
 @pytest.fixture
 def ray_head():
-    env = {**_env(), "RAY_AUTH_MODE": "token"}  # Ray 2.60's job client needs it against `ray start --head`
+    # token auth: Ray 2.60's job client needs it against `ray start --head`; no node drain on SIGTERM (it would
+    # wait up to 30 s at teardown)
+    env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     temp = f"/tmp/er-ray-{os.getpid()}"  # short: Ray's unix socket paths must fit 107 characters
     port = 6390
     address = "http://127.0.0.1:8275"

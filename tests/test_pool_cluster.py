@@ -84,7 +84,7 @@ def test_tp_ranks_on_distinct_gpus_and_a_rank_other_than_zero_killed_mid_stream(
     import signal
 
     with PooledTargetModel.from_pretrained(
-        tiny_paths["llama"], engine="sglang", replicas=2, tp_size=2, shard_timeout_s=15.0
+        tiny_paths["llama"], engine="sglang", replicas=2, tp_size=2, shard_timeout_s=6.0
     ) as pool:
         descs = pool.replicas()
         assert len({d["node_id"] for d in descs}) == 2  # a replica's TP ranks never span nodes

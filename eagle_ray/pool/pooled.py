@@ -203,6 +203,12 @@ class PooledTargetModel(NeMoSurface):
         self._housekeeping_s = 0.25
         self._next_housekeeping = 0.0
         self._salt = random.getrandbits(32)
+        # None: the least loaded of all replicas (this pool sees all its load). A shared pool's client hears the
+        # others' loads a little late, and clients that all take the least loaded one pile onto it: past twice
+        # `_choices` replicas, each takes the better of `_choices` drawn at random ("the power of two choices";
+        # with few replicas few clients dispatch between two exchanges, and the least loaded of all is better)
+        self._choices: int | None = None
+        self._rng = random.Random(self._salt)
         # a batch alone is split over the idle replicas; a client of a shared pool sees only its own load, so
         # "idle" means little there and it sends whole batches (`eagle_ray.pool.shared`)
         self._split_idle = True
@@ -486,6 +492,8 @@ class PooledTargetModel(NeMoSurface):
         # the first unfinished of several shards is a guess, and a good shard guessed twice would be quarantined
         room = 1 if self._ledger.suspect(shard.shard_id) else self._per_replica
         ready = [r for r in ready if not r.solo and len(r.inflight) < room]
+        if self._choices is not None and len(ready) > 2 * self._choices:
+            ready = self._rng.sample(ready, self._choices)
         # the shortest queue, counting other clients' shards as last heard; ties (idle replicas) go to the one
         # sent least so far, then by a per-pool order: one request at a time rotates over the replicas, and
         # clients that heard the same loads spread their shards instead of all picking the lowest id

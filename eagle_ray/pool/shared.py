@@ -14,8 +14,9 @@ re-runs its shards elsewhere, and reports to the server, which retires and repla
 
 Placement sees everyone's load: a few times a second each busy client tells the server its tokens
 in flight per replica and hears the totals (`loads`, one small call, never per shard), so it sends
-each shard to the shortest queue counting other clients' shards, not only its own. Without that,
-clients that each balance their own load pile onto some replicas while others idle.
+each shard to the shorter queue, counting other clients' shards, of two replicas drawn at random
+(the shortest of all would draw every client to the same replica between two exchanges). Without
+the exchange, clients that each balance their own load pile onto some replicas while others idle.
 
 A client's requests are served exactly once and in its own order (its own ledger), concurrently
 with other clients'. A client that dies leaks nothing: Ray frees the objects it owned.
@@ -179,6 +180,7 @@ class PoolClient(PooledTargetModel):
             raise TypeError(f"unknown client settings {sorted(unknown)}; known: {sorted(settings)}")
         self._init_dispatch(**{**settings, **overrides})
         self._split_idle = False
+        self._choices = 2
         self._info, self._weights_ref = info, weights_ref
         self._target_replicas = 0  # the owner's business
         self._gone: set[int] = set()  # replicas this client found dead: never taken back from a stale view
