@@ -86,8 +86,7 @@ def chaos_training(
         clean = audit_run(storage / "fault-free", s.workers)
         report["fault_free"] = {"seconds": time.monotonic() - t0, "problems": clean.problems}
         baseline = clean.samples
-    owner_stats = getattr(pool, "pool_stats", pool.stats)  # a shared pool: the owner replaces replicas
-    replaced0 = owner_stats()["replicas_replaced"]
+    replaced0 = pool.pool_stats()["replicas_replaced"]  # the owner's count: a shared pool's owner replaces them
     t0 = time.monotonic()
     with ChaosMonkey(pool, s.kinds, s.every_s, s.faults, s.seed) as monkey:
         result = _train(pool, batches, s, storage, "chaos", fail=True)
@@ -100,7 +99,7 @@ def chaos_training(
         seconds=time.monotonic() - t0,
         steps=result.steps,
         replica_faults=[asdict(f) for f in faults],
-        replicas_replaced=owner_stats()["replicas_replaced"] - replaced0,
+        replicas_replaced=pool.pool_stats()["replicas_replaced"] - replaced0,
         worker_restarts=audit.restarts,
         samples_checked=len(audit.samples),
         rolled_back_steps=audit.rolled_back,

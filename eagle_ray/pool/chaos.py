@@ -75,9 +75,9 @@ class ChaosMonkey:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eagle-ray-chaos", daemon=True)
         self._t0, self._delivered0 = 0.0, 0
-        # a shared pool's owner client: the owner's stats are the replicas' truth, and its clients' work shows as
-        # tokens in flight there (the owner's own client may dispatch nothing)
-        self._stats = getattr(pool, "pool_stats", pool.stats)
+        # the owner's stats are the replicas' truth; a shared pool's clients' work shows as tokens in flight
+        # there (the owner's own client may dispatch nothing)
+        self._stats = pool.pool_stats
 
     def start(self) -> ChaosMonkey:
         self._t0 = time.monotonic()

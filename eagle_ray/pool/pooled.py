@@ -426,6 +426,10 @@ class PooledTargetModel(NeMoSurface):
         with self._lock:
             return [dict(r.desc) for r in self._ready() if r.desc]
 
+    def pool_stats(self) -> dict[str, Any]:
+        """The stats of whoever owns the replicas: this pool's own (a shared pool's client asks its owner)."""
+        return self.stats()
+
     def stats(self) -> dict[str, Any]:
         """Per replica: state, node, tokens and shards done, in flight, failures; pool totals."""
         self._poll(timeout=0, completions=False)  # notice replicas that started or died meanwhile

@@ -15,7 +15,8 @@ re-runs its shards elsewhere, and reports to the server, which retires and repla
 Placement sees everyone's load: a few times a second each busy client tells the server its tokens
 in flight per replica and hears the totals (`loads`, one small call, never per shard), so it sends
 each shard to the shorter queue, counting other clients' shards, of two replicas drawn at random
-(the shortest of all would draw every client to the same replica between two exchanges). Without
+(the shortest of all would draw every client to the same replica between two exchanges; with 4
+replicas or fewer it takes the shortest of all). Without
 the exchange, clients that each balance their own load pile onto some replicas while others idle.
 
 A client's requests are served exactly once and in its own order (its own ledger), concurrently
