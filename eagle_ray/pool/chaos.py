@@ -134,8 +134,7 @@ class ChaosMonkey:
         desc = self.rng.choice(victims or self.pool.replicas())
         rid, at = desc["replica_id"], time.monotonic() - self._t0
         if kind == "ray_kill":
-            with self.pool._lock:  # the pool owns the handle; a fault tool may borrow it
-                r = self.pool._replicas.get(rid)
+            r = self.pool._owner.call(self.pool._replicas.get, rid)  # the pool owns the handle; a fault tool borrows it
             if r is not None:  # (else it died meanwhile, of something else)
                 ray.kill(r.actor, no_restart=True)
             return Fault(at, kind, rid, None, None)

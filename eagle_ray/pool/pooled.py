@@ -5,13 +5,17 @@ the fewest outstanding tokens, bounds the bytes in flight, replaces dead replica
 re-runs their shards (a ledger by shard id delivers each shard exactly once), and scales
 while streaming. The driver holds object refs only: tensors go replica -> object store ->
 consumer, never through the driver (except for the single-target compatibility calls).
+
+One thread owns all of it (`eagle_ray.pool.owner`): it hears of each result, start-up and death as its ref
+resolves, dispatches, and settles. A stream's caller pulls and validates its batches in its own thread, hands
+them over when the owner asks for more, and yields what the owner sends back; `stats()` is the owner's snapshot.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
-import threading
 import time
 import weakref
 from collections import deque
@@ -21,12 +25,13 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from eagle_ray.contract import InvalidBatchError, ModelInfo, PackedBatch, Supervision, plan_runs, validate_packed
 from eagle_ray.generation import GenerationParams
 from eagle_ray.pool import placement as pl
 from eagle_ray.pool.ledger import ShardLedger
+from eagle_ray.pool.owner import Owner
 from eagle_ray.pool.replica import TargetReplica
 from eagle_ray.ray_init import ZERO_COPY_ENV, init_ray
 from eagle_ray.target import NeMoSurface, check_engine
@@ -34,6 +39,7 @@ from eagle_ray.target import NeMoSurface, check_engine
 log = logging.getLogger(__name__)
 
 _DEAD = (ActorDiedError, ActorUnavailableError, RayActorError)
+_MORE = "more"  # the owner to a stream's caller: hand over the next batch
 
 
 @dataclass
@@ -85,6 +91,26 @@ class _Replica:
     others_tokens: int = 0  # a shared pool's other clients' tokens in flight on it, as last heard (`shared.py`)
     failures: int = 0
     solo: bool = False  # running a suspect shard alone: nothing joins it, so if it dies the blame is certain
+
+
+@dataclass
+class _Stream:
+    """A running stream (or submit) as the owner keeps it. Its caller's thread only reads `inbox`."""
+
+    logits: bool
+    node_id: str | None
+    count_held: bool
+    gen: GenerationParams | None
+    ahead: int | None
+    stall_timeout_s: float
+    stream_id: int = -1
+    inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # _MORE, ShardResults, an error to raise
+    pending: deque[_Shard] = field(default_factory=deque)  # shards not yet dispatched
+    unsettled: set[int] = field(default_factory=set)  # its shards neither delivered nor quarantined
+    out: int = 0  # shards dispatched (or settled) and not yet yielded: what `ahead` bounds
+    partial: bool = False  # the consumer holds part of a batch: the budget lets a shard through for the rest
+    asked: bool = False  # a _MORE is out, unanswered
+    last_progress: float = field(default_factory=time.monotonic)
 
 
 class PooledTargetModel(NeMoSurface):
@@ -152,15 +178,16 @@ class PooledTargetModel(NeMoSurface):
         self._starts = 0
         self._max_starts = max_replica_starts if max_replica_starts is not None else 3 * max(replicas, 1) + 10
         self._start_timeout_s = start_timeout_s
+        if self._max_inflight_bytes is None:
+            store = ray.cluster_resources().get("object_store_memory", 2**31)
+            self._max_inflight_bytes = int(0.25 * store)
+        self._start_owner()
         try:
-            self._reconcile()
+            self._owner.call(self._reconcile)
             self._wait_ready(start_timeout_s)
         except BaseException:
             self.shutdown()  # release what was reserved
             raise
-        if self._max_inflight_bytes is None:
-            store = ray.cluster_resources().get("object_store_memory", 2**31)
-            self._max_inflight_bytes = int(0.25 * store)
 
     def _init_dispatch(
         self,
@@ -171,7 +198,8 @@ class PooledTargetModel(NeMoSurface):
         shard_timeout_s: float,
         shard_timeout_factor: float,
     ) -> None:
-        """The dispatch state, shared by the pool's owner and its clients (`eagle_ray.pool.shared`)."""
+        """The dispatch state, the same for a pool and its clients (`eagle_ray.pool.shared`). Only the owner
+        thread (`_start_owner`) touches what changes."""
         if shard_timeout_s <= 0 or shard_timeout_factor < 1:
             raise ValueError(
                 f"shard_timeout_s must be > 0 and shard_timeout_factor >= 1, got {shard_timeout_s}, "
@@ -179,7 +207,7 @@ class PooledTargetModel(NeMoSurface):
             )
         if max_inflight_per_replica < 1:
             raise ValueError(f"max_inflight_per_replica must be >= 1, got {max_inflight_per_replica}")
-        self._lock = threading.RLock()
+        self._owner: Owner | None = None
         self._replicas: dict[int, _Replica] = {}
         self._ledger = ShardLedger(max_failures=max_shard_failures)
         self._next_shard_id = 0
@@ -187,13 +215,16 @@ class PooledTargetModel(NeMoSurface):
         self._inflight: dict[Any, tuple[_Shard, _Replica, int, Any]] = {}
         self._retry: deque[_Shard] = deque()
         self._inflight_bytes = 0  # dispatched, not yet handed out
-        self._held = _Held()  # handed out, ShardResult still alive
+        self._held_bytes = 0  # handed out, ShardResult still alive (a finalizer tells the owner when it is not)
         self._max_inflight_bytes = max_inflight_bytes
         self._shard_tokens = shard_tokens
         self._per_replica = max_inflight_per_replica
         self._replaced = 0
         self._bytes_delivered = 0  # supervision handed out, what consumers read from the object store
         self._next_stream_id = 0
+        self._streams: dict[int, _Stream] = {}  # running streams (and submits), from any caller thread
+        self._changed = False  # membership changed since `_on_change` last heard
+        self._on_change: Any = None  # called by the owner when membership changed (a shared pool's server)
         self._start_errors: list[str] = []
         self._info: ModelInfo | None = None
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -212,11 +243,10 @@ class PooledTargetModel(NeMoSurface):
         # a batch alone is split over the idle replicas; a client of a shared pool sees only its own load, so
         # "idle" means little there and it sends whole batches (`eagle_ray.pool.shared`)
         self._split_idle = True
-        # refs every poll also waits on, with what to do when one resolves (a client's membership updates)
-        self._signals: dict[Any, Any] = {}
-        # per running stream (or submit), its results waiting to be taken: several run at once, from
-        # any thread; a result whose stream has ended (abandoned) has no outbox and is dropped
-        self._outbox: dict[int, deque[ShardResult]] = {}
+
+    def _start_owner(self) -> None:
+        self._owner = Owner(f"eagle_ray-pool-{id(self):x}", self._tick)
+        self._owner.start()  # once `self._owner` is set: its first tick uses it
 
     def dispatch_settings(self) -> dict[str, Any]:
         """What a client of this pool dispatches with, unless it says otherwise (`eagle_ray.pool.shared`)."""
@@ -252,30 +282,32 @@ class PooledTargetModel(NeMoSurface):
             runtime_env=self._runtime_env,
             max_restarts=0,
         ).remote(rid, self.engine_name, self.model_path, self._target_kwargs)
-        self._replicas[rid] = _Replica(
-            rid, actor, pg, ready_ref=actor.describe.remote(), watch_ref=actor.watch.remote()
-        )
+        r = _Replica(rid, actor, pg, ready_ref=actor.describe.remote(), watch_ref=actor.watch.remote())
+        self._replicas[rid] = r
+        self._owner.on_resolve(r.ready_ref, self._on_ready, r)
+        self._owner.on_resolve(r.watch_ref, self._on_watch, r)
+        self._changed = True
 
     def _reconcile(self) -> None:
         """Start or drain replicas until the live count matches the target."""
-        with self._lock:
-            live = [r for r in self._replicas.values() if r.state in ("starting", "ready")]
-            for _ in range(self._target_replicas - len(live)):
-                self._start_replica()
-            surplus = len(live) - self._target_replicas
-            if surplus > 0:
-                # drain starting replicas first, then the least busy ready ones
-                order = sorted(live, key=lambda r: (r.state != "starting", r.inflight_tokens))
-                for r in order[:surplus]:
-                    r.state = "draining"
-            for r in list(self._replicas.values()):
-                if r.state == "draining" and not r.inflight:
-                    self._remove(r)
-                elif r.state == "starting" and time.monotonic() - r.started_at > self._start_timeout_s:
-                    waited = f"{self._start_timeout_s}s (resources {self.shape.bundle})"
-                    self._start_errors.append(f"replica {r.replica_id} not ready after {waited}")
-                    self._remove(r)
-                    self._reconcile()
+        live = [r for r in self._replicas.values() if r.state in ("starting", "ready")]
+        for _ in range(self._target_replicas - len(live)):
+            self._start_replica()
+        surplus = len(live) - self._target_replicas
+        if surplus > 0:
+            # drain starting replicas first, then the least busy ready ones
+            order = sorted(live, key=lambda r: (r.state != "starting", r.inflight_tokens))
+            for r in order[:surplus]:
+                r.state = "draining"
+            self._changed = True
+        for r in list(self._replicas.values()):
+            if r.state == "draining" and not r.inflight:
+                self._remove(r)
+            elif r.state == "starting" and time.monotonic() - r.started_at > self._start_timeout_s:
+                waited = f"{self._start_timeout_s}s (resources {self.shape.bundle})"
+                self._start_errors.append(f"replica {r.replica_id} not ready after {waited}")
+                self._remove(r)
+                self._reconcile()
 
     def _remove(self, r: _Replica) -> None:
         if self._replicas.get(r.replica_id) is not r:
@@ -287,10 +319,13 @@ class PooledTargetModel(NeMoSurface):
         pl.release(r.pg)
         r.state = "dead"
         del self._replicas[r.replica_id]
+        self._changed = True
 
-    def _on_ready(self, r: _Replica) -> None:
+    def _on_ready(self, r: _Replica, fut: Any) -> None:
+        if self._replicas.get(r.replica_id) is not r:
+            return  # removed meanwhile
         try:
-            r.desc = ray.get(r.ready_ref)
+            r.desc = fut.result()
         except Exception as e:  # failed to build its engine, or died starting
             self._start_errors.append(f"replica {r.replica_id}: {e}")
             log.error("replica %d failed to start: %s", r.replica_id, e)
@@ -308,6 +343,7 @@ class PooledTargetModel(NeMoSurface):
             return
         if r.state == "starting":
             r.state = "ready"
+            self._changed = True
         ready = [x.desc["info"] for x in self._ready()] or [info]
         self._info = replace(
             info,
@@ -317,22 +353,20 @@ class PooledTargetModel(NeMoSurface):
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while True:
-            with self._lock:
-                starting = {r.ready_ref: r for r in self._replicas.values() if r.ready_ref is not None}
-            if not starting:
-                break
+        while starting := self._owner.call(lambda: sum(r.ready_ref is not None for r in self._replicas.values())):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(starting)} replicas not ready after {timeout_s}s (resources: {self.shape})")
-            done, _ = ray.wait(list(starting), num_returns=1, timeout=1.0)
-            for ref in done:
-                with self._lock:
-                    self._on_ready(starting[ref])
-        if self._target_replicas and not self._ready():
+                raise TimeoutError(f"{starting} replicas not ready after {timeout_s}s (resources: {self.shape})")
+            time.sleep(0.05)
+        if self._target_replicas and not self._owner.call(self._ready):
             raise RuntimeError(f"no replica started: {self._start_errors}")
 
     def _ready(self) -> list[_Replica]:
         return [r for r in self._replicas.values() if r.state == "ready"]
+
+    def _on_watch(self, r: _Replica, fut: Any) -> None:
+        """A replica's watch resolves only when it dies."""
+        if self._replicas.get(r.replica_id) is r:
+            self._on_replica_death(r, fut.exception() or RuntimeError("replica watch returned"))
 
     def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
         """Replace a dead replica; deliver what it finished, re-queue the rest of its shards."""
@@ -373,9 +407,11 @@ class PooledTargetModel(NeMoSurface):
             self._bytes_delivered += shard.nbytes
             r.tokens_done += meta["tokens"]
             r.shards_done += 1
-            box = self._outbox.get(shard.stream_id)
-            if box is not None:
-                box.append(self._result(shard, payload, r.replica_id))
+            st = self._streams.get(shard.stream_id)
+            if st is not None:  # else its stream ended (abandoned it): dropped
+                st.unsettled.discard(shard.shard_id)
+                st.last_progress = time.monotonic()
+                st.inbox.put(self._result(shard, payload, r.replica_id))
 
     def _failed(self, shard: _Shard, attempt: int, reason: str) -> None:
         verdict = self._ledger.fail(shard.shard_id, attempt, reason)
@@ -385,9 +421,11 @@ class PooledTargetModel(NeMoSurface):
             err = self._ledger.error(shard.shard_id)
             log.error("%s", err)
             b = shard.batch
-            box = self._outbox.get(shard.stream_id)
-            if box is not None:
-                box.append(
+            st = self._streams.get(shard.stream_id)
+            if st is not None:
+                st.unsettled.discard(shard.shard_id)
+                st.last_progress = time.monotonic()
+                st.inbox.put(
                     ShardResult(shard.shard_id, shard.batch_index, shard.sequences, b.num_tokens, None, None, str(err))
                 )
 
@@ -404,10 +442,12 @@ class PooledTargetModel(NeMoSurface):
 
     def weights_ref(self) -> ray.ObjectRef:
         """(input embedding, lm_head weight): one object a replica put, read by consumers from the store."""
-        with self._lock:
-            if self._weights_ref is None:
-                self._weights_ref = self._ready()[0].actor.weights.remote()
-            return self._weights_ref
+        return self._owner.call(self._weights_ref_once)
+
+    def _weights_ref_once(self) -> ray.ObjectRef:
+        if self._weights_ref is None:
+            self._weights_ref = self._ready()[0].actor.weights.remote()
+        return self._weights_ref
 
     def _weights_once(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._weights is None:
@@ -422,41 +462,41 @@ class PooledTargetModel(NeMoSurface):
 
     def replicas(self) -> list[dict[str, Any]]:
         """What each ready replica reported when it started (node, GPU ids, TP rank pids...)."""
-        self._poll(timeout=0, completions=False)  # notice replicas that started or died meanwhile
-        with self._lock:
-            return [dict(r.desc) for r in self._ready() if r.desc]
+        return self._owner.call(lambda: [dict(r.desc) for r in self._ready() if r.desc])
 
     def pool_stats(self) -> dict[str, Any]:
         """The stats of whoever owns the replicas: this pool's own (a shared pool's client asks its owner)."""
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        """Per replica: state, node, tokens and shards done, in flight, failures; pool totals."""
-        self._poll(timeout=0, completions=False)  # notice replicas that started or died meanwhile
-        with self._lock:
-            return {
-                "replicas": [
-                    {
-                        "replica_id": r.replica_id,
-                        "state": r.state,
-                        "node_id": (r.desc or {}).get("node_id"),
-                        "tokens_done": r.tokens_done,
-                        "shards_done": r.shards_done,
-                        "inflight_shards": len(r.inflight),
-                        "inflight_tokens": r.inflight_tokens,
-                        "others_inflight_tokens": r.others_tokens,
-                        "failures": r.failures,
-                    }
-                    for r in self._replicas.values()
-                ],
-                "replicas_replaced": self._replaced,
-                "inflight_bytes": self._inflight_bytes,
-                "held_bytes": self._held.bytes,
-                "bytes_delivered": self._bytes_delivered,
-                "max_inflight_bytes": self._max_inflight_bytes,
-                "shards_delivered": self._ledger.count("delivered"),
-                "shards_quarantined": self._ledger.count("quarantined"),
-            }
+        """Per replica: state, node, tokens and shards done, in flight, failures; pool totals. A snapshot, taken
+        by the owner thread between two of its steps."""
+        return self._owner.call(self._snapshot)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "replicas": [
+                {
+                    "replica_id": r.replica_id,
+                    "state": r.state,
+                    "node_id": (r.desc or {}).get("node_id"),
+                    "tokens_done": r.tokens_done,
+                    "shards_done": r.shards_done,
+                    "inflight_shards": len(r.inflight),
+                    "inflight_tokens": r.inflight_tokens,
+                    "others_inflight_tokens": r.others_tokens,
+                    "failures": r.failures,
+                }
+                for r in self._replicas.values()
+            ],
+            "replicas_replaced": self._replaced,
+            "inflight_bytes": self._inflight_bytes,
+            "held_bytes": self._held_bytes,
+            "bytes_delivered": self._bytes_delivered,
+            "max_inflight_bytes": self._max_inflight_bytes,
+            "shards_delivered": self._ledger.count("delivered"),
+            "shards_quarantined": self._ledger.count("quarantined"),
+        }
 
     # ----------------------------------------------------------------------------------- dispatch
 
@@ -518,6 +558,7 @@ class PooledTargetModel(NeMoSurface):
                 shard.shard_id, b.input_ids, b.cu_seqlens, shard.gen, first
             )
         self._inflight[meta] = (shard, r, attempt, payload)
+        self._owner.on_resolve(meta, self._on_done, meta)
         if not r.inflight:
             r.head_since = time.monotonic()
         r.inflight.append(meta)
@@ -526,7 +567,7 @@ class PooledTargetModel(NeMoSurface):
         self._inflight_bytes += shard.nbytes
 
     def _budget_allows(self, shard: _Shard, count_held: bool = True, partial: bool = False) -> bool:
-        held = self._held.bytes if count_held else 0
+        held = self._held_bytes if count_held else 0
         if self._inflight_bytes + held + shard.nbytes <= self._max_inflight_bytes:
             return True
         # over budget with nothing in flight: a shard larger than the budget runs alone; and a consumer holding part
@@ -565,78 +606,45 @@ class PooledTargetModel(NeMoSurface):
                     ),
                 )
 
-    def _poll(self, timeout: float, completions: bool = True, releases: int | None = None) -> None:
-        """Wait for completions (or replica start-ups and deaths); settled shards go to their stream's outbox.
-        `releases`: the caller's count of held-result releases when it last tried to dispatch; with nothing in
-        flight, a later release is what it waits for.
+    def _tick(self) -> float:
+        """The owner's periodic work, after each batch of events: dispatch what can go, and a few times a second
+        housekeeping over all replicas and streams (a busy replica's death shows at once in its shards' refs; an
+        idle one's in its watch ref; a hung one's deadline and a stalled stream can wait that long)."""
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + self._housekeeping_s
+            self._retire_hung()
+            self._reconcile()
+            self._check_streams(now)
+        self._dispatch_ready()
+        if self._changed and self._on_change is not None:
+            self._changed = False
+            self._on_change()
+        return self._next_housekeeping
 
-        Safe from any thread: refs are settled under the lock, each exactly once.
-        """
-        with self._lock:
-            # housekeeping over all replicas a few times a second, not per completion: a busy replica's death shows
-            # at once in its shards' refs, an idle one's watch ref and a hung one's deadline can wait that long
-            now = time.monotonic()
-            housekeeping = now >= self._next_housekeeping
-            if housekeeping:
-                self._next_housekeeping = now + self._housekeeping_s
-                self._retire_hung()
-            waiting = list(self._inflight) if completions else []
-            starting = {r.ready_ref: r for r in self._replicas.values() if r.ready_ref is not None}
-            idle = not waiting and not starting
-            if housekeeping or idle:
-                watched = {r.watch_ref: r for r in self._replicas.values() if r.watch_ref is not None}
-            else:
-                watched = {}
-            signals = dict(self._signals)
-            waiting += [*starting, *watched, *signals]
-        if not waiting:
+    def _on_done(self, ref: Any, fut: Any) -> None:
+        """A shard's meta ref resolved: deliver it, or count the failure (a task's error, its replica's death)."""
+        if ref not in self._inflight:
+            return  # settled already (its replica died and the shard was requeued)
+        shard, r, attempt, payload = self._inflight[ref]
+        try:
+            meta = fut.result()  # small dict; the payload stays in the object store
+        except _DEAD as e:
+            self._on_replica_death(r, e)
             return
-        if idle and releases is not None and timeout > 0:
-            # nothing can complete: what unblocks the caller is a consumer releasing results (the budget)
-            self._held.wait_release(releases, timeout)
-            timeout = 0
-        done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
-        if done:
-            done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-        with self._lock:
-            for ref in done:
-                if ref in signals:
-                    if self._signals.pop(ref, None) is not None:  # once, whichever thread's poll saw it
-                        signals[ref](ref)
-                    continue
-                # by dict, not a scan of the replicas per ref; another thread's poll may have handled it meanwhile
-                r = starting.get(ref) or watched.get(ref)
-                if r is not None:
-                    if self._replicas.get(r.replica_id) is not r:
-                        continue  # removed meanwhile
-                    if ref in starting and r.ready_ref == ref:
-                        self._on_ready(r)
-                    elif ref in watched:
-                        self._on_replica_death(r, _error_of(ref))
-                    continue
-                if ref not in self._inflight:
-                    continue  # settled already (its replica died and the shard was requeued)
-                shard, r, attempt, payload = self._inflight[ref]
-                try:
-                    meta = ray.get(ref)  # small dict; the payload stays in the object store
-                except _DEAD as e:
-                    self._on_replica_death(r, e)
-                    continue
-                except RayTaskError as e:
-                    self._settle(ref, shard, r)
-                    r.failures += 1
-                    r.task_errors += 1
-                    self._failed(shard, attempt, f"replica {r.replica_id}: {e}")
-                    if r.task_errors >= 3:
-                        # alive but failing every shard (e.g. a sticky device error): retire it so its
-                        # queue is re-run elsewhere instead of quarantining good shards
-                        self._on_replica_death(r, RuntimeError(f"{r.task_errors} shards failed in a row"))
-                    continue
-                self._settle(ref, shard, r)
-                r.task_errors = 0
-                self._delivered(shard, attempt, payload, r, meta)
-            if housekeeping:
-                self._reconcile()
+        except Exception as e:  # the task raised (RayTaskError), or its result is gone
+            self._settle(ref, shard, r)
+            r.failures += 1
+            r.task_errors += 1
+            self._failed(shard, attempt, f"replica {r.replica_id}: {e}")
+            if r.task_errors >= 3:
+                # alive but failing every shard (e.g. a sticky device error): retire it so its
+                # queue is re-run elsewhere instead of quarantining good shards
+                self._on_replica_death(r, RuntimeError(f"{r.task_errors} shards failed in a row"))
+            return
+        self._settle(ref, shard, r)
+        r.task_errors = 0
+        self._delivered(shard, attempt, payload, r, meta)
 
     def _settle(self, ref: Any, shard: _Shard, r: _Replica) -> None:
         del self._inflight[ref]
@@ -651,9 +659,12 @@ class PooledTargetModel(NeMoSurface):
         res = ShardResult(
             shard.shard_id, shard.batch_index, shard.sequences, shard.batch.num_tokens, payload, replica_id
         )
-        self._held.take(shard.nbytes)
-        weakref.finalize(res, self._held.release, shard.nbytes)
+        self._held_bytes += shard.nbytes
+        weakref.finalize(res, self._owner.post, self._release, shard.nbytes)  # from whichever thread drops it
         return res
+
+    def _release(self, nbytes: int) -> None:
+        self._held_bytes -= nbytes
 
     # ----------------------------------------------------------------------------------- public API
 
@@ -681,126 +692,166 @@ class PooledTargetModel(NeMoSurface):
         replicas and the byte budget. `ahead`: at most this many of the stream's shards dispatched and not yet
         yielded (a consumer that reads in order gains nothing from more, and holds up the replicas' queues).
         """
-        with self._lock:
-            sid = self._next_stream_id
-            self._next_stream_id += 1
-            self._outbox[sid] = deque()
+        st = _Stream(return_logits, node_id, count_held, generate, ahead, stall_timeout_s)
+        self._owner.call(self._open, st)
         try:
-            yield from self._stream(
-                sid, iter(batches), ordered, return_logits, node_id, stall_timeout_s, count_held, generate, ahead
-            )
+            yield from self._consume(st, iter(batches), ordered)
         finally:
-            with self._lock:
-                del self._outbox[sid]
+            self._owner.post(self._close_stream, st)
 
-    def _stream(
-        self, sid, it, ordered, logits, node_id, stall_timeout_s, count_held, gen, ahead
-    ) -> Iterator[ShardResult]:
-        pending: deque[_Shard] = deque()
-        order: deque[int] = deque()  # shard ids in submission order, not yet yielded
+    def _consume(self, st: _Stream, it: Iterator[PackedBatch], ordered: bool) -> Iterator[ShardResult]:
+        """The caller's side of a stream: when the owner asks, pull a batch (the caller's data loader runs in the
+        caller's thread), validate it and hand it over; yield what comes back, in order if asked."""
+        order: deque[int] = deque()  # its shard ids in submission order, not yet yielded
         ready: dict[int, ShardResult] = {}
         unyielded: dict[int, int] = {}  # batch index -> its shards not yet yielded
         partial: set[int] = set()  # batches the consumer has some, not all, shards of
         exhausted, batch_index, bad_input = False, 0, None
-        last_progress = time.monotonic()
-        box = self._outbox[sid]
-        try:
-            while True:
-                releases = self._held.releases  # before trying: a release after this one may unblock dispatch
-                while True:  # dispatch what the budget allows; pull batches (outside the lock) as needed
-                    with self._lock:
-                        queue = self._retry if self._retry else pending
-                        if queue and ahead is not None and len(order) - len(pending) >= ahead and not self._retry:
-                            break  # far enough ahead of the consumer
-                        if queue:
-                            r = self._pick(queue[0], node_id)
-                            if r is None or not self._budget_allows(queue[0], count_held, bool(partial)):
-                                break
-                            self._dispatch(queue.popleft(), r)
-                            continue
-                    if exhausted:
-                        break
-                    try:
-                        batch = next(it)  # the caller's data loader: never under the pool lock
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    try:  # outside the lock: other streams keep dispatching meanwhile
-                        batch = validate_packed(batch, self.info.vocab_size, self.info.max_context)
-                        if gen is not None:
-                            gen.check_fits(batch, self.info)
-                    except InvalidBatchError as e:
-                        bad_input, exhausted = e, True  # serve everything before it, then raise at its place
-                        break
-                    with self._lock:
-                        new = self._shards(batch, batch_index, logits, sid, gen)
-                    unyielded[batch_index] = len(new)
-                    batch_index += 1
-                    pending.extend(new)
-                    order.extend(x.shard_id for x in new)
-                if exhausted and not order:
-                    if bad_input is not None:
-                        raise bad_input
-                    return
-                with self._lock:
-                    # another stream's poll may settle this one's shards while this one waits in ray.wait:
-                    # with company, wait briefly and look at the outbox often
-                    wait_s = 0.0 if box else 1.0 if len(self._outbox) == 1 else 0.02
-                self._poll(timeout=wait_s, releases=releases)
-                with self._lock:
-                    settled = list(box)
-                    box.clear()
-                for res in settled:
-                    last_progress = time.monotonic()
-                    if ordered:
-                        ready[res.shard_id] = res
-                    else:
-                        order.remove(res.shard_id)
-                        _yielded(res.batch_index, unyielded, partial)
-                        yield res
-                while ordered and order and order[0] in ready:
-                    res = ready.pop(order.popleft())
-                    _yielded(res.batch_index, unyielded, partial)
-                    yield res
-                # what was yielded is the consumer's to hold or drop: this frame must not keep it alive while it
-                # waits for the budget (a consumer that dropped it would wait on the stream, the stream on it)
-                settled = res = None
-                with self._lock:
-                    self._check_progress(order, pending, box, last_progress, stall_timeout_s)
-        finally:
-            self._abandon(set(order) | {x.shard_id for x in pending})
+        while not exhausted or order:
+            msg = self._next_message(st)
+            if msg is _MORE:
+                try:
+                    batch = validate_packed(next(it), self.info.vocab_size, self.info.max_context)
+                    if st.gen is not None:
+                        st.gen.check_fits(batch, self.info)
+                except StopIteration:
+                    exhausted = True
+                    continue
+                except InvalidBatchError as e:
+                    bad_input, exhausted = e, True  # serve everything before it, then raise at its place
+                    continue
+                ids = self._owner.call(self._add_batch, st, batch, batch_index)
+                unyielded[batch_index] = len(ids)
+                batch_index += 1
+                order.extend(ids)
+                continue
+            if isinstance(msg, BaseException):
+                raise msg
+            out = [msg]
+            if ordered:
+                ready[msg.shard_id] = msg
+                out = []
+                while order and order[0] in ready:
+                    out.append(ready.pop(order.popleft()))
+            else:
+                order.remove(msg.shard_id)
+            msg = None
+            for res in out:
+                _yielded(res.batch_index, unyielded, partial)
+                self._owner.post(self._took, st, bool(partial))
+                yield res
+            # what was yielded is the consumer's to hold or drop: this frame must not keep it alive while it
+            # waits for the budget (a consumer that dropped it would wait on the stream, the stream on it)
+            out = res = None
+        if bad_input is not None:
+            raise bad_input
 
-    def _check_progress(self, order, pending, box, last_progress: float, stall_timeout_s: float) -> None:
-        """Raise instead of waiting forever when the stream cannot move."""
-        queued = bool(self._retry or pending or box)  # box: settled by another thread's poll meanwhile
-        if order and self._none_left():
-            raise RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}")
-        stuck = time.monotonic() - last_progress > 1.0  # the scan below is O(in flight x order): only when stuck
-        if order and stuck and not queued and not any(sh.shard_id in order for sh, *_ in self._inflight.values()):
-            raise RuntimeError(f"internal error: shards {list(order)[:5]} are neither queued nor in flight")
-        if queued and not self._inflight and time.monotonic() - last_progress > stall_timeout_s:
-            why = (
-                f"{self._held.bytes} bytes of handed-out results are still referenced (budget "
-                f"{self._max_inflight_bytes}); release ShardResults when done"
-                if self._ready()
-                else f"no replica ready; last start errors: {self._start_errors[-3:]}"
-            )
-            raise RuntimeError(f"stream stalled for {stall_timeout_s}s: {why}")
+    def _next_message(self, st: _Stream) -> Any:
+        while True:
+            try:
+                return st.inbox.get(timeout=1.0)
+            except queue.Empty:
+                if self._owner.stopped:
+                    raise RuntimeError("the pool is shut down") from None
+
+    # the owner's side of streams ---------------------------------------------------------------------
+
+    def _open(self, st: _Stream) -> None:
+        st.stream_id = self._next_stream_id
+        self._next_stream_id += 1
+        self._streams[st.stream_id] = st
+        self._ask(st)
+
+    def _ask(self, st: _Stream) -> None:
+        """A stream with nothing left to dispatch gets its next batch: one batch ahead of what can go."""
+        if not st.pending and not st.asked:
+            st.asked = True
+            st.inbox.put(_MORE)
+
+    def _add_batch(self, st: _Stream, batch: PackedBatch, batch_index: int) -> list[int]:
+        if st.stream_id not in self._streams:
+            return []  # it failed meanwhile: the error waits in its inbox
+        new = self._shards(batch, batch_index, st.logits, st.stream_id, st.gen)
+        st.pending.extend(new)
+        st.unsettled.update(x.shard_id for x in new)
+        st.asked, st.last_progress = False, time.monotonic()
+        self._dispatch_ready()
+        self._ask(st)
+        return [x.shard_id for x in new]
+
+    def _took(self, st: _Stream, partial: bool) -> None:
+        st.out -= 1
+        st.partial = partial
+
+    def _dispatch_ready(self) -> None:
+        """Dispatch what the replicas' queues and the byte budget allow: re-runs first, then a shard of each
+        stream in turn."""
+        while self._retry:
+            shard = self._retry[0]
+            st = self._streams[shard.stream_id]  # a stream that ends takes its re-runs along (`_close_stream`)
+            r = self._pick(shard, st.node_id)
+            if r is None or not self._budget_allows(shard, st.count_held, st.partial):
+                return
+            self._dispatch(self._retry.popleft(), r)
+        moved = True
+        while moved:
+            moved = False
+            for st in list(self._streams.values()):
+                if not st.pending or (st.ahead is not None and st.out >= st.ahead):
+                    continue  # nothing to send, or far enough ahead of its consumer
+                r = self._pick(st.pending[0], st.node_id)
+                if r is None or not self._budget_allows(st.pending[0], st.count_held, st.partial):
+                    continue
+                self._dispatch(st.pending.popleft(), r)
+                st.out += 1
+                moved = True
+                self._ask(st)
+
+    def _check_streams(self, now: float) -> None:
+        """Fail a stream that cannot move instead of letting it wait forever."""
+        for st in list(self._streams.values()):
+            if not st.unsettled:
+                continue
+            if self._none_left():
+                self._fail(st, RuntimeError(f"no replicas left to serve the stream: {self._start_errors[-3:]}"))
+            elif st.pending or any(x.stream_id == st.stream_id for x in self._retry):
+                if not self._inflight and now - st.last_progress > st.stall_timeout_s:
+                    why = (
+                        f"{self._held_bytes} bytes of handed-out results are still referenced (budget "
+                        f"{self._max_inflight_bytes}); release ShardResults when done"
+                        if self._ready()
+                        else f"no replica ready; last start errors: {self._start_errors[-3:]}"
+                    )
+                    self._fail(st, RuntimeError(f"stream stalled for {st.stall_timeout_s}s: {why}"))
+            elif now - st.last_progress > 1.0 and not self._running(st):
+                lost = sorted(st.unsettled)[:5]
+                self._fail(st, RuntimeError(f"internal error: shards {lost} are neither queued nor in flight"))
+
+    def _running(self, st: _Stream) -> bool:
+        return any(x.stream_id == st.stream_id for x, *_ in self._inflight.values())  # O(in flight): when stuck only
+
+    def _fail(self, st: _Stream, err: BaseException) -> None:
+        st.inbox.put(err)
+        self._close_stream(st)
 
     def _none_left(self) -> bool:
         """No replica serves, and none is starting: a stream waiting for one would wait forever."""
         return not self._replicas
 
-    def _abandon(self, shard_ids: set[int]) -> None:
-        """A stream ended early (error, or the consumer stopped): forget its unfinished shards.
+    def _close_stream(self, st: _Stream) -> None:
+        """A stream ended (done, an error, or its consumer stopped): forget its unfinished shards.
 
         Shards already running stay in flight until their replica answers (they hold its queue and
         tell which shard a crash happened on); the ledger turns their answers away.
         """
-        with self._lock:
-            self._retry = deque(s for s in self._retry if s.shard_id not in shard_ids)
-            for sid in shard_ids:
-                self._ledger.abandon(sid)
+        if self._streams.pop(st.stream_id, None) is None:
+            return
+        if any(x.stream_id == st.stream_id for x in self._retry):
+            self._retry = deque(x for x in self._retry if x.stream_id != st.stream_id)
+        for sid in st.unsettled:
+            self._ledger.abandon(sid)
+        st.pending.clear()
+        st.unsettled.clear()
 
     def submit(self, batch: PackedBatch, return_logits: bool = False) -> list[ShardResult]:
         """Shard one batch across replicas; return its shards' results (refs) once all are stored.
@@ -844,10 +895,12 @@ class PooledTargetModel(NeMoSurface):
         """Set the number of replicas; new ones join when ready, surplus ones drain first."""
         if replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
-        with self._lock:
-            self._target_replicas = replicas
-            self._max_starts += max(0, replicas - len(self._replicas))
-            self._reconcile()
+        self._owner.call(self._scale, replicas)
+
+    def _scale(self, replicas: int) -> None:
+        self._target_replicas = replicas
+        self._max_starts += max(0, replicas - len(self._replicas))
+        self._reconcile()
 
     def close(self) -> None:
         """NeMo's name for `shutdown`."""
@@ -855,15 +908,22 @@ class PooledTargetModel(NeMoSurface):
 
     def shutdown(self) -> None:
         self._close_executor()
-        with self._lock:
-            self._target_replicas = 0
-            for r in list(self._replicas.values()):
-                if r.state != "starting":  # one still building its engine would answer only after that
-                    try:
-                        ray.get(r.actor.shutdown.remote(), timeout=30)
-                    except Exception:
-                        pass
-                self._remove(r)
+        if self._owner is None or self._owner.stopped:
+            return
+        self._owner.call(self._stop_replicas)
+        self._owner.stop()
+
+    def _stop_replicas(self) -> None:
+        self._target_replicas = 0
+        for st in list(self._streams.values()):
+            self._fail(st, RuntimeError("the pool was shut down"))
+        for r in list(self._replicas.values()):
+            if r.state != "starting":  # one still building its engine would answer only after that
+                try:
+                    ray.get(r.actor.shutdown.remote(), timeout=30)
+                except Exception:
+                    pass
+            self._remove(r)
 
     def __enter__(self) -> PooledTargetModel:
         return self
@@ -883,36 +943,3 @@ def _yielded(batch_index: int, unyielded: dict[int, int], partial: set[int]) -> 
     else:
         del unyielded[batch_index]
         partial.discard(batch_index)
-
-
-def _error_of(ref: Any) -> BaseException:
-    try:
-        ray.get(ref, timeout=0)
-    except Exception as e:
-        return e
-    return RuntimeError("replica watch returned")
-
-
-class _Held:
-    """Bytes of handed-out results still alive. Finalizers release them, from whichever thread drops a result;
-    a stream waiting on the budget with nothing in flight wakes on a release (`wait_release`)."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.releases = 0
-        self._cond = threading.Condition(threading.RLock())  # reentrant: a finalizer may run inside `take` (GC)
-
-    def take(self, nbytes: int) -> None:
-        with self._cond:
-            self.bytes += nbytes
-
-    def release(self, nbytes: int) -> None:
-        with self._cond:
-            self.bytes -= nbytes
-            self.releases += 1
-            self._cond.notify_all()
-
-    def wait_release(self, since: int, timeout: float) -> None:
-        """Until a release after the `since`-th one, at most `timeout` seconds."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.releases != since, timeout)

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 _NAMESPACE = "eagle_ray"  # a client in another job finds the pool without knowing the owner's namespace
 _LOADS_EVERY_S = 0.1  # a busy client's load exchange: fresh against shards of a second, 10 small calls a second
-_LOADS_STALE_S = 5.0  # a client not heard from for this long (dead, or stopped polling) counts for nothing
+_LOADS_STALE_S = 5.0  # a client not heard from for this long (dead, or gone quiet) counts for nothing
+_LOADS_CALL_S = 0.002  # the board's thread spends well under this per call: its period is this times the clients
+_LOADS_IDLE_S = 1.0  # a client with nothing in flight and no stream open still hears the totals this often
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class View:
 
 
 class PoolServer:
-    """Actor body: owns one pool's replicas; a housekeeping thread is the one that watches them."""
+    """Actor body: owns one pool's replicas. The pool's owner thread watches them and, on every change of
+    membership, publishes a new view."""
 
     def __init__(self, model_path: str, pool_kwargs: dict[str, Any]):
         self.pool = PooledTargetModel(model_path, **pool_kwargs)
@@ -68,28 +71,19 @@ class PoolServer:
         self._heard: dict[str, float] = {}
         self._totals: dict[int, int] = {}
         self._next_sweep = 0.0
-        self._publish()
-        self._thread = threading.Thread(target=self._housekeep, name="eagle-ray-pool-owner", daemon=True)
-        self._thread.start()
+        self.pool._owner.call(self._watch)
 
-    def _housekeep(self) -> None:
-        """Notice replicas that start, die or hang (past a deadline of the owner's own shards), replace them,
-        and publish every change."""
-        while not self._closed:
-            try:
-                self.pool._poll(timeout=0.5, completions=False)
-                self._publish()
-            except Exception:
-                log.exception("pool owner: housekeeping failed")
-                time.sleep(0.5)
+    def _watch(self) -> None:
+        self.pool._on_change = self._publish
+        self._publish()
 
     def _publish(self) -> None:
+        """On the pool's owner thread: its state, as a view for the clients."""
         pool = self.pool
-        with pool._lock:
-            ready = tuple((r.replica_id, r.actor, r.desc) for r in pool._ready())
-            starting = sum(r.state == "starting" for r in pool._replicas.values())
-            info = pool._info
-            errors = tuple(pool._start_errors[-3:])
+        ready = tuple((r.replica_id, r.actor, r.desc) for r in pool._ready())
+        starting = sum(r.state == "starting" for r in pool._replicas.values())
+        info = pool._info
+        errors = tuple(pool._start_errors[-3:])
         with self._cond:
             old = self._view
             if [x[0] for x in old.replicas] == [x[0] for x in ready] and old.starting == starting:
@@ -104,8 +98,9 @@ class PoolServer:
             return self._view
 
     @ray.method(concurrency_group="loads")
-    def loads(self, client: str, mine: dict[int, int] | None) -> dict[int, int]:
-        """A client's tokens in flight per replica in (None: it left), every client's totals out."""
+    def loads(self, client: str, mine: dict[int, int] | None) -> tuple[dict[int, int], float]:
+        """A client's tokens in flight per replica in (None: it left); every client's totals, and how long
+        until it should call again, out: the period grows with the clients, so the board's thread keeps up."""
         now = time.monotonic()
         self._post(client, mine)
         if now >= self._next_sweep:  # a client that died or went quiet stops counting
@@ -114,7 +109,7 @@ class PoolServer:
                 self._post(c, None)
         if mine is not None:
             self._heard[client] = now
-        return dict(self._totals)
+        return dict(self._totals), max(_LOADS_EVERY_S, len(self._heard) * _LOADS_CALL_S)
 
     def _post(self, client: str, mine: dict[int, int] | None) -> None:
         for rid, tokens in self._board.pop(client, {}).items():
@@ -135,12 +130,12 @@ class PoolServer:
 
     def report(self, replica_id: int, reason: str) -> None:
         """A client found this replica dead or hung: retire it (its TP ranks die with it) and start another."""
-        pool = self.pool
-        with pool._lock:
-            r = pool._replicas.get(replica_id)
-            if r is not None and r.state in ("ready", "draining"):
-                pool._on_replica_death(r, RuntimeError(f"a client reported it: {reason}"))
-        self._publish()
+        self.pool._owner.call(self._retire, replica_id, reason)
+
+    def _retire(self, replica_id: int, reason: str) -> None:
+        r = self.pool._replicas.get(replica_id)
+        if r is not None and r.state in ("ready", "draining"):
+            self.pool._on_replica_death(r, RuntimeError(f"a client reported it: {reason}"))
 
     @ray.method(concurrency_group="loads")  # the board's thread: it reads the totals
     def stats(self) -> dict[str, Any]:
@@ -152,13 +147,11 @@ class PoolServer:
 
     def scale(self, replicas: int) -> None:
         self.pool.scale(replicas)
-        self._publish()
 
     def shutdown(self) -> None:
         self._closed = True
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=5)
         self.pool.shutdown()
 
 
@@ -172,7 +165,7 @@ class PoolClient(PooledTargetModel):
     """
 
     def __init__(self, server: Any, owner: bool, name: str, **overrides: Any):
-        self._server, self._owner = server, owner
+        self._server, self._owns_pool = server, owner
         self.name = name  # what other processes `connect` to
         info, (weights_ref,), settings, view, where = ray.get(server.describe.remote())
         self.model_path, self.engine_name = where["model_path"], where["engine_name"]  # what the replicas serve
@@ -186,72 +179,79 @@ class PoolClient(PooledTargetModel):
         self._target_replicas = 0  # the owner's business
         self._gone: set[int] = set()  # replicas this client found dead: never taken back from a stale view
         self._key = uuid.uuid4().hex  # this client on the owner's load board
-        self._loads_ref: Any = None
-        self._next_loads = 0.0
+        self._loads_out = False  # a loads call is on its way
+        self._next_loads = self._last_loads = 0.0
+        self._loads_every_s = _LOADS_EVERY_S  # as the owner says (it grows with the clients)
         self._view = View(-1, info)
-        self._apply(view)
+        self._start_owner()
+        self._owner.call(self._apply, view)
 
     # membership comes from the owner -----------------------------------------------------------------
 
     def _apply(self, view: View) -> None:
-        """Take a newer view, then ask for the next one (a long poll every poll of this client waits on)."""
-        with self._lock:
-            if self._server is not None:
-                self._signals[self._server.view.remote(max(view.version, self._view.version))] = self._on_view
-            if view.version <= self._view.version:
-                return
-            self._view = view
-            self._start_errors = list(view.errors)  # the owner's: what a client's "no replicas" error shows
-            if view.info is not None:
-                self._info = view.info
-            listed = set()
-            for rid, actor, desc in view.replicas:
-                listed.add(rid)
-                if rid not in self._replicas and rid not in self._gone:
-                    # no watch ref: a busy replica's death shows in its shards' refs, an idle one's in a new view
-                    self._replicas[rid] = _Replica(rid, actor, None, state="ready", desc=desc)
-            for r in list(self._replicas.values()):
-                if r.replica_id not in listed and r.state == "ready":
-                    r.state = "draining"  # the owner retired or drained it: finish what it runs, send it nothing
-            self._reconcile()
+        """Take a newer view, then ask for the next one (a long poll, on the owner thread's queue)."""
+        if self._server is not None:
+            self._owner.on_resolve(self._server.view.remote(max(view.version, self._view.version)), self._on_view)
+        if view.version <= self._view.version:
+            return
+        self._view = view
+        self._start_errors = list(view.errors)  # the owner's: what a client's "no replicas" error shows
+        if view.info is not None:
+            self._info = view.info
+        listed = set()
+        for rid, actor, desc in view.replicas:
+            listed.add(rid)
+            if rid not in self._replicas and rid not in self._gone:
+                # no watch ref: a busy replica's death shows in its shards' refs, an idle one's in a new view
+                self._replicas[rid] = _Replica(rid, actor, None, state="ready", desc=desc)
+        for r in list(self._replicas.values()):
+            if r.replica_id not in listed and r.state == "ready":
+                r.state = "draining"  # the owner retired or drained it: finish what it runs, send it nothing
+        self._reconcile()
 
-    def _poll(self, timeout: float, completions: bool = True, releases: int | None = None) -> None:
-        self._share_loads()
-        super()._poll(timeout, completions, releases)
+    def _tick(self) -> float:
+        wake = super()._tick()
+        return min(wake, self._share_loads())
 
-    def _share_loads(self) -> None:
-        """Every `_LOADS_EVERY_S` while this client polls: tell the owner its tokens in flight per replica and
-        hear everyone's (one call at a time, waited on by the polls like the membership long poll)."""
-        with self._lock:
-            if self._server is None or self._loads_ref is not None or time.monotonic() < self._next_loads:
-                return
-            mine = {r.replica_id: r.inflight_tokens for r in self._replicas.values() if r.inflight_tokens}
-            self._loads_ref = self._server.loads.remote(self._key, mine)
-            self._signals[self._loads_ref] = lambda ref: self._on_loads(ref, mine)
+    def _share_loads(self) -> float:
+        """While busy, every `_loads_every_s` (else every `_LOADS_IDLE_S`): tell the owner this client's tokens in
+        flight per replica and hear everyone's, one call at a time. Returns when it is next due."""
+        now = time.monotonic()
+        busy = bool(self._inflight or self._streams)
+        due = self._next_loads if busy else max(self._next_loads, self._last_loads + _LOADS_IDLE_S)
+        if self._server is None or self._loads_out:
+            return now + _LOADS_IDLE_S
+        if now < due:
+            return due
+        mine = {r.replica_id: r.inflight_tokens for r in self._replicas.values() if r.inflight_tokens}
+        self._loads_out, self._last_loads = True, now
+        self._owner.on_resolve(self._server.loads.remote(self._key, mine), self._on_loads, mine)
+        return now + _LOADS_IDLE_S
 
-    def _on_loads(self, ref: Any, mine: dict[int, int]) -> None:
-        self._loads_ref, self._next_loads = None, time.monotonic() + _LOADS_EVERY_S
+    def _on_loads(self, mine: dict[int, int], fut: Any) -> None:
+        self._loads_out = False
         try:
-            totals = ray.get(ref)
+            totals, self._loads_every_s = fut.result()
         except Exception:
             return  # the owner is gone: the membership poll says so
+        self._next_loads = time.monotonic() + self._loads_every_s
         for r in self._replicas.values():
             r.others_tokens = max(0, totals.get(r.replica_id, 0) - mine.get(r.replica_id, 0))
 
-    def _on_view(self, ref: Any) -> None:
+    def _on_view(self, fut: Any) -> None:
         try:
-            view = ray.get(ref)
+            view = fut.result()
         except Exception as e:  # the owner is gone: serve on with the replicas known, while they live
-            log.warning("pool owner unreachable (%s): no more membership updates", e)
+            if self._server is not None:
+                log.warning("pool owner unreachable (%s): no more membership updates", e)
             self._server = None
             return
         self._apply(view)
 
     def _reconcile(self) -> None:
-        with self._lock:
-            for r in list(self._replicas.values()):
-                if r.state == "draining" and not r.inflight:
-                    self._remove(r)
+        for r in list(self._replicas.values()):
+            if r.state == "draining" and not r.inflight:
+                self._remove(r)
 
     def _remove(self, r: _Replica) -> None:
         if self._replicas.get(r.replica_id) is r:  # the owner kills and releases it, not a client
@@ -271,6 +271,11 @@ class PoolClient(PooledTargetModel):
     def _wait_ready(self, timeout_s: float) -> None:
         return  # replicas arrive with views
 
+    def _let_go(self) -> None:
+        for st in list(self._streams.values()):
+            self._fail(st, RuntimeError("the pool client was closed"))
+        self._replicas.clear()
+
     # the owner's business, through the server --------------------------------------------------------
 
     def weights_ref(self) -> ray.ObjectRef:
@@ -288,13 +293,13 @@ class PoolClient(PooledTargetModel):
     def shutdown(self) -> None:
         """A client lets go; the owner's close also shuts the pool down (its replicas, then the server)."""
         self._close_executor()
-        with self._lock:
-            self._replicas.clear()
-            self._signals.clear()
+        if self._owner is not None and not self._owner.stopped:
+            self._owner.call(self._let_go)
+            self._owner.stop()
         server, self._server = self._server, None
         if server is not None:
             server.loads.remote(self._key, None)  # off the board now, not once it goes stale
-        if self._owner and server is not None:
+        if self._owns_pool and server is not None:
             try:
                 ray.get(server.shutdown.remote(), timeout=60)
             finally:
