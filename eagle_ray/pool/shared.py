@@ -35,7 +35,8 @@ from typing import Any
 import ray
 
 from eagle_ray.contract import ModelInfo
-from eagle_ray.pool.pooled import PooledTargetModel, _Replica
+from eagle_ray.pool.lifecycle import _Replica
+from eagle_ray.pool.pooled import PooledTargetModel
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,7 @@ class PoolClient(PooledTargetModel):
         if unknown:
             raise TypeError(f"unknown client settings {sorted(unknown)}; known: {sorted(settings)}")
         self._init_dispatch(**{**settings, **overrides})
-        self._split_idle = False
-        self._choices = 2
+        self._shared = True
         self._info, self._weights_ref = info, weights_ref
         self._target_replicas = 0  # the owner's business
         self._gone: set[int] = set()  # replicas this client found dead: never taken back from a stale view
