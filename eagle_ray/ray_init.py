@@ -60,7 +60,7 @@ def init_ray(
         object_store_memory=object_store_memory,
         include_dashboard=dashboard,
         runtime_env={"env_vars": {**LOCAL_ENV, **(env or {})}},
-        _system_config=RAY_SYSTEM_CONFIG,
+        _system_config=dict(RAY_SYSTEM_CONFIG),  # a copy: ray.init adds its spilling config to the dict
         logging_level=logging.WARNING,  # "Started a local Ray instance" and the like
     )
 

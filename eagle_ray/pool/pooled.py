@@ -243,22 +243,19 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
                 continue
             if isinstance(msg, BaseException):
                 raise msg
-            out = [msg]
-            if ordered:
-                ready[msg.shard_id] = msg
-                out = []
-                while order and order[0] in ready:
-                    out.append(ready.pop(order.popleft()))
-            else:
+            ready[msg.shard_id] = msg
+            if not ordered:  # as it completes: it goes first
                 order.remove(msg.shard_id)
+                order.appendleft(msg.shard_id)
             msg = None
-            for res in out:
+            while order and order[0] in ready:
+                res = ready.pop(order.popleft())
                 _yielded(res.batch_index, unyielded, partial)
                 self._owner.post(self._took, st, bool(partial))
                 yield res
             # what was yielded is the consumer's to hold or drop: this frame must not keep it alive while it
             # waits for the budget (a consumer that dropped it would wait on the stream, the stream on it)
-            out = res = None
+            msg = res = None
         if bad_input is not None:
             raise bad_input
 
