@@ -1,7 +1,8 @@
 """Long-run benchmark: does a pool's driver stay flat over a million shards? (a benchmark, not a test)
 
 One driver-side `PooledTargetModel` of R SYNTHETIC replicas (`eagle_ray.testing.synthetic`: contract-shaped
-supervision, no model, no sleep) streams N tiny batches, one shard each, and drops each result as it comes, the
+supervision, no model, no sleep) streams N tiny batches (one shard each, or a few when a batch finds idle
+replicas: the pool splits it over them; the figures count shards), and drops each result as it comes, the
 way a consumer that is done with it does. Every `--every` shards it samples, from the pool's owner thread and
 the driver process: live ledger records, refs in flight, held bytes, the driver's RSS and CPU seconds. What
 would grow with the run's length (ledger records kept, refs never settled, results never released) shows as a
@@ -61,7 +62,7 @@ def _sample(pool: PooledTargetModel, proc: psutil.Process, done: int, t0: float)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", type=int, default=1_000_000)
+    ap.add_argument("--shards", type=int, default=1_000_000, help="batches to stream (shards: a few %% more)")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--every", type=int, default=50_000, help="shards between samples")
     ap.add_argument("--warmup", type=int, default=20_000, help="shards before the baseline sample")

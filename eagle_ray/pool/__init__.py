@@ -1,5 +1,6 @@
-"""The target pool: replica actors (replica.py), the pool (pooled.py), one pool shared by many processes
-(shared.py), shard ledger, placement, chaos."""
+"""The target pool: replica actors (replica.py); the pool (pooled.py, its facade), whose state one thread owns
+(owner.py) in two halves, replicas (lifecycle.py) and shards (dispatch.py); one pool shared by many processes
+(shared.py); shard ledger, placement, chaos."""
 
 from eagle_ray.pool.chaos import ChaosMonkey, Fault
 from eagle_ray.pool.ledger import ShardLedger

@@ -104,6 +104,7 @@ class Dispatch:
         self._inflight: dict[Any, tuple[_Shard, _Replica, int, Any]] = {}
         self._retry: deque[_Shard] = deque()
         self._inflight_bytes = 0  # dispatched, not yet handed out
+        self._activity = 0  # dispatches and settlements so far: a shared pool's client tells its load when it moved
         self._held_bytes = 0  # handed out, ShardResult still alive (a finalizer tells the owner when it is not)
         self._max_inflight_bytes = max_inflight_bytes
         self._shard_tokens = shard_tokens
@@ -256,6 +257,7 @@ class Dispatch:
                 shard.shard_id, b.input_ids, b.cu_seqlens, shard.gen, first
             )
         self._inflight[meta] = (shard, r, attempt, payload)
+        self._activity += 1
         self._owner.on_resolve(meta, self._on_done, meta)
         if not r.inflight:
             r.head_since = time.monotonic()
@@ -299,6 +301,7 @@ class Dispatch:
 
     def _settle(self, ref: Any, shard: _Shard, r: _Replica) -> None:
         del self._inflight[ref]
+        self._activity += 1
         if r.inflight and r.inflight[0] == ref:  # the next one starts now (an actor runs its tasks in order)
             r.head_since = time.monotonic() if len(r.inflight) > 1 else None
         r.inflight.remove(ref)

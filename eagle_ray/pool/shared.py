@@ -44,7 +44,7 @@ _NAMESPACE = "eagle_ray"  # a client in another job finds the pool without knowi
 _LOADS_EVERY_S = 0.1  # a busy client's load exchange: fresh against shards of a second, 10 small calls a second
 _LOADS_STALE_S = 5.0  # a client not heard from for this long (dead, or gone quiet) counts for nothing
 _LOADS_CALL_S = 0.002  # the board's thread spends well under this per call: its period is this times the clients
-_LOADS_IDLE_S = 1.0  # a client with nothing in flight and no stream open still hears the totals this often
+_LOADS_IDLE_S = 1.0  # a client whose load has not moved, with a stream open or work in flight, tells it this often
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,7 @@ class PoolClient(PooledTargetModel):
         self._key = uuid.uuid4().hex  # this client on the owner's load board
         self._loads_out = False  # a loads call is on its way
         self._next_loads = self._last_loads = 0.0
+        self._activity_told = -1  # `_activity` as of the last exchange
         self._loads_every_s = _LOADS_EVERY_S  # as the owner says (it grows with the clients)
         self._view = View(-1, info)
         self._start_owner()
@@ -213,20 +214,30 @@ class PoolClient(PooledTargetModel):
         wake = super()._tick()
         return min(wake, self._share_loads())
 
-    def _share_loads(self) -> float:
-        """While busy, every `_loads_every_s` (else every `_LOADS_IDLE_S`): tell the owner this client's tokens in
-        flight per replica and hear everyone's, one call at a time. Returns when it is next due."""
+    def _share_loads(self, asked: bool = False) -> float:
+        """Tell the owner this client's tokens in flight per replica and hear everyone's, one call at a time:
+        every `_loads_every_s` while its load moves (a shard sent or settled since the last exchange), every
+        `_LOADS_IDLE_S` while it has a stream open or work in flight but nothing moved, never while quiet
+        (unless `asked`: `stats()`). Returns when it is next due."""
         now = time.monotonic()
-        busy = bool(self._inflight or self._streams)
-        due = self._next_loads if busy else max(self._next_loads, self._last_loads + _LOADS_IDLE_S)
         if self._server is None or self._loads_out:
             return now + _LOADS_IDLE_S
+        if self._activity != self._activity_told or asked:
+            due = self._next_loads
+        elif self._inflight or self._streams:
+            due = max(self._next_loads, self._last_loads + _LOADS_IDLE_S)
+        else:
+            return now + _LOADS_IDLE_S  # quiet: the board has its last word (no tokens), and it places nothing
         if now < due:
             return due
         mine = {r.replica_id: r.inflight_tokens for r in self._replicas.values() if r.inflight_tokens}
-        self._loads_out, self._last_loads = True, now
+        self._loads_out, self._last_loads, self._activity_told = True, now, self._activity
         self._owner.on_resolve(self._server.loads.remote(self._key, mine), self._on_loads, mine)
         return now + _LOADS_IDLE_S
+
+    def _snapshot(self) -> dict[str, Any]:
+        self._share_loads(asked=True)  # what it shows of the others' loads is at most one exchange old
+        return super()._snapshot()
 
     def _on_loads(self, mine: dict[int, int], fut: Any) -> None:
         self._loads_out = False
