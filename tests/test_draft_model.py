@@ -16,19 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eagle_ray import PackedBatch, Supervision, build_draft_vocab, count_loss_tokens
+from eagle_ray.draft.attention import PackedLayout
 from eagle_ray.draft.decode import speculative_decode, target_decode
 from eagle_ray.draft.export import WEIGHTS, load_draft, save_draft
-from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig, StepCache
+from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig, KVCache
 from eagle_ray.draft.speculate import propose, speculative_greedy, target_greedy
 from eagle_ray.draft.tree import SpecParams
-from eagle_ray.draft.ttt import (
-    DEFAULT_STEP_DECAY,
-    TTTStats,
-    padded_layout,
-    teacher_targets,
-    ttt_loss,
-    walk_rounds,
-)
+from eagle_ray.draft.ttt import DEFAULT_STEP_DECAY, TTTStats, teacher_targets, ttt_loss, walk_rounds
 from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.tiny import markov_sequences
 
@@ -165,18 +159,12 @@ def test_teacher_is_the_target_distribution_over_draft_columns():
     assert none.probs.shape == (0, 15) and none.in_draft.numel() == 0 and none.index.eq(-1).all()
 
 
-def test_padded_layout():
-    rows, cols, b, s = padded_layout(torch.tensor([0, 3, 4, 8]))
-    assert (b, s) == (3, 4)
-    assert rows.tolist() == [0, 0, 0, 1, 2, 2, 2, 2] and cols.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
-
-
 # ---------------------------------------------------------------------------------------------
 # TTT = inference: the unroll trains the attention pattern the evaluator runs
 
 
 def ttt_step_hiddens(draft: Eagle3Draft, sup: Supervision, head: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """What `ttt_loss` computes: each step's draft hidden `[B, S, H]` (captured from the midlayer)."""
+    """What `ttt_loss` computes: each step's draft hidden `[N, H]` (captured from the midlayer)."""
     seen: list[torch.Tensor] = []
     hook = draft.midlayer.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
     try:
@@ -192,13 +180,13 @@ def ttt_step_hiddens(draft: Eagle3Draft, sup: Supervision, head: torch.Tensor, s
 def forced_chain(draft: Eagle3Draft, aux: torch.Tensor, next_ids: torch.Tensor, forced: list[int]) -> torch.Tensor:
     """`propose`'s chain fed `forced` tokens instead of its own argmaxes: step hiddens `[1 + len(forced), H]`."""
     n = next_ids.numel()
-    cache = StepCache(base_mask=torch.ones(n, n, dtype=torch.bool).tril()[None])
-    hidden = draft.step(next_ids[None], aux[None], torch.arange(n)[None], cache)[:, -1:]
-    cache.base_mask = cache.base_mask[:, -1:]
-    out = [hidden[0, 0]]
+    kv = KVCache(mask=torch.ones(n, n, dtype=torch.bool).tril())
+    hidden = draft.infer(next_ids, aux, torch.arange(n), kv, True)[-1:]
+    out = [hidden[0]]
     for j, tok in enumerate(forced):
-        hidden = draft.step(torch.tensor([[tok]]), hidden, torch.tensor([[n + j]]), cache)
-        out.append(hidden[0, 0])
+        kv.mask = torch.ones(1, len(kv) + 1, dtype=torch.bool)
+        hidden = draft.infer(torch.tensor([tok]), hidden, torch.tensor([n + j]), kv, False)
+        out.append(hidden[0])
     return torch.stack(out)
 
 
@@ -218,7 +206,7 @@ def test_ttt_unroll_equals_the_inference_chain(which, request, markov_target, ta
         # inference: context truncated after token t+1 (aux of tokens <= t), chain forced to the data
         chain = forced_chain(draft, sup.aux_hidden_states[: t + 1], seq[1 : t + 2], seq[t + 2 : t + 1 + k_max].tolist())
         for k in range(k_max):
-            torch.testing.assert_close(per_step[k][0, t], chain[k], rtol=1e-5, atol=1e-5, msg=f"slot {t} step {k}")
+            torch.testing.assert_close(per_step[k][t], chain[k], rtol=1e-5, atol=1e-5, msg=f"slot {t} step {k}")
             compared += 1
     assert compared == sum(n - 1 - k for k in range(TTT_STEPS))
     # ttt's "correct" counts are the evaluator's acceptance rule: step k at slot t is right when it
@@ -228,7 +216,7 @@ def test_ttt_unroll_equals_the_inference_chain(which, request, markov_target, ta
     with torch.no_grad():
         for k in range(TTT_STEPS):
             slots = n - 1 - k
-            drafted = draft.draft_ids[draft.logits(per_step[k][0, :slots]).argmax(-1)]
+            drafted = draft.draft_ids[draft.logits(per_step[k][:slots]).argmax(-1)]
             assert int(stats.count[k]) == slots
             assert int(stats.correct[k]) == int((drafted == target_greedy_next[1 + k : n]).sum())
 
@@ -240,9 +228,7 @@ def test_propose_is_the_ttt_chain(trained, target):
     seq = markov_sequences(1, 40, peak=1.0, seed=5)[0]  # noise-free: the trained draft's chains stay on the data
     sup = target.forward_packed(PackedBatch.from_sequences([seq]))
     with torch.no_grad():
-        ttt_next = [
-            draft.draft_ids[draft.logits(h[0]).argmax(-1)] for h in ttt_step_hiddens(draft, sup, head, TTT_STEPS)
-        ]
+        ttt_next = [draft.draft_ids[draft.logits(h).argmax(-1)] for h in ttt_step_hiddens(draft, sup, head, TTT_STEPS)]
     n, checked, full_chains = seq.numel(), 0, 0
     for t in range(n - 1):
         aux, next_ids = sup.aux_hidden_states[: t + 1], seq[1 : t + 2]
@@ -332,7 +318,8 @@ def test_stats_summary_formulas_and_flat_round_trip():
 def test_walked_rounds_accept_leading_steps_plus_the_bonus():
     first = torch.tensor([[False, True, True, True, True, True, False], [True, True, True, False, False, False, False]])
     lead = torch.tensor([[0, 2, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0]])
-    tokens, rounds = walk_rounds(first, lead)
+    layout = PackedLayout.from_cu_seqlens(torch.tensor([0, 7, 14]))
+    tokens, rounds = walk_rounds(first.flatten(), lead.flatten(), layout)
     # row 0: slot 1 takes 3 (lands on 4), slot 4 takes 2 (lands on 6, not a loss slot); row 1: 3 rounds of 1
     assert (float(tokens), float(rounds)) == (8.0, 5.0)
     s = TTTStats(torch.zeros(1), torch.ones(1), torch.ones(1), torch.tensor(0.0), tokens, rounds)

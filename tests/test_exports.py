@@ -38,7 +38,8 @@ from eagle_ray import (
     speculative_greedy,
     vllm_aux_layer_ids,
 )
-from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig, StepCache
+from eagle_ray.draft.attention import PackedLayout
+from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig, TTTState
 from eagle_ray.tiny import TINY_SHAPE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_speculators_loads_our_export(case, spec, tiny_paths, tmp_path):
         pos = torch.arange(S)[None]
         causal = torch.tril(torch.ones(S, S, dtype=torch.bool))
         with torch.no_grad():
-            ours_h = draft.step(input_ids, aux_states, pos, StepCache(base_mask=causal[None]))
+            ours_h = rows_step(draft, input_ids, aux_states, pos, rows_state(1, S))
             ours_logits = draft.logits(ours_h)
             layer = model.layers[0]
             layer.self_attn.config._attn_implementation = "sdpa"
@@ -253,13 +254,24 @@ def nemo_draft_from_recipe(nemo, target_path: str, draft_vocab: int, seed: int =
     return model
 
 
+def rows_state(b: int, s: int) -> TTTState:
+    """A TTT state for `b` rows of `s` tokens, each row one packed document."""
+    return TTTState(PackedLayout.from_cu_seqlens(torch.arange(0, b * s + 1, s)))
+
+
+def rows_step(draft, input_ids, hidden, pos, state: TTTState) -> torch.Tensor:
+    """`draft.step` on `[B, S]` rows, through the packed layout it trains on."""
+    b, s = input_ids.shape
+    return draft.step(input_ids.flatten(), hidden.flatten(0, 1), pos.flatten(), state).view(b, s, -1)
+
+
 def one_and_two_steps_ours(draft, input_ids, aux_states):
     B, S = input_ids.shape
     pos = torch.arange(S).expand(B, S)
-    cache = StepCache(base_mask=torch.tril(torch.ones(S, S, dtype=torch.bool)).expand(B, S, S))
+    state = rows_state(B, S)
     with torch.no_grad():
-        h1 = draft.step(input_ids, aux_states, pos, cache)
-        h2 = draft.step(input_ids.roll(-1, 1), h1, pos + 1, cache)  # a TTT step: rope one position on
+        h1 = rows_step(draft, input_ids, aux_states, pos, state)
+        h2 = rows_step(draft, input_ids.roll(-1, 1), h1, pos + 1, state)  # a TTT step: rope one position on
         return draft.logits(h1), draft.logits(h2)
 
 

@@ -6,9 +6,9 @@ H for the first step; the final `norm` output feeds `lm_head` over the draft voc
 the pre-norm output is the hidden state of the next step. Parameter names are the export's
 names (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`), so export is a state dict.
 
-Attention across training-time-test steps (see `StepCache`): a query at slot t of step k sees
-step 0's keys at slots <= t of its sequence, and its own slot's keys from steps 1..k — the
-keys a chain of k drafted tokens sees at inference.
+Training runs on packed slots (`TTTState`, no padding): a query at slot t of step k sees step 0's
+keys at slots <= t of its sequence, and its own slot's keys from steps 1..k, the keys a chain of k
+drafted tokens sees at inference (`draft/attention.py` computes it without a dense mask).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eagle_ray.contract import vllm_aux_layer_ids
+from eagle_ray.draft.attention import PackedLayout, ttt_attention
 
 
 @dataclass
@@ -160,10 +161,10 @@ class RMSNorm(nn.Module):
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Neox-style rotary embedding (Llama's rotate_half) of x `[B, heads, S, d]` at `positions [B, S]`."""
+    """Neox-style rotary embedding (Llama's rotate_half) of x `[..., S, heads, d]` at `positions [..., S]`."""
     d = x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    ang = positions.float()[:, None, :, None] * inv  # [B, 1, S, d/2]
+    ang = positions.float()[..., None, None] * inv  # [..., S, 1, d/2]
     cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -171,16 +172,13 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
 
 
 @dataclass
-class StepCache:
-    """Keys/values of the steps run so far. `base`: step 0 over every slot; `diag`: later steps.
+class TTTState:
+    """Training-time test over packed slots `[N]`: the layout, and each step's keys/values so far
+    (`kv[0]`: step 0, attended document-causally; `kv[j]`, j >= 1: step j, attended on the diagonal)."""
 
-    `base_mask [B, Sq, S]`: which step-0 keys each query row may see (causal within its sequence).
-    Query row r of a later step is the same slot as row r of every `diag` entry.
-    """
-
-    base_mask: torch.Tensor
-    base: tuple[torch.Tensor, torch.Tensor] | None = None
-    diag: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    layout: PackedLayout
+    attention: str = "torch"
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -214,33 +212,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(2 * c.hidden_size, self.kv_heads * self.hd, bias=False)
         self.o_proj = nn.Linear(self.heads * self.hd, c.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: StepCache | KVCache) -> torch.Tensor:
-        b, s, _ = x.shape
-        split = lambda t, n: t.view(b, s, n, self.hd).transpose(1, 2)  # noqa: E731
-        q = rope(split(self.q_proj(x), self.heads), positions, self.theta)
-        k = rope(split(self.k_proj(x), self.kv_heads), positions, self.theta)
-        v = split(self.v_proj(x), self.kv_heads)
-        if isinstance(cache, KVCache):
-            cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=2)
-            cache.v = v if cache.v is None else torch.cat([cache.v, v], dim=2)
-            return self._attend(q, cache.k, cache.v, cache.mask[None])
-        eye = torch.eye(s, dtype=torch.bool, device=x.device).expand(b, s, s)
-        if cache.base is None:
-            cache.base = (k, v)
-            keys, values, mask = k, v, cache.base_mask
-        else:
-            cache.diag.append((k, v))
-            keys = torch.cat([cache.base[0]] + [kd for kd, _ in cache.diag], dim=2)
-            values = torch.cat([cache.base[1]] + [vd for _, vd in cache.diag], dim=2)
-            mask = torch.cat([cache.base_mask] + [eye] * len(cache.diag), dim=2)
-        return self._attend(q, keys, values, mask)
-
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, _, s, _ = q.shape
-        rep = self.heads // self.kv_heads
-        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.hd))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: TTTState | KVCache) -> torch.Tensor:
+        """`x [N, 2H]` packed slots under a `TTTState`, or `[B, S, 2H]` against a `KVCache`."""
+        shape = (*x.shape[:-1], -1, self.hd)
+        q = rope(self.q_proj(x).view(shape), positions, self.theta)
+        k = rope(self.k_proj(x).view(shape), positions, self.theta)
+        v = self.v_proj(x).view(shape)
+        if isinstance(cache, TTTState):
+            cache.kv.append((k, v))
+            out = ttt_attention(q, cache.kv, cache.layout, self.hd**-0.5, cache.attention)
+            return self.o_proj(out.flatten(-2))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, d]
+        cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=2)
+        cache.v = v if cache.v is None else torch.cat([cache.v, v], dim=2)
+        out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=cache.mask[None, None], enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).flatten(-2))
 
 
 class MLP(nn.Module):
@@ -265,7 +251,7 @@ class MidLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, embeds, hidden, positions, cache: StepCache) -> torch.Tensor:
+    def forward(self, embeds, hidden, positions, cache: TTTState | KVCache) -> torch.Tensor:
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         h = hidden + self.self_attn(x, positions, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -314,16 +300,16 @@ class Eagle3Draft(nn.Module):
         return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
 
     def step(
-        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: StepCache
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, state: TTTState
     ) -> torch.Tensor:
-        """One draft step over `[B, S]` slots; returns the pre-norm hidden `[B, S, H]` (the next step's input).
+        """One TTT step over packed slots `[N]`; returns the pre-norm hidden `[N, H]` (the next step's input).
 
-        `hidden` is the target's concatenated aux states on the first step (empty `cache`; `fc`
+        `hidden` is the target's concatenated aux states on the first step (empty `state`; `fc`
         projects them), else the previous step's output.
         """
-        if cache.base is None:
+        if not state.kv:
             hidden = self.fc(hidden)
-        return self.midlayer(self.embed_tokens(input_ids), hidden, positions, cache)
+        return self.midlayer(self.embed_tokens(input_ids), hidden, positions, state)
 
     def infer(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, aux: bool

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from eagle_ray.contract import PackedBatch
-from eagle_ray.draft.model import Eagle3Draft, StepCache
+from eagle_ray.draft.model import Eagle3Draft, KVCache
 
 
 @torch.no_grad()
@@ -33,19 +33,18 @@ def propose(draft: Eagle3Draft, aux: torch.Tensor, next_ids: torch.Tensor, k: in
     """
     dev = draft.fc.weight.device
     n = next_ids.numel()
-    cache = StepCache(base_mask=torch.ones(n, n, dtype=torch.bool, device=dev).tril()[None])
-    hidden = draft.step(
-        next_ids.to(dev)[None], aux.to(dev, draft.fc.weight.dtype)[None], torch.arange(n, device=dev)[None], cache
-    )[:, -1:]
-    cache.base_mask = cache.base_mask[:, -1:]  # later steps query the last slot only
+    kv = KVCache(mask=torch.ones(n, n, dtype=torch.bool, device=dev).tril())
+    aux = aux.to(dev, draft.fc.weight.dtype)
+    hidden = draft.infer(next_ids.to(dev), aux, torch.arange(n, device=dev), kv, True)[-1:]
     d2t = draft.d2t
     out: list[int] = []
     for j in range(k):
-        tok = draft.logits(hidden)[0, -1].argmax()
+        tok = draft.logits(hidden)[-1].argmax()
         out.append(int(tok + d2t[tok]))
-        if j + 1 < k:
-            position = torch.tensor([[n + j]], device=dev)  # slot n-1, step j+1
-            hidden = draft.step(torch.tensor([[out[-1]]], device=dev), hidden, position, cache)
+        if j + 1 < k:  # step j+1 of slot n-1: every context slot and the chain so far
+            kv.mask = torch.ones(1, len(kv) + 1, dtype=torch.bool, device=dev)
+            position = torch.tensor([n + j], device=dev)
+            hidden = draft.infer(torch.tensor([out[-1]], device=dev), hidden, position, kv, False)
     return out
 
 

@@ -5,6 +5,11 @@ hidden states and the target lm_head (sent once), only at loss-masked slots. The
 vocabulary is touched once per slot, to find the target's argmax (the position mask: is the
 target's choice inside the draft vocabulary?); only draft-vocabulary probabilities are kept.
 
+The draft runs on the packed slots `[N]` (`cu_seqlens`), never padded, and its attention has no dense
+mask (`draft/attention.py`); the padded trainer it replaced is the reference the tests hold it to
+(`eagle_ray.testing.padded_ttt`). Memory is linear in tokens: the draft-vocabulary cross-entropy runs
+over chunks of slots, and `checkpoint=True` recomputes each step's layer in the backward pass.
+
 Step k at slot t (shifted view, see contract.shift_left): input token x[t+1+k], position t+k,
 hidden = step k-1's output at t (step 0: fc(aux[t])), teacher = target's distribution at
 t+1+k. Loss: soft cross-entropy over the draft vocabulary where the target's argmax is in it,
@@ -29,12 +34,14 @@ Acceptance estimates (greedy, chain of `steps` drafted tokens):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from eagle_ray.contract import Supervision
-from eagle_ray.draft.model import Eagle3Draft, StepCache
+from eagle_ray.draft.attention import PackedLayout, resolve_backend
+from eagle_ray.draft.model import Eagle3Draft, TTTState
 
 DEFAULT_TTT_STEPS = 7
 DEFAULT_STEP_DECAY = 0.8
@@ -117,18 +124,57 @@ class TTTStats:
         }
 
 
-def padded_layout(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """(row, column) of each packed slot in a `[B, S]` layout, and B, S (S = longest sequence)."""
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    b, s = lens.numel(), int(lens.max())
-    rows = torch.repeat_interleave(torch.arange(b, device=lens.device), lens)
-    cols = torch.arange(int(cu_seqlens[-1]), device=lens.device) - cu_seqlens[:-1].repeat_interleave(lens)
-    return rows, cols, b, s
+class _SoftCrossEntropy(torch.autograd.Function):
+    """`sum_r weight · ok_r · CE(probs_r, log_softmax(x_r @ W.T))` over rows, a chunk of rows at a time, so the
+    `[rows, draft_vocab]` logits never exist at once; the gradients are taken in the forward pass (as Liger's fused
+    linear cross-entropy does), leaving `[rows, H]` and `[D, H]` to keep. Also returns each row's CE and whether
+    its argmax is the teacher's (inside the draft vocabulary)."""
+
+    @staticmethod
+    def forward(ctx, x, w, probs, ok, weight: float, chunk: int):
+        ce = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        grad_x, grad_w = torch.empty_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for a in range(0, x.shape[0], chunk):
+            xc, p, okc = x[a : a + chunk], probs[a : a + chunk], ok[a : a + chunk]
+            logp = F.log_softmax((xc @ w.T).float(), dim=-1)
+            ce[a : a + chunk] = -(p * logp).sum(-1) * okc
+            hit[a : a + chunk] = (logp.argmax(-1) == p.argmax(-1)) & okc
+            dlogits = ((logp.exp() * p.sum(-1, keepdim=True) - p) * (okc * weight)[:, None]).to(x.dtype)
+            grad_x[a : a + chunk] = dlogits @ w.to(x.dtype)
+            grad_w += (dlogits.T @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.w_dtype = w.dtype
+        ctx.mark_non_differentiable(ce, hit)
+        return (ce * weight).sum(), ce, hit
+
+    @staticmethod
+    def backward(ctx, g, _ce, _hit):
+        grad_x, grad_w = ctx.saved_tensors
+        return g * grad_x, (g * grad_w).to(ctx.w_dtype), None, None, None, None
 
 
-def _shift(x: torch.Tensor, fill: int) -> torch.Tensor:
-    """One slot left within each row of `[B, S]`; padding holds `fill` already, so rows never mix."""
-    return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
+@dataclass
+class _Step:
+    """Step k's inputs, known before the loop starts (so the loop never waits on the host)."""
+
+    ids: torch.Tensor  # [N] the token each slot reads at step k (0 past its document's end)
+    rows: torch.Tensor  # [M_k] slots with a teacher at step k
+    teacher: torch.Tensor  # [M_k] their rows of `Teacher.probs`
+
+
+def _plan(ids: torch.Tensor, index: torch.Tensor, layout: PackedLayout, steps: int) -> list[_Step]:
+    """Step k at slot t reads slot t+k's token and teacher, within t's document."""
+    slot = torch.arange(ids.numel(), device=ids.device)
+    plans = []
+    for k in range(steps):
+        src = slot + k
+        inside = src < layout.end
+        src = src.clamp(max=max(ids.numel() - 1, 0))
+        idx = torch.where(inside, index[src], -1)
+        rows = (idx >= 0).nonzero().squeeze(-1)
+        plans.append(_Step(torch.where(inside, ids[src], 0), rows, idx[rows]))
+    return plans
 
 
 def ttt_loss(
@@ -137,80 +183,119 @@ def ttt_loss(
     lm_head_weight: torch.Tensor,
     steps: int = DEFAULT_TTT_STEPS,
     decay: float = DEFAULT_STEP_DECAY,
+    attention: str = "auto",
+    checkpoint: bool = False,
+    ce_chunk: int = 4096,
 ) -> tuple[torch.Tensor, TTTStats]:
-    """The TTT loss of one packed (unshifted) supervision record (the decay-weighted mean over steps), and its sums."""
+    """The TTT loss of one packed (unshifted) supervision record (the decay-weighted mean over steps), and its sums.
+
+    Runs on the packed slots: no padding, no dense mask (`draft/attention.py`). `attention`: a backend of
+    `attention.BACKENDS`; `checkpoint`: recompute each step's draft layer in the backward pass (activation
+    checkpointing) instead of keeping its activations; `ce_chunk`: rows per chunk of the draft-vocabulary
+    cross-entropy.
+    """
     if steps < 1:
         raise ValueError(f"ttt steps must be >= 1, got {steps}")
     device = draft.fc.weight.device
     s = sup.shifted()
-    cu = s.cu_seqlens.to(device)
+    layout = PackedLayout.from_cu_seqlens(s.cu_seqlens.to(device))
     teacher = teacher_targets(
         s.last_hidden_states.to(device), s.loss_mask.to(device), lm_head_weight.to(device), draft.draft_ids
     )
-    rows, cols, b, width = padded_layout(cu)
-
-    def pad(x: torch.Tensor, fill: float) -> torch.Tensor:
-        out = x.new_full((b, width, *x.shape[1:]), fill)
-        out[rows, cols] = x
-        return out
-
-    ids = pad(s.input_ids.to(device), 0)
-    idx = pad(teacher.index, -1)
-    hidden = pad(s.aux_hidden_states.to(device, draft.fc.weight.dtype), 0)
-    valid = pad(torch.ones_like(rows, dtype=torch.bool), False)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    cache = StepCache(base_mask=causal[None] & valid[:, None, :])
-    positions = torch.arange(width, device=device).expand(b, width)
-    first = idx >= 0
+    plans = _plan(s.input_ids.to(device), teacher.index, layout, steps)
+    counts = [p.rows.numel() for p in plans]  # host ints: rows are sized already
+    weight = sum(decay**k for k in range(steps))
+    state = TTTState(layout, resolve_backend(attention, device))
+    hidden = s.aux_hidden_states.to(device, draft.fc.weight.dtype)
+    first = torch.zeros(layout.num_tokens, dtype=torch.bool, device=device)
+    first[plans[0].rows] = True
     run = first.clone()  # slots whose chain is still all-correct
     lead = torch.zeros(first.shape, dtype=torch.long, device=device)  # per slot: its leading correct steps
-    chain = torch.zeros((), device=device)
     total = torch.zeros((), device=device)
-    loss_sum, correct, count = (torch.zeros(steps, device=device) for _ in range(3))
-    for k in range(steps):
-        hidden = draft.step(ids, hidden, positions + k, cache)
-        sel = idx >= 0
-        r = idx[sel]
-        logp = F.log_softmax(draft.logits(hidden[sel]).float(), dim=-1)
-        p, ok = teacher.probs[r], teacher.in_draft[r]
-        ce = -(p * logp).sum(-1) * ok
-        n = max(int(sel.sum()), 1)
-        total = total + decay**k * ce.sum() / n
-        hit = torch.zeros_like(sel)
-        hit[sel] = (logp.argmax(-1) == p.argmax(-1)) & ok
+    loss_sum, correct, chain = [], [], []
+    for k, plan in enumerate(plans):
+        hidden = _run_step(draft, plan.ids, hidden, layout.pos + k, state, checkpoint)
+        x = draft.norm(hidden[plan.rows])
+        step_loss, ce, hit_rows = _SoftCrossEntropy.apply(
+            x,
+            draft.lm_head.weight,
+            teacher.probs[plan.teacher],
+            teacher.in_draft[plan.teacher],
+            decay**k / max(counts[k], 1) / weight,
+            ce_chunk,
+        )
+        total = total + step_loss
+        hit = torch.zeros_like(first)
+        hit[plan.rows] = hit_rows
         run &= hit
         lead += run
-        chain += run[first].sum()
-        loss_sum[k], correct[k], count[k] = ce.detach().sum(), hit.sum(), sel.sum()
-        ids, idx = _shift(ids, 0), _shift(idx, -1)
-    weight = sum(decay**k for k in range(steps))
-    rounds_sum, rounds = walk_rounds(first.cpu(), lead.cpu())
-    stats = TTTStats(loss_sum.cpu(), correct.cpu(), count.cpu(), chain.detach().cpu(), rounds_sum, rounds)
-    return total / weight, stats
+        loss_sum.append(ce.sum())
+        correct.append(hit_rows.sum())
+        chain.append(run.sum())  # run only ever narrows `first`
+    rounds_sum, rounds = walk_rounds(first, lead, layout)
+    stats = TTTStats(
+        torch.stack(loss_sum).detach().cpu(),
+        torch.stack(correct).float().cpu(),
+        torch.tensor(counts, dtype=torch.float32),
+        torch.stack(chain).sum().float().cpu(),
+        rounds_sum,
+        rounds,
+    )
+    return total, stats
 
 
-def walk_rounds(first: torch.Tensor, lead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, rounds) of greedy verify rounds walked over each row of `[B, S]` loss slots `first`, where
-    slot t's round accepts `lead[t]` drafted tokens and the bonus: the next round starts at t + lead[t] + 1."""
-    tokens = rounds = 0
-    for row_first, row_lead in zip(first.tolist(), lead.tolist(), strict=True):
-        t = 0
-        while t < len(row_first):
-            if not row_first[t]:
-                t += 1
-                continue
-            tokens, rounds = tokens + row_lead[t] + 1, rounds + 1
-            t += row_lead[t] + 1
-    return torch.tensor(float(tokens)), torch.tensor(float(rounds))
+def _run_step(draft: Eagle3Draft, ids, hidden, positions, state: TTTState, checkpoint: bool) -> torch.Tensor:
+    if not checkpoint or not torch.is_grad_enabled():
+        return draft.step(ids, hidden, positions, state)
+
+    def step(ids, hidden, positions, *kv):
+        again = TTTState(state.layout, state.attention, list(zip(kv[::2], kv[1::2], strict=True)))
+        return draft.step(ids, hidden, positions, again), *again.kv[-1]
+
+    flat = [t for pair in state.kv for t in pair]
+    out, k, v = torch.utils.checkpoint.checkpoint(step, ids, hidden, positions, *flat, use_reentrant=False)
+    state.kv.append((k, v))
+    return out
+
+
+def walk_rounds(first: torch.Tensor, lead: torch.Tensor, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, rounds) of greedy verify rounds walked over each document's loss slots `first [N]`, where slot t's
+    round accepts `lead[t]` drafted tokens and the bonus: the next round starts at the first loss slot from
+    t + lead[t] + 1 on. The walk is a path in a forward-pointing graph: its nodes are marked by pointer doubling
+    (log N vectorized rounds), not by a Python loop over slots."""
+    n = first.numel()
+    if n == 0:
+        return torch.zeros(()), torch.zeros(())
+    dev = first.device
+    slot = torch.arange(n + 1, device=dev)
+    # the first loss slot at or after each slot, in the same document; n (a sink) where there is none
+    ahead = torch.where(first, slot[:n], n).flip(0).cummin(0).values.flip(0)
+    ahead = torch.cat([ahead, ahead.new_full((1,), n)])
+    end = torch.cat([layout.end, layout.end.new_full((1,), n)])
+    nxt = ahead[(slot[:n] + lead + 1).clamp(max=n)]
+    nxt = torch.cat([torch.where(nxt < end[:n], nxt, n), nxt.new_full((1,), n)])
+    starts = ahead[layout.cu_seqlens[:-1]]
+    jumps = [nxt]  # jumps[j][t]: the node 2^j steps on from t
+    while (1 << len(jumps)) <= n:
+        jumps.append(jumps[-1][jumps[-1]])
+    # marks[t]: t begins a walked stretch of 2^j nodes; halve the stretches down to single nodes
+    count = torch.zeros(n + 1, dtype=torch.long, device=dev)
+    marks = count.index_add(0, starts, (starts < end[starts]).long()) > 0
+    for jump in reversed(jumps):
+        marks = marks | (count.index_add(0, jump, marks.long()) > 0)
+    walked = marks[:n]
+    return ((lead + 1) * walked).sum().float().cpu(), walked.sum().float().cpu()
 
 
 class TTTObjective(torch.nn.Module):
     """`ttt_loss` as a module's forward, so DistributedDataParallel can wrap it (DDP syncs gradients
     of parameters used in `forward`; calling the draft's methods directly would bypass it)."""
 
-    def __init__(self, draft: Eagle3Draft, steps: int = DEFAULT_TTT_STEPS, decay: float = DEFAULT_STEP_DECAY):
+    def __init__(
+        self, draft: Eagle3Draft, steps: int = DEFAULT_TTT_STEPS, decay: float = DEFAULT_STEP_DECAY, **options: Any
+    ):
         super().__init__()
-        self.draft, self.steps, self.decay = draft, steps, decay
+        self.draft, self.steps, self.decay, self.options = draft, steps, decay, options
 
     def forward(self, sup: Supervision, lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, TTTStats]:
-        return ttt_loss(self.draft, sup, lm_head_weight, self.steps, self.decay)
+        return ttt_loss(self.draft, sup, lm_head_weight, self.steps, self.decay, **self.options)
