@@ -225,3 +225,12 @@ def test_backend_names_are_checked():
     draft, head = make_draft()
     with pytest.raises(ValueError, match="unknown"):
         ttt_loss(draft, make_sup([5]), head, attention="dense")
+
+
+def test_the_config_offers_the_backends_the_trainer_has():
+    from eagle_ray.draft.attention import BACKENDS
+    from eagle_ray.train.config import ATTENTION_BACKENDS, DraftTrainConfig
+
+    assert ATTENTION_BACKENDS == BACKENDS
+    with pytest.raises(ValueError, match="attention: must be one of auto, sdpa, torch, flex, got 'dense'"):
+        DraftTrainConfig(attention="dense")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("auto", "sdpa", "torch", "flex")
+BACKENDS = ("auto", "sdpa", "torch", "flex")  # = train.config.ATTENTION_BACKENDS (tested)
 # scores of one query chunk: at most this many floats (heads x queries x keys), about 64 MB
 _CHUNK_SCORES = 1 << 24
 

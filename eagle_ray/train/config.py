@@ -20,6 +20,9 @@ from typing import Any
 
 from eagle_ray.testing.faults import check_fail_mode
 
+# the TTT attention backends (eagle_ray/draft/attention.py implements them; a test holds the two lists equal)
+ATTENTION_BACKENDS = ("auto", "sdpa", "torch", "flex")
+
 
 @dataclass
 class OptimConfig:
@@ -30,6 +33,8 @@ class OptimConfig:
     grad_clip: float | None = 0.5  # max gradient norm; None or 0: no clipping
     ttt_steps: int = 7  # training-time-test unroll depth
     step_decay: float = 0.8  # loss weight of TTT step k: step_decay^k
+    attention: str = "auto"  # TTT attention: auto (flex on CUDA, sdpa on the CPU), sdpa, torch or flex
+    activation_checkpointing: bool = False  # recompute each TTT step's draft layer in the backward pass
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -40,6 +45,8 @@ class OptimConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.ttt_steps < 1:
             raise ValueError(f"ttt_steps: must be >= 1, got {self.ttt_steps}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention: must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
 
     def optim_fields(self) -> dict[str, Any]:
         """The `OptimConfig` fields alone, by name (a subclass's own fields left out)."""

@@ -28,6 +28,7 @@ from eagle_ray.ray_init import quiet_known_warnings
 from eagle_ray.testing.faults import train_step_fault
 from eagle_ray.train.config import DraftTrainConfig
 from eagle_ray.train.feed import FeedReader
+from eagle_ray.train.prefetch import device_batches
 from eagle_ray.train.sample_audit import SampleLogWriter, fingerprints
 
 
@@ -91,7 +92,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state.update(_load(Path(d), draft, opt, sched, rank))
-    objective = TTTObjective(draft, cfg.ttt_steps, cfg.step_decay)
+    objective = TTTObjective(
+        draft, cfg.ttt_steps, cfg.step_decay, attention=cfg.attention, checkpoint=cfg.activation_checkpointing
+    )
     model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     metrics_path = Path(config["metrics_path"]) if rank == 0 and config.get("metrics_path") else None
     sink = config.get("metrics_sink") if rank == 0 else None
@@ -112,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reader = FeedReader(config["feed"], rank, state["step"], timeout)
     sample_log = SampleLogWriter(config["run_dir"], rank)
     sample_log.start(state["step"], reader.incarnation)
-    for step, sup, meta in reader:
+    for step, sup, meta in device_batches(reader, device):
         t_got = time.monotonic()
         step_wait = t_got - t_wait
         wait += step_wait
