@@ -14,7 +14,7 @@ from itertools import islice, pairwise
 import pytest
 import torch
 
-from eagle_ray.contract import validate_packed
+from eagle_ray.contract import plan_runs, validate_packed
 from eagle_ray.data import (
     LLAMA3_SPECIAL_TOKENS,
     DataError,
@@ -27,6 +27,7 @@ from eagle_ray.data import (
     read_records,
     sharegpt_path,
 )
+from eagle_ray.data.blocks import best_fit
 from eagle_ray.data.stats import short_path
 
 CHATML_JINJA = (
@@ -516,9 +517,11 @@ def test_packing_respects_budget_and_never_splits(chat_file, qwen):
             assert any(b.num_sequences == 1 and b.num_tokens > budget for b in batches)
 
 
+@pytest.mark.parametrize("packing", ["greedy", "best_fit"])
 @pytest.mark.parametrize("shuffle", [0, 7])
-def test_batches_from_any_index_equal_full_iteration(chat_file, qwen, shuffle):
+def test_batches_from_any_index_equal_full_iteration(chat_file, qwen, shuffle, packing):
     kw = dict(batch_tokens=300, shuffle_buffer=shuffle, seed=3, epochs=3, block_records=None if shuffle else 9)
+    kw["packing"] = packing
     full = list(source(chat_file, qwen, **kw)(0))
     per_epoch = len(full) // 3
     assert len(seqs(full)) == 3 * 60
@@ -531,6 +534,21 @@ def test_batches_from_any_index_equal_full_iteration(chat_file, qwen, shuffle):
             assert torch.equal(a.cu_seqlens, b.cu_seqlens)
     fresh = source(chat_file, qwen, **kw)  # a new process would build the same batch i
     assert seqs(islice(fresh(per_epoch + 3), 2)) == seqs(full[per_epoch + 3 : per_epoch + 5])
+
+
+def test_best_fit_fills_batches_and_keeps_every_sequence_once(chat_file, qwen):
+    rng = random.Random(1)
+    sizes = [rng.randint(1, 300) for _ in range(500)] + [1500]
+    groups = best_fit(sizes, 1000)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in g) <= 1000 or len(g) == 1 for g in groups)
+    assert [1500] in [[sizes[i] for i in g] for g in groups]  # too long for any batch: one of its own
+    assert groups == sorted(groups) and all(g == sorted(g) for g in groups)  # the given order decides what trains first
+    greedy = plan_runs(sizes, 1000)
+    assert sum(sizes) / (len(groups) * 1000) > 0.97 > sum(sizes) / (len(greedy) * 1000)
+    assert all(len(g) <= 3 for g in best_fit(sizes, 1000, 3))
+    with pytest.raises(ValueError, match="packing must be one of greedy, best_fit"):
+        source(chat_file, qwen, batch_tokens=300, packing="tight")
 
 
 def test_shuffle_is_seeded_bounded_and_per_epoch(chat_file, qwen):

@@ -7,6 +7,7 @@ is the same wherever it was built. Nothing here logs: a skipped record is counte
 
 from __future__ import annotations
 
+import bisect
 import random
 import sys
 from array import array
@@ -33,6 +34,7 @@ class Planner:
     seed: int
     batch_tokens: int | None
     max_sequences: int | None
+    packing: str = "greedy"  # one of PACKINGS
 
     def order(self, lengths: Sequence[int], epoch: int, block: int) -> list[int]:
         """The block's samples (record positions in the block) in training order."""
@@ -44,8 +46,32 @@ class Planner:
     def plan(self, lengths: Sequence[int], epoch: int, block: int) -> list[list[int]]:
         """The block's batches, each a list of record positions in the block."""
         order = self.order(lengths, epoch, block)
-        runs = plan_runs([lengths[i] for i in order], self.batch_tokens or sys.maxsize, self.max_sequences)
-        return [order[s:e] for s, e in runs]
+        sizes, budget = [lengths[i] for i in order], self.batch_tokens or sys.maxsize
+        if self.packing == "best_fit":
+            return [[order[j] for j in group] for group in best_fit(sizes, budget, self.max_sequences)]
+        return [order[s:e] for s, e in plan_runs(sizes, budget, self.max_sequences)]
+
+
+PACKINGS = ("greedy", "best_fit")
+
+
+def best_fit(sizes: Sequence[int], budget: int, max_sequences: int | None = None) -> list[list[int]]:
+    """Best-fit decreasing: each sequence, longest first, joins the fullest batch it still fits (at most
+    `max_sequences` each; one longer than `budget` gets a batch of its own). Batches are then ordered by their
+    first member, and members keep their order, so a shuffled order still decides what trains first."""
+    groups: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, group), sorted: the tightest fit is a bisection away
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        k = bisect.bisect_left(room, (sizes[i], -1))
+        if k < len(room):
+            left, g = room.pop(k)
+        else:
+            left, g = budget, len(groups)
+            groups.append([])
+        groups[g].append(i)
+        if max_sequences is None or len(groups[g]) < max_sequences:
+            bisect.insort(room, (max(left - sizes[i], 0), g))
+    return sorted(sorted(g) for g in groups)
 
 
 @dataclass

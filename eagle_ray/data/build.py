@@ -39,6 +39,7 @@ def make_batch_source(
     max_records: int | None = None,
     max_warnings: int = 3,
     workers: int | None = None,
+    packing: str = "greedy",
 ) -> tuple[ChatBatchSource, DataStats]:
     """A batch source over chat or pre-tokenized JSON / JSONL files, and its live `DataStats`.
 
@@ -54,6 +55,7 @@ def make_batch_source(
     `workers`: blocks read, tokenized and packed at once in Ray tasks (`num_cpus=1` each), ahead of the
     batch being served; 0 does that work in this process; None: Ray tasks (`DEFAULT_WORKERS`) when Ray is
     initialized at the first batch, else this process. The batches are the same either way.
+    `packing`: "greedy" (consecutive sequences until the next does not fit) or "best_fit" (fuller batches).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -103,5 +105,6 @@ def make_batch_source(
         reporter=Reporter(strict=strict, max_warnings=max_warnings),
         index=BlockIndex(fingerprint, index_path),
         workers=workers,
+        packing=packing,
     )
     return source, source.stats

@@ -6,9 +6,10 @@ Batch i is the same whatever index a run starts from, because every batch is a p
 - records are cut into blocks of `block_records` (file order); with shuffling, a block is the
   shuffle buffer and its records are permuted by a generator seeded with (seed, epoch, block):
   a bounded, seekable shuffle (records never leave their block; each epoch reorders every block);
-- each block is packed on its own, greedily in that order, by `batch_tokens` and/or
-  `max_sequences` (`contract.plan_runs`): a sequence is never split, one longer than the budget
-  gets a batch of its own, and a block's last batch may be short;
+- each block is packed on its own by `batch_tokens` and/or `max_sequences`: greedily in that order
+  (`contract.plan_runs`; a block's last batch may be short), or `packing="best_fit"` (longest first into
+  the fullest batch it fits, `blocks.best_fit`: fuller batches, the order still shuffled); a sequence is
+  never split, and one longer than the budget gets a batch of its own;
 - epochs repeat the data (`epochs=None`: forever); batch numbering runs on across epochs.
 
 Starting at batch i reads (tokenizes) only the block holding it once the blocks before it are
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from eagle_ray.contract import PackedBatch
-from eagle_ray.data.blocks import BlockRead, Planner, pack, read_block
+from eagle_ray.data.blocks import PACKINGS, BlockRead, Planner, pack, read_block
 from eagle_ray.data.encode import Sample, SampleEncoder
 from eagle_ray.data.index import Block, BlockIndex
 from eagle_ray.data.stats import DataError, DataStats, Reporter
@@ -73,6 +74,7 @@ class ChatBatchSource:
         index: BlockIndex,
         max_records: int | None = None,
         workers: int | None = None,
+        packing: str = "greedy",
     ):
         if batch_tokens is None and max_sequences is None:
             raise ValueError("give batch_tokens and/or max_sequences")
@@ -81,13 +83,15 @@ class ChatBatchSource:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if block_records < 1:
             raise ValueError(f"block_records must be >= 1, got {block_records}")
+        if packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
         if workers is not None and workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.paths = [str(p) for p in paths]
         self.encoder, self.reporter, self.index = encoder, reporter, index
         self.batch_tokens, self.max_sequences = batch_tokens, max_sequences
         self.block_records, self.shuffle, self.seed, self.epochs = block_records, shuffle, seed, epochs
-        self.planner = Planner(shuffle, seed, batch_tokens, max_sequences)
+        self.planner = Planner(shuffle, seed, batch_tokens, max_sequences, packing)
         self.max_records = max_records  # the data ends after this many records
         self.workers = workers  # Ray tasks in flight; None: DEFAULT_WORKERS when Ray is up, else 0
         self.task_pids: set[int] = set()  # the processes whose Ray tasks prepared blocks (diagnostics)

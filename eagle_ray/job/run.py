@@ -83,6 +83,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             max_length=c.data.max_length,
             batch_tokens=c.data.batch_tokens,
             max_sequences=c.data.max_sequences,
+            packing=c.data.packing,
             shuffle_buffer=c.data.shuffle_buffer,
             seed=c.data.seed,
             strict=c.data.strict,
