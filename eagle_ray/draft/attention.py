@@ -22,10 +22,13 @@ Backends (`attention=`), differing only in block 1's kernel:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "torch", "flex")  # = train.config.ATTENTION_BACKENDS (tested)
 # scores of one query chunk: at most this many floats (heads x queries x keys), about 64 MB
@@ -74,7 +77,15 @@ def ttt_attention(
     """`q [N, Hq, d]` of the current step against `kv` (step 0's keys/values first, then steps 1..k,
     each `[N, Hkv, d]`); returns `[N, Hq, d]`."""
     if backend == "flex":
-        return _flex_attention(q, kv, layout, scale)
+        if not _FLEX_FAILED:
+            try:
+                return _flex_attention(q, kv, layout, scale)
+            except Exception as e:  # a compile failure on some GPU/driver: the run goes on, slower, and says so
+                if not q.is_cuda:
+                    raise
+                _FLEX_FAILED.append(e)
+                log.warning("flex attention failed (%s: %s); TTT attention falls back to 'torch'", type(e).__name__, e)
+        backend = "torch"
     flat = [t for pair in kv for t in pair]
     return _MergedAttention.apply(layout, scale, _KERNELS[backend], q, *flat)
 
@@ -262,6 +273,7 @@ def _flex_attention(q, kv, layout: PackedLayout, scale: float) -> torch.Tensor:
 
 
 _COMPILED: list = []
+_FLEX_FAILED: list = []  # the first error, once flex failed in this process
 
 
 def _compiled_flex():
