@@ -131,8 +131,12 @@ def test_direct_plane_trains_the_reference_curve_with_nothing_per_batch_on_the_d
     try:
         run = _train(owner, tmp_path, "direct", train=_config(stop_at_step=20), data_plane="direct")
         mine = owner.stats()
+        rows = (tmp_path / "direct" / "metrics.jsonl").read_text()
+        again = _train(owner, tmp_path, "direct", train=_config(stop_at_step=20), data_plane="direct")
     finally:
         owner.close()
+    # the same run again resumes at its last step: it trains nothing and reads nothing
+    assert again.steps == 20 and (tmp_path / "direct" / "metrics.jsonl").read_text() == rows
     assert [r["step"] for r in run.history] == list(range(1, 21)) and run.feed == {}
     for got, ref in zip(run.history, reference.history[:20], strict=True):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6), got["step"]

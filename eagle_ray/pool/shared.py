@@ -127,6 +127,7 @@ class PoolServer:
     def describe(self) -> tuple[ModelInfo, list[ray.ObjectRef], dict[str, Any], View, dict[str, str]]:
         # the weights ref in a list: the client borrows it
         where = {"model_path": self.pool.model_path, "engine_name": self.pool.engine_name}
+        where["placement"] = self.pool.placement
         return self.pool.info, [self.pool.weights_ref()], self.pool.dispatch_settings(), self._view, where
 
     def report(self, replica_id: int, reason: str) -> None:
@@ -170,6 +171,7 @@ class PoolClient(PooledTargetModel):
         self.name = name  # what other processes `connect` to
         info, (weights_ref,), settings, view, where = ray.get(server.describe.remote())
         self.model_path, self.engine_name = where["model_path"], where["engine_name"]  # what the replicas serve
+        self.placement = where["placement"]  # colocated: a rank reads its own node's replicas
         unknown = set(overrides) - set(settings)
         if unknown:
             raise TypeError(f"unknown client settings {sorted(unknown)}; known: {sorted(settings)}")

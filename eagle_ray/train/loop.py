@@ -13,6 +13,7 @@ import logging
 import tempfile
 import time
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         d = config["direct"]
         client = connect_pool(d["pool"])
-        batches = d["source"].rank_batches(rank, world, state["step"])
-        reader = RankReader(client, batches, state["step"], d["depth"], timeout, rank=rank, world=world)
+        # this run's steps only: a finished run resumed reads (and dispatches) nothing, a stopping one no more
+        last = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
+        batches = islice(d["source"].rank_batches(rank, world, state["step"]), max(last - state["step"], 0))
+        node = ray.get_runtime_context().get_node_id() if d.get("local") else None
+        reader = RankReader(client, batches, state["step"], d["depth"], timeout, rank=rank, world=world, node_id=node)
     else:
         reader = FeedReader(config["feed"], rank, state["step"], timeout)
     sample_log = SampleLogWriter(config["run_dir"], rank)

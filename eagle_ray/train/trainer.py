@@ -107,6 +107,8 @@ def train_draft(
     direct = None
     if data_plane == "direct":
         direct = {"pool": _pool_name(pool), "source": _rank_source(data), "depth": queue_depth}
+        # colocated: each rank reads its own node's replicas (zero-copy), others only when its node has none
+        direct["local"] = pool.placement == "colocated"
     source = _source(data)
     run_dir = Path(storage_path) / name
     run_dir.mkdir(parents=True, exist_ok=True)
