@@ -57,7 +57,7 @@ class DataConfig:
     max_length: int = 512
     batch_tokens: int = 1024  # tokens per batch (per worker per step)
     max_sequences: int | None = None
-    packing: Literal["greedy", "best_fit"] = "greedy"  # best_fit: fuller batches (ShareGPT, 2048/8k: 0.90 -> 0.99 full)
+    packing: Literal["greedy", "best_fit"] = "greedy"  # best_fit: fuller batches (benchmarks/packing_fill.py)
     shuffle_buffer: int = 1000
     seed: int = 0
     strict: bool = False  # True: a malformed record stops the run; False: skipped, logged with file:line

@@ -1,0 +1,69 @@
+"""Measured numbers live in `benchmarks/results/*.json`; the docs show them through this script, never retyped.
+
+A doc holds a block per benchmark, between `<!-- render:NAME -->` and `<!-- /render:NAME -->`; this script
+rewrites each block from NAME's results file with NAME's own `render(doc)`. `tests/test_rendered_docs.py` fails
+when a block and its JSON disagree.
+
+    .venv/bin/python benchmarks/render.py            # rewrite the blocks in README.md and docs/*.md
+    .venv/bin/python benchmarks/render.py --check    # exit 1 if a block is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# block name -> (the benchmark module that renders it, its results file)
+BLOCKS = {
+    "packing_fill": ("packing_fill", "packing_fill.json"),
+    "ttt_bench": ("ttt_bench", "ttt_bench.json"),
+}
+_BLOCK = re.compile(r"(<!-- render:(\w+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
+
+
+def rendered(name: str) -> str:
+    module, results = BLOCKS[name]
+    spec = importlib.util.spec_from_file_location(f"_bench_{module}", HERE / f"{module}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.render(json.loads((HERE / "results" / results).read_text())).rstrip("\n") + "\n"
+
+
+def docs() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def update(text: str) -> str:
+    def block(m: re.Match) -> str:
+        if m.group(2) not in BLOCKS:
+            raise KeyError(f"unknown rendered block {m.group(2)!r}; known: {sorted(BLOCKS)}")
+        return m.group(1) + rendered(m.group(2)) + m.group(4)
+
+    return _BLOCK.sub(block, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="only report stale blocks")
+    a = p.parse_args(argv)
+    stale = []
+    for path in docs():
+        text = path.read_text()
+        new = update(text)
+        if new != text:
+            stale.append(path)
+            if not a.check:
+                path.write_text(new)
+    for path in stale:
+        print(f"{'stale' if a.check else 'rewrote'}: {path.relative_to(ROOT)}")
+    return 1 if a.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
