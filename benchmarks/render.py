@@ -31,6 +31,7 @@ def rendered(name: str) -> str:
     module, results = BLOCKS[name]
     spec = importlib.util.spec_from_file_location(f"_bench_{module}", HERE / f"{module}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod.render(json.loads((HERE / "results" / results).read_text())).rstrip("\n") + "\n"
 

@@ -59,6 +59,40 @@ def test_draft_train_flops_by_hand():
     assert gpu_bench.draft_train_flops(c, [3], steps=2) == 3 * (fc + step0 + step1) + teacher
 
 
+def test_min_ttt_flops_by_hand():
+    c = Eagle3DraftConfig(
+        hidden_size=4,
+        intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=2,
+        vocab_size=10,
+        draft_vocab_size=6,
+        aux_layer_ids=[0, 1, 2],
+    )
+    per_slot = 2 * 4 * (4 + 2 * 2) + 4 * 4 + 3 * 4 * 8 + 4 * 6  # q k v read 2H; o; gate up down; lm_head, every slot
+    fc = 3 * 12 * 4  # step 0 only
+    pairs = 3 * 4 // 2  # causal over 3 tokens, the diagonal included
+    step0 = 3 * per_slot + 2 * 4 * pairs  # QK^T and PV: attention width 4 per (query, key) pair
+    step1 = 3 * per_slot + 2 * 4 * (pairs + 3)  # one own-slot key per query from step 1
+    # MACs x 2 FLOPs x 3 (forward + backward); gpu_bench uses ttt_bench's function, not a copy
+    assert gpu_bench.min_ttt_flops(c, [3], steps=2) == 6 * (fc + step0 + step1) == 8784
+
+
+def test_sharegpt_layouts_round_trip(tmp_path):
+    ttt_bench = sys.modules["ttt_bench"]  # imported by gpu_bench
+    g = torch.Generator().manual_seed(0)
+    masks = [(torch.rand(n, generator=g) < 0.6).long() for n in (5, 1, 9)]
+    lay = {"name": "x", "max_length": 9, "batch_tokens": 16, "batch_index": 0, "seqlens": [5, 1, 9]}
+    ttt_bench.write_layouts([{**lay, "loss_mask": torch.cat(masks)}], tmp_path / "l.json")
+    [back] = ttt_bench.read_layouts(tmp_path / "l.json")
+    assert back["seqlens"] == [5, 1, 9] and torch.equal(back["loss_mask"], torch.cat(masks))
+    # the committed layouts gpu_bench's ShareGPT cases read: the three batches ttt_bench.py measures
+    shipped = ttt_bench.read_layouts(ttt_bench.LAYOUTS)
+    assert [(b["max_length"], b["batch_tokens"]) for b in shipped] == list(ttt_bench.SHAREGPT)
+    assert all(max(b["seqlens"]) <= b["max_length"] and sum(b["seqlens"]) <= b["batch_tokens"] for b in shipped)
+
+
 def test_peak_from_device_name(monkeypatch):
     names = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H200": 989.4}
     for name, want in names.items():
@@ -92,15 +126,20 @@ def test_smoke_run_without_ray(tmp_path):
         assert case[f"{key}_tokens_per_s"] > 0 and case[f"{key}_mfu"] > 0
     assert case["flops"] > 0 and case["engine_over_plain"] > 0
     assert any("scaled_dot_product" in op for op in case["attention_ops_engine"])
-    [step] = r["draft"]["cases"]
-    assert step["ms_per_step"] > 0 and step["tokens_per_s"] > 0 and step["mfu"] > 0 and step["flops"] > 0
-    assert len(step["step"]["times_s"]) >= 1 and all(x == x for x in step["loss_first_last"])  # finite, not NaN
+    step, ragged = r["draft"]["cases"]  # the uniform batch, then the first ShareGPT batch cut small
+    for c in (step, ragged):
+        assert c["ms_per_step"] > 0 and c["tokens_per_s"] > 0 and c["mfu"] > 0 and c["flops"] > 0
+        assert c["mfu_min"] > 0 and c["min_flops"] > 0
+        assert len(c["step"]["times_s"]) >= 1 and all(x == x for x in c["loss_first_last"])  # finite, not NaN
+    assert ragged["name"].startswith("sharegpt-2048") and len(ragged["seqlens"]) == 3
+    assert max(ragged["seqlens"]) <= 40 and 0 < ragged["loss_tokens"] <= ragged["tokens"]
 
     # the benchmark suite turns a GPU run's JSON into table rows (MFU against the 50% goal)
     spec = importlib.util.spec_from_file_location("suite", ROOT / "benchmarks" / "suite.py")
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
     rows = suite.gpu_rows(out)
-    assert [row["name"].split(": ")[1].split(",")[0] for row in rows] == ["HF engine prefill MFU", "draft train step"]
+    names = [row["name"].split(": ")[1].split(",")[0] for row in rows]
+    assert names == ["HF engine prefill MFU", "draft train step", "draft train step"]
     assert rows[0]["ratio_median"] == case["mfu"] and rows[0]["goal"] == 0.5
     assert rows[0]["meets_goal"] == (case["mfu"] >= 0.5) and rows[1]["ratio_median"] == step["ms_per_step"]
