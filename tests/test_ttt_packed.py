@@ -10,7 +10,7 @@ import torch
 from eagle_ray.contract import Supervision
 from eagle_ray.draft.attention import PackedLayout, resolve_backend, ttt_attention
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
-from eagle_ray.draft.ttt import _SoftCrossEntropy, ttt_loss, walk_rounds
+from eagle_ray.draft.ttt import Teacher, _SoftCrossEntropy, ttt_loss, walk_rounds
 from eagle_ray.testing.padded_ttt import padded_ttt_loss, walk_rounds_loop
 
 H, V, D = 64, 300, 120
@@ -199,9 +199,12 @@ def test_chunked_cross_entropy_equals_the_plain_one():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(50, 16, generator=g, requires_grad=True)
     w = torch.randn(30, 16, generator=g, requires_grad=True)
-    probs = torch.softmax(torch.randn(50, 30, generator=g), -1)
-    ok = torch.rand(50, generator=g) < 0.8
-    loss, ce, hit = _SoftCrossEntropy.apply(x, w, probs, ok, 0.37, 8)
+    probs = torch.softmax(torch.randn(60, 30, generator=g), -1)
+    ok = torch.rand(60, generator=g) < 0.8
+    teacher = Teacher(probs, ok, torch.arange(60), probs.argmax(-1))
+    rows = torch.randperm(60, generator=g)[:50]  # x's teacher rows
+    loss, ce, hit = _SoftCrossEntropy.apply(x, w, teacher, rows, 0.37, 8)
+    probs, ok = probs[rows], ok[rows]
     (loss * 2).backward()
     gx, gw = x.grad, w.grad
     x.grad = w.grad = None

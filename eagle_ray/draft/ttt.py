@@ -52,6 +52,7 @@ class Teacher:
     probs: torch.Tensor  # [M, D] float32: target distribution over the draft vocabulary
     in_draft: torch.Tensor  # [M] bool: the target's argmax lies in the draft vocabulary
     index: torch.Tensor  # [N] int64: row of `probs` for each slot, -1 where the loss mask is 0
+    top: torch.Tensor  # [M] int64: each row's most likely draft token (argmax of `probs`)
 
 
 def teacher_targets(
@@ -67,17 +68,19 @@ def teacher_targets(
     index[rows] = torch.arange(rows.numel(), device=rows.device)
     in_vocab = torch.zeros(lm_head_weight.shape[0], dtype=torch.bool, device=draft_ids.device)
     in_vocab[draft_ids] = True
-    probs, in_draft = [], []
+    probs, in_draft, top = [], [], []
     with torch.no_grad():
         for part in rows.split(chunk_rows):
             logits = last_hidden[part].to(lm_head_weight.dtype) @ lm_head_weight.T
             in_draft.append(in_vocab[logits.argmax(-1)])
             probs.append(torch.softmax(logits[:, draft_ids].float(), dim=-1))
+            top.append(probs[-1].argmax(-1))
     d = draft_ids.numel()
     return Teacher(
         probs=torch.cat(probs) if probs else last_hidden.new_zeros(0, d, dtype=torch.float32),
         in_draft=torch.cat(in_draft) if in_draft else torch.zeros(0, dtype=torch.bool, device=rows.device),
         index=index,
+        top=torch.cat(top) if top else torch.zeros(0, dtype=torch.long, device=rows.device),
     )
 
 
@@ -125,21 +128,23 @@ class TTTStats:
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
-    """`sum_r weight · ok_r · CE(probs_r, log_softmax(x_r @ W.T))` over rows, a chunk of rows at a time, so the
-    `[rows, draft_vocab]` logits never exist at once; the gradients are taken in the forward pass (as Liger's fused
-    linear cross-entropy does), leaving `[rows, H]` and `[D, H]` to keep. Also returns each row's CE and whether
-    its argmax is the teacher's (inside the draft vocabulary)."""
+    """`sum_r weight · ok_r · CE(p_r, log_softmax(x_r @ W.T))` over rows x_r, whose teacher is `teacher`'s row
+    `rows[r]`, a chunk of rows at a time, so the `[rows, draft_vocab]` logits (and the gathered teacher rows) never
+    exist at once; the gradients are taken in the forward pass (as Liger's fused linear cross-entropy does),
+    leaving `[rows, H]` and `[D, H]` to keep. Also returns each row's CE and whether its argmax is the teacher's
+    (inside the draft vocabulary)."""
 
     @staticmethod
-    def forward(ctx, x, w, probs, ok, weight: float, chunk: int):
+    def forward(ctx, x, w, teacher: Teacher, rows, weight: float, chunk: int):
         ce = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         grad_x, grad_w = torch.empty_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for a in range(0, x.shape[0], chunk):
-            xc, p, okc = x[a : a + chunk], probs[a : a + chunk], ok[a : a + chunk]
+            r = rows[a : a + chunk]
+            xc, p, okc = x[a : a + chunk], teacher.probs[r], teacher.in_draft[r]
             logp = F.log_softmax((xc @ w.T).float(), dim=-1)
             ce[a : a + chunk] = -(p * logp).sum(-1) * okc
-            hit[a : a + chunk] = (logp.argmax(-1) == p.argmax(-1)) & okc
+            hit[a : a + chunk] = (logp.argmax(-1) == teacher.top[r]) & okc
             dlogits = ((logp.exp() * p.sum(-1, keepdim=True) - p) * (okc * weight)[:, None]).to(x.dtype)
             grad_x[a : a + chunk] = dlogits @ w.to(x.dtype)
             grad_w += (dlogits.T @ xc).float()
@@ -217,12 +222,7 @@ def ttt_loss(
         hidden = _run_step(draft, plan.ids, hidden, layout.pos + k, state, checkpoint)
         x = draft.norm(hidden[plan.rows])
         step_loss, ce, hit_rows = _SoftCrossEntropy.apply(
-            x,
-            draft.lm_head.weight,
-            teacher.probs[plan.teacher],
-            teacher.in_draft[plan.teacher],
-            decay**k / max(counts[k], 1) / weight,
-            ce_chunk,
+            x, draft.lm_head.weight, teacher, plan.teacher, decay**k / max(counts[k], 1) / weight, ce_chunk
         )
         total = total + step_loss
         hit = torch.zeros_like(first)
