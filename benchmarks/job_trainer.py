@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from eagle_ray.contract import Supervision
-from eagle_ray.data import make_batch_source
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
 from eagle_ray.draft.ttt import ttt_loss
 from eagle_ray.job.config import load_job_config
+from eagle_ray.job.inputs import job_batch_source
 from eagle_ray.testing.padded_ttt import padded_ttt_loss
 from eagle_ray.tiny import tiny_config
 
@@ -38,18 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     job = load_job_config(None)
-    src, _ = make_batch_source(
-        "sharegpt",
-        [],
-        "qwen",
-        job.data.chat_template,
-        max_length=job.data.max_length,
-        batch_tokens=job.data.batch_tokens,
-        shuffle_buffer=job.data.shuffle_buffer,
-        seed=job.data.seed,
-        workers=0,
-        max_warnings=0,
-    )
+    src = job_batch_source(job.data, "qwen", workers=0, max_warnings=0)
     it = src(0)
     batches = [next(it) for _ in range(a.batches)]
     vocab = -(-151_646 // 64) * 64  # the default target's vocabulary, as `tiny.default_target` rounds Qwen's

@@ -20,22 +20,17 @@ SETTINGS = [(2048, 8192), (4096, 16384), (8192, 32768)]
 
 
 def fill(packing: str, max_length: int, batch_tokens: int, batches: int) -> dict[str, float]:
-    from eagle_ray.data import make_batch_source
     from eagle_ray.job.config import DataConfig
+    from eagle_ray.job.inputs import job_batch_source
 
-    dc = DataConfig()
-    src, _ = make_batch_source(
-        "sharegpt",
-        [],
+    src = job_batch_source(
+        DataConfig(),
         "qwen",
-        dc.chat_template,
         max_length=max_length,
         batch_tokens=batch_tokens,
-        shuffle_buffer=dc.shuffle_buffer,
-        seed=dc.seed,
+        packing=packing,
         workers=0,
         max_warnings=0,
-        packing=packing,
     )
     it = src(0)
     fills = sorted(next(it).num_tokens / batch_tokens for _ in range(batches))

@@ -23,6 +23,7 @@ ROOT = HERE.parent
 BLOCKS = {
     "packing_fill": ("packing_fill", "packing_fill.json"),
     "ttt_bench": ("ttt_bench", "ttt_bench.json"),
+    "job_trainer": ("job_trainer", "job_trainer.json"),
 }
 _BLOCK = re.compile(r"(<!-- render:(\w+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 

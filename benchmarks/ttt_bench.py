@@ -215,25 +215,15 @@ def sharegpt_layouts(batch_index: int = 0, packing: str | None = None) -> list[d
     """The job's ShareGPT batches (lengths, ids, loss masks), one per `SHAREGPT` setting: `make_batch_source`
     as `eagle_ray.job.run` builds it (Qwen's BPE, the job's template, shuffle buffer and seed; its packing
     unless `packing` is given: "greedy" or "best_fit", which the GPU configs use)."""
-    from eagle_ray.data import make_batch_source
     from eagle_ray.job.config import DataConfig
+    from eagle_ray.job.inputs import job_batch_source
 
     dc = DataConfig()
     packing = packing or dc.packing
     out = []
     for max_length, batch_tokens in SHAREGPT:
-        src, _ = make_batch_source(
-            "sharegpt",
-            [],
-            "qwen",
-            dc.chat_template,
-            max_length=max_length,
-            batch_tokens=batch_tokens,
-            shuffle_buffer=dc.shuffle_buffer,
-            seed=dc.seed,
-            packing=packing,
-            workers=0,
-            max_warnings=0,
+        src = job_batch_source(
+            dc, "qwen", max_length=max_length, batch_tokens=batch_tokens, packing=packing, workers=0, max_warnings=0
         )
         it = src(batch_index)
         batch = next(it)

@@ -31,13 +31,7 @@ TTT_STEPS = 4
 TRAIN_STEPS, PER_STEP, LR = 150, 8, 3e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine: one thread is as fast alone and ~10x faster under load
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls on 2 shared cores
 
 
 @pytest.fixture(scope="module")

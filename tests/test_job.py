@@ -82,6 +82,42 @@ def test_no_argument_run_20_steps_prints_a_short_log_of_its_own(tmp_path):
     assert "draft training done" in proc.stdout
 
 
+def test_a_local_rays_processes_drop_ray_trains_autoscaling_request_warnings_only():
+    """On a loaded machine Ray Train's controller logs "Failed to send resource request for train-..." (with a
+    traceback; Ray calls it safe to ignore when transient). A local Ray has no autoscaler to ask, so every process the
+    job's local Ray starts drops exactly those lines (`init_ray`'s setup hook), also in a task or actor with an
+    env of its own (as Ray Train's controller has); everything else that logger says still shows."""
+    import importlib
+    import inspect
+    import logging
+
+    import ray
+    from conftest import local_ray
+
+    from eagle_ray.ray_init import AUTOSCALING_CLIENT_LOGGER, AUTOSCALING_CLIENT_WARNINGS
+
+    client = importlib.import_module(AUTOSCALING_CLIENT_LOGGER)  # Ray's module, its logger, its messages
+    assert client.logger.name == AUTOSCALING_CLIENT_LOGGER
+    assert all(f'"{msg}{{' in inspect.getsource(client) for msg in AUTOSCALING_CLIENT_WARNINGS)
+
+    @ray.remote(num_cpus=0)
+    def logged() -> list[str]:
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.getMessage())
+        logger = logging.getLogger(AUTOSCALING_CLIENT_LOGGER)
+        logger.addHandler(handler)
+        for msg in AUTOSCALING_CLIENT_WARNINGS:
+            logger.warning("%strain-0123. If this only happens transiently ...", msg)
+        logger.warning("anything else")
+        logger.removeHandler(handler)
+        return seen
+
+    with local_ray(num_cpus=1):
+        assert ray.get(logged.remote()) == ["anything else"]
+        assert ray.get(logged.options(runtime_env={"env_vars": {"EAGLE_RAY_ANY": "1"}}).remote()) == ["anything else"]
+
+
 def test_the_errors_a_user_must_see_still_show(tmp_path):
     """Quiet is not silent: a bad key stops the job at once, saying which key."""
     cmd = [sys.executable, "jobs/train_eagle3.py", f"checkpoint.storage_path={tmp_path}", "training.bogus=1"]

@@ -53,12 +53,7 @@ def paths(tmp_path_factory) -> dict[str, str]:
     return {a: str(build_tiny_target(root / a, a)) for a in ARCHS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls on 2 shared cores
 
 
 def batch() -> PackedBatch:

@@ -17,12 +17,7 @@ H, V, D = 64, 300, 120
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls on 2 shared cores
 
 
 def make_draft(kv_heads: int = 2, seed: int = 3) -> tuple[Eagle3Draft, torch.Tensor]:

@@ -12,6 +12,29 @@ from pathlib import Path
 from typing import Any
 
 
+def job_batch_source(
+    data: Any, tokenizer: Any, fmt: str | None = None, paths: list[str] | None = None, **overrides: Any
+):
+    """The training job's batch source for its `data:` section (a `DataConfig`): `fmt` and `paths` default to the
+    section's; `overrides` replace `make_batch_source` arguments (a benchmark's `max_length`, say)."""
+    from eagle_ray.data import make_batch_source
+
+    kwargs = dict(
+        template=data.chat_template,
+        max_length=data.max_length,
+        batch_tokens=data.batch_tokens,
+        max_sequences=data.max_sequences,
+        packing=data.packing,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=data.seed,
+        strict=data.strict,
+        max_records=data.max_records,
+        workers=data.workers,
+    )
+    fmt = data.format if fmt is None else fmt
+    return make_batch_source(fmt, data.paths if paths is None else paths, tokenizer, **{**kwargs, **overrides})[0]
+
+
 def tokenizer_spec(model_path: str | None, tokenizer: str | None) -> str:
     """The tokenizer asked for; else the target's own (a `tokenizer.json` beside its weights); else Qwen's BPE."""
     if tokenizer:

@@ -26,7 +26,7 @@ import ray
 import torch
 
 from eagle_ray.job.config import ConfigError, JobConfig, describe, load_job_config
-from eagle_ray.job.inputs import end_tokens, held_out_prompts, resolve_engine, tokenizer_spec
+from eagle_ray.job.inputs import end_tokens, held_out_prompts, job_batch_source, resolve_engine, tokenizer_spec
 from eagle_ray.job.signals import StopSignals
 
 log = logging.getLogger("eagle_ray.job")
@@ -63,7 +63,7 @@ def _init_ray(c: JobConfig) -> None:
 
 def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     """The job; `stop`: the signal handlers `main` installed, re-installed after whoever replaces them."""
-    from eagle_ray.data import load_tokenizer, make_batch_source
+    from eagle_ray.data import load_tokenizer
     from eagle_ray.job.plot import plot_history
     from eagle_ray.tiny import default_target
     from eagle_ray.train import train_draft
@@ -75,22 +75,8 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     model_path = c.target.model_path or default_target(tokenizer)
 
     def make_source(fmt: str, paths: list[str], index: str = "data_index.jsonl") -> Any:
-        return make_batch_source(
-            fmt,
-            paths,
-            tokenizer,
-            template=c.data.chat_template,
-            max_length=c.data.max_length,
-            batch_tokens=c.data.batch_tokens,
-            max_sequences=c.data.max_sequences,
-            packing=c.data.packing,
-            shuffle_buffer=c.data.shuffle_buffer,
-            seed=c.data.seed,
-            strict=c.data.strict,
-            max_records=c.data.max_records,
-            index_path=run_dir / index,  # restarts seek to a batch without re-tokenising
-            workers=c.data.workers,
-        )[0]
+        # restarts seek to a batch without re-tokenising
+        return job_batch_source(c.data, tokenizer, fmt, paths, index_path=run_dir / index)
 
     # regenerating: the data is the target's answers, written once the pool is up
     source = None if c.regenerate.enabled else make_source(c.data.format, c.data.paths)
