@@ -2,7 +2,8 @@
 
 Joining a cluster (`address`, or RAY_ADDRESS as `ray job submit` sets it) keeps the cluster's own system
 config. Starting a local Ray makes a private one (never one another process left running) with the pool's
-system config, token authentication chosen explicitly, and the environment below for every process it starts.
+system config, token authentication chosen explicitly, and the environment and setup hook below for every process
+it starts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ RAY_SYSTEM_CONFIG = {"free_objects_period_milliseconds": 20, "free_objects_batch
 # also the actor Ray core logs an error about at every start ("constructor arguments in the object store and
 # max_restarts > 0"). On a cluster it stays on.
 LOCAL_ENV = {**ZERO_COPY_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Run first in every process a local Ray starts (the replicas, Ray Train's controller and workers, data tasks).
+LOCAL_SETUP_HOOK = "eagle_ray.ray_init.quiet_local_ray_process"
+# Ray Train 2.60's controller registers its workers' resources with the AutoscalingCoordinator (a detached actor of
+# Ray Data's that it starts on first use) and waits 5 s for the answer
+# (`ray/train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py`). On a loaded machine that
+# actor's start-up takes longer, and the controller logs these, with a traceback, which Ray itself calls safe to
+# ignore when transient. A local Ray has no autoscaler for the request to reach: nothing to act on.
+AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+AUTOSCALING_CLIENT_WARNINGS = ("Failed to send resource request for ", "Failed to cancel resource request for ")
 
 
 def init_ray(
@@ -59,7 +69,7 @@ def init_ray(
         num_gpus=num_gpus,
         object_store_memory=object_store_memory,
         include_dashboard=dashboard,
-        runtime_env={"env_vars": {**LOCAL_ENV, **(env or {})}},
+        runtime_env={"env_vars": {**LOCAL_ENV, **(env or {})}, "worker_process_setup_hook": LOCAL_SETUP_HOOK},
         _system_config=dict(RAY_SYSTEM_CONFIG),  # a copy: ray.init adds its spilling config to the dict
         logging_level=logging.WARNING,  # "Started a local Ray instance" and the like
     )
@@ -74,6 +84,23 @@ def quiet_known_warnings() -> None:
     """
     warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def quiet_local_ray_process() -> None:
+    """A local Ray's `worker_process_setup_hook`: drop Ray Train's autoscaling-request warnings in this process.
+
+    Only those two messages of that one logger (`AUTOSCALING_CLIENT_WARNINGS`); every other Ray Train warning
+    still shows. A cluster's processes (joined by address) keep them: there an autoscaler may be waiting on the
+    request.
+    """
+    logger = logging.getLogger(AUTOSCALING_CLIENT_LOGGER)
+    if not any(isinstance(f, _NoAutoscalerToAsk) for f in logger.filters):
+        logger.addFilter(_NoAutoscalerToAsk())
+
+
+class _NoAutoscalerToAsk(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(AUTOSCALING_CLIENT_WARNINGS)
 
 
 def _choose_token_auth() -> None:

@@ -23,7 +23,7 @@ class _Replica:
     pg: Any
     state: str = "starting"  # starting | ready | draining | dead
     ready_ref: Any = None
-    watch_ref: Any = None  # resolves (with an error) only when the actor dies
+    watch_ref: Any = None  # resolves only when the actor dies (an error) or a TP rank of its own did
     started_at: float = field(default_factory=time.monotonic)
     task_errors: int = 0  # consecutive failed shards
     desc: dict[str, Any] | None = None
@@ -142,9 +142,12 @@ class Lifecycle:
         return [r for r in self._replicas.values() if r.state == "ready"]
 
     def _on_watch(self, r: _Replica, fut: Any) -> None:
-        """A replica's watch resolves only when it dies."""
+        """A replica's watch resolves only when it dies (an error) or one of its TP rank processes did (its value
+        says which): either way it can never run a shard again, so it is retired and replaced now, whether or not
+        a shard would have found out (an idle replica's rank death otherwise stays unseen in the membership)."""
         if self._replicas.get(r.replica_id) is r:
-            self._on_replica_death(r, fut.exception() or RuntimeError("replica watch returned"))
+            err = fut.exception()  # logged as "replica N lost: <err>"
+            self._on_replica_death(r, err or RuntimeError(fut.result() or "its watch returned"))
 
     def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
         """Replace a dead replica; deliver what it finished, re-queue the rest of its shards."""

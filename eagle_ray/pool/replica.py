@@ -4,11 +4,16 @@ The actor runs shards one at a time and returns two objects per shard: a small
 metadata dict (what the driver waits on) and the `Supervision` payload (what consumers
 `ray.get`). Tensors are CPU torch tensors; the actor's runtime env sets Ray's
 `RAY_ENABLE_ZERO_COPY_TORCH_TENSORS`, so consumers read them zero-copy from the object store.
+
+TP ranks >= 1 are processes of the replica's own (children of the actor's process, see `engines/sglang.py`), not
+Ray actors: Ray never hears of their deaths. The replica's `watch` does, at once, so the pool retires a replica
+whose rank died even when no shard reaches it.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -38,11 +43,13 @@ class TargetReplica:
         t0 = time.perf_counter()
         self.target = load_target(engine, model_path, **target_kwargs)
         self.build_seconds = time.perf_counter() - t0
+        eng = self.target.engine
+        # per TP rank: its process and device (rank 0 is this process)
+        self.ranks = eng.ranks() if hasattr(eng, "ranks") else [{"tp_rank": 0, "pid": os.getpid()}]
 
     def describe(self) -> dict[str, Any]:
         """Model facts and where this replica runs; called once when it starts."""
         ctx = ray.get_runtime_context()
-        engine = self.target.engine
         return {
             "replica_id": self.replica_id,
             "info": self.target.info,
@@ -51,7 +58,7 @@ class TargetReplica:
             "pid": os.getpid(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "ranks": engine.ranks() if hasattr(engine, "ranks") else [{"tp_rank": 0, "pid": os.getpid()}],
+            "ranks": self.ranks,
             "build_seconds": self.build_seconds,
         }
 
@@ -96,12 +103,58 @@ class TargetReplica:
         return meta, answers
 
     @ray.method(concurrency_group="watch")
-    def watch(self) -> None:
-        """Never returns while the replica lives: the pool waits on it to notice a death at once."""
-        threading.Event().wait()
+    def watch(self) -> str:
+        """Never returns while the replica and its TP ranks live: the pool waits on it to notice a death at once.
+
+        The replica's own death fails it (Ray's actor-died error). The death of a TP rank of its own (a process,
+        rank >= 1) returns saying which: the replica can never run a shard again (its ranks would meet in no
+        collective), and the pool retires and replaces it then, not when a shard next reaches it.
+        """
+        others = [r for r in self.ranks if r["pid"] != os.getpid()]
+        if not others:
+            threading.Event().wait()
+        rank = _first_to_exit(others)
+        return f"its TP rank {rank['tp_rank']} (pid {rank['pid']}) died"
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.target.engine.input_embeddings(), self.target.engine.lm_head_weight()
 
     def shutdown(self) -> None:
         self.target.close()
+
+
+def _first_to_exit(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Block until one of `ranks` (each with a "pid") has exited; return it.
+
+    A pidfd (Linux >= 5.3) turns readable when its process exits, zombie or reaped: no polling, and the ranks'
+    `multiprocessing` handles stay the only ones to reap them (their exit codes stay theirs). Without pidfds, a poll
+    every half second.
+    """
+    fds: dict[int, dict[str, Any]] = {}
+    try:
+        for rank in ranks:
+            try:
+                fds[os.pidfd_open(rank["pid"])] = rank
+            except ProcessLookupError:
+                return rank  # gone (and reaped) already
+        poller = select.poll()  # not select.select: a Ray worker's descriptors may number past FD_SETSIZE
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        while True:
+            events = poller.poll()
+            if events:
+                return fds[events[0][0]]
+    except (AttributeError, OSError):  # no pidfd_open here (not Linux, an old kernel, a seccomp filter)
+        import psutil  # Ray's own dependency
+
+        while True:
+            for rank in ranks:
+                try:
+                    if psutil.Process(rank["pid"]).status() == psutil.STATUS_ZOMBIE:
+                        return rank
+                except psutil.NoSuchProcess:
+                    return rank
+            time.sleep(0.5)
+    finally:
+        for fd in fds:
+            os.close(fd)
