@@ -40,17 +40,21 @@ def test_llama_8b_params_and_mfu():
     assert abs(flops / 989.4e12 - 0.06223) < 1e-5  # 6.16e13 FLOPs: 6.2% MFU
 
 
+# a draft small enough to count its FLOPs by hand
+HAND_CONFIG = Eagle3DraftConfig(
+    hidden_size=4,
+    intermediate_size=8,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=2,
+    vocab_size=10,
+    draft_vocab_size=6,
+    aux_layer_ids=[0, 1, 2],
+)
+
+
 def test_draft_train_flops_by_hand():
-    c = Eagle3DraftConfig(
-        hidden_size=4,
-        intermediate_size=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=2,
-        vocab_size=10,
-        draft_vocab_size=6,
-        aux_layer_ids=[0, 1, 2],
-    )
+    c = HAND_CONFIG
     mid = 2 * 4 * (4 + 2 * 2) + 4 * 4 + 3 * 4 * 8  # q k v read 2H; o; gate up down
     fc = 2 * 3 * 12 * 4  # step 0 only, 3 slots
     step0 = 2 * 3 * mid + 2 * 2 * 4 * 6 + 2 * 4 * 9  # 2 slots with a target; causal over 3 tokens
@@ -60,16 +64,7 @@ def test_draft_train_flops_by_hand():
 
 
 def test_min_ttt_flops_by_hand():
-    c = Eagle3DraftConfig(
-        hidden_size=4,
-        intermediate_size=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=2,
-        vocab_size=10,
-        draft_vocab_size=6,
-        aux_layer_ids=[0, 1, 2],
-    )
+    c = HAND_CONFIG
     per_slot = 2 * 4 * (4 + 2 * 2) + 4 * 4 + 3 * 4 * 8 + 4 * 6  # q k v read 2H; o; gate up down; lm_head, every slot
     fc = 3 * 12 * 4  # step 0 only
     pairs = 3 * 4 // 2  # causal over 3 tokens, the diagonal included
