@@ -33,6 +33,18 @@ LOCAL_SETUP_HOOK = "eagle_ray.ray_init.quiet_local_ray_process"
 # ignore when transient. A local Ray has no autoscaler for the request to reach: nothing to act on.
 AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 AUTOSCALING_CLIENT_WARNINGS = ("Failed to send resource request for ", "Failed to cancel resource request for ")
+# Every Ray Train 2.60 line a local run may print on a loaded machine and has nothing to act on: logger -> message
+# prefixes. Besides the autoscaling requests, the controller's teardown: its placement-group cleaner's monitor thread
+# missed a stop timeout, or could not query the controller's state meanwhile (a local job's end takes every
+# placement group with it).
+QUIET_ON_LOCAL_RAY = {
+    AUTOSCALING_CLIENT_LOGGER: AUTOSCALING_CLIENT_WARNINGS,
+    "ray.train.v2._internal.callbacks.placement_group_callback": ("Failed to stop PlacementGroupCleaner gracefully",),
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": (
+        "Monitor thread did not exit within",
+        "Failed to query Ray Train Controller actor state",
+    ),
+}
 
 
 def init_ray(
@@ -87,20 +99,24 @@ def quiet_known_warnings() -> None:
 
 
 def quiet_local_ray_process() -> None:
-    """A local Ray's `worker_process_setup_hook`: drop Ray Train's autoscaling-request warnings in this process.
+    """A local Ray's `worker_process_setup_hook`: drop the Ray Train lines of `QUIET_ON_LOCAL_RAY` in this process.
 
-    Only those two messages of that one logger (`AUTOSCALING_CLIENT_WARNINGS`); every other Ray Train warning
-    still shows. A cluster's processes (joined by address) keep them: there an autoscaler may be waiting on the
-    request.
+    Only those messages of those loggers; every other Ray Train warning still shows. A cluster's processes (joined
+    by address) keep them: there an autoscaler may be waiting on the request, and a cleaner may matter.
     """
-    logger = logging.getLogger(AUTOSCALING_CLIENT_LOGGER)
-    if not any(isinstance(f, _NoAutoscalerToAsk) for f in logger.filters):
-        logger.addFilter(_NoAutoscalerToAsk())
+    for name, prefixes in QUIET_ON_LOCAL_RAY.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Quiet) for f in logger.filters):
+            logger.addFilter(_Quiet(prefixes))
 
 
-class _NoAutoscalerToAsk(logging.Filter):
+class _Quiet(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(AUTOSCALING_CLIENT_WARNINGS)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def _choose_token_auth() -> None:

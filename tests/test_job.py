@@ -94,28 +94,33 @@ def test_a_local_rays_processes_drop_ray_trains_autoscaling_request_warnings_onl
     import ray
     from conftest import local_ray
 
-    from eagle_ray.ray_init import AUTOSCALING_CLIENT_LOGGER, AUTOSCALING_CLIENT_WARNINGS
+    from eagle_ray.ray_init import AUTOSCALING_CLIENT_LOGGER, AUTOSCALING_CLIENT_WARNINGS, QUIET_ON_LOCAL_RAY
 
     client = importlib.import_module(AUTOSCALING_CLIENT_LOGGER)  # Ray's module, its logger, its messages
     assert client.logger.name == AUTOSCALING_CLIENT_LOGGER
     assert all(f'"{msg}{{' in inspect.getsource(client) for msg in AUTOSCALING_CLIENT_WARNINGS)
+    for name, prefixes in QUIET_ON_LOCAL_RAY.items():  # each still Ray Train's own logger and words
+        module = importlib.import_module(name)
+        assert module.logger.name == name and all(p in inspect.getsource(module) for p in prefixes), name
 
     @ray.remote(num_cpus=0)
     def logged() -> list[str]:
         seen: list[str] = []
         handler = logging.Handler()
         handler.emit = lambda record: seen.append(record.getMessage())
-        logger = logging.getLogger(AUTOSCALING_CLIENT_LOGGER)
-        logger.addHandler(handler)
-        for msg in AUTOSCALING_CLIENT_WARNINGS:
-            logger.warning("%strain-0123. If this only happens transiently ...", msg)
-        logger.warning("anything else")
-        logger.removeHandler(handler)
+        for name, prefixes in QUIET_ON_LOCAL_RAY.items():
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            for msg in prefixes:
+                logger.warning("%strain-0123. If this only happens transiently ...", msg)
+            logger.warning(f"anything else from {name}")
+            logger.removeHandler(handler)
         return seen
 
+    expected = [f"anything else from {name}" for name in QUIET_ON_LOCAL_RAY]
     with local_ray(num_cpus=1):
-        assert ray.get(logged.remote()) == ["anything else"]
-        assert ray.get(logged.options(runtime_env={"env_vars": {"EAGLE_RAY_ANY": "1"}}).remote()) == ["anything else"]
+        assert ray.get(logged.remote()) == expected
+        assert ray.get(logged.options(runtime_env={"env_vars": {"EAGLE_RAY_ANY": "1"}}).remote()) == expected
 
 
 def test_the_errors_a_user_must_see_still_show(tmp_path):
