@@ -55,23 +55,27 @@ def ahead(reader: Iterable[Item], move: Callable[[Supervision], Callable[[], Sup
     out: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
+    def hand(record: tuple) -> bool:
+        """Put `record` for the consumer unless it has gone (then False)."""
+        while not stop.is_set():
+            try:
+                out.put(record, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def serve() -> None:
         it = iter(reader)
         try:
             for step, sup, meta in it:
                 record = ("item", step, move(sup), meta)
                 del sup  # the reader's host copy may leave its budget once moved
-                while not stop.is_set():
-                    try:
-                        out.put(record, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand(record):
                     return
-            out.put(("end",))
+            hand(("end",))
         except BaseException as e:  # surfaced in the consumer, not lost in a thread
-            out.put(("error", e))
+            hand(("error", e))
         finally:
             if hasattr(it, "close"):
                 it.close()
