@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = None
     t_window, wait, step_tokens = time.monotonic(), 0.0, 0
     t_wait = time.monotonic()
-    timeout = config.get("feed_timeout_s", 600.0)
+    timeout = config.get("read_timeout_s", 600.0)
     reader = RankReader(
         _supply(config["supply"], timeout),
         # this run's steps only: a finished run resumed reads (and dispatches) nothing, a stopping one no more

@@ -71,7 +71,7 @@ def train_draft(
     resume_from: str | None = None,
     export_dir: str | Path | None = None,
     export_dtype: torch.dtype | None = None,
-    feed_timeout_s: float = 600.0,
+    read_timeout_s: float = 600.0,
     progress: str = "auto",
     progress_every_s: float = 10.0,
     trackers: Sequence[str] | Trackers = (),
@@ -87,7 +87,8 @@ def train_draft(
     restores it); so does `resume_from` (a checkpoint directory). Worker failures restart from the last
     checkpoint up to `max_failures` times. A poison batch (the pool gave up on it) is skipped, up to
     `train.max_skipped_batches`. The draft is exported to `export_dir` (default `<storage_path>/<name>/draft`)
-    when the run reaches `max_steps`. `queue_depth`: records each worker reads ahead. `progress`: "bar",
+    when the run reaches `max_steps`. `queue_depth`: records each worker reads ahead; `read_timeout_s`: how long
+    one may wait for its next record (and a shard may stall) before it fails. `progress`: "bar",
     "lines", "auto" (bar on a terminal) or "off". `trackers`: experiment trackers fed every step's metrics, by
     name ("tensorboard" writes `<storage_path>/<name>/tensorboard`; "wandb", "mlflow": see `trackers.py`) or
     opened `Trackers`, closed at the end either way; `tracker_config` is what they record as the run's config
@@ -132,7 +133,7 @@ def train_draft(
             "metrics_path": str(metrics_path),
             "run_dir": str(run_dir),
             "resume_from": resume_from,
-            "feed_timeout_s": feed_timeout_s,
+            "read_timeout_s": read_timeout_s,
             "metrics_sink": sink,
         },
         torch_config=TorchConfig(backend=backend) if backend else None,
