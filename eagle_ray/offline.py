@@ -404,7 +404,7 @@ def _progress_line(run: dict[str, Any], have: int, total: int | None, seconds: f
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading: the pool surface train_draft and SupervisionFeed use, served from a dump
+# Reading: where each training rank (`train/reader.py`'s DumpSupply) loads its own batches
 
 
 class OfflineSupervision:
