@@ -1,5 +1,5 @@
 """Pipeline balance: the fraction of each draft step spent waiting for supervision, on the real path
-(pool -> feed -> Ray Train worker), with supply faster and slower than demand.
+(a shared pool -> the Ray Train worker's own client), with supply faster and slower than demand.
 
 Supply is one HF replica (one thread) of a tiny Llama; demand is one draft worker (one thread). The
 target's depth sets the balance: 8 layers make supervision cheap next to a draft step (7 TTT steps),
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eagle_ray import DraftTrainConfig, PooledTargetModel, build_tiny_target, train_draft
+from eagle_ray import DraftTrainConfig, PooledTargetModel, build_tiny_target, serve_pool, train_draft
 from eagle_ray.tiny import CACHE_DIR, markov_batches
 
 WARMUP_STEPS = 5  # the first steps pay for imports and the first shards; not the steady state
@@ -30,7 +30,7 @@ def _supply_tokens_per_s(pool: PooledTargetModel, batches) -> float:
 def _run(layers: int, steps: int, root: Path, cache: Path) -> dict:
     path = str(build_tiny_target(cache / f"pipeline-llama-l{layers}", "llama", num_hidden_layers=layers))
     batches = markov_batches(16)
-    with PooledTargetModel.from_pretrained(path, engine="hf", replicas=1, cpus_per_replica=1, use_gpu=False) as pool:
+    with serve_pool(f"balance-l{layers}", path, engine="hf", replicas=1, cpus_per_replica=1, use_gpu=False) as pool:
         _supply_tokens_per_s(pool, batches[:2])  # warm-up
         supply = _supply_tokens_per_s(pool, batches)
         result = train_draft(

@@ -66,7 +66,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "tiny_config",
     ),
     "eagle_ray.train": ("DraftTrainConfig", "OptimConfig", "TrainResult", "train_draft"),
-    "eagle_ray.train.direct": ("CycledBatches", "RankReader"),
+    "eagle_ray.train.reader": ("CycledBatches", "DumpSupply", "PoolSupply", "RankReader"),
     "eagle_ray.train.sample_audit": ("audit_run", "expected_samples"),
     "eagle_ray.train.trackers": ("Tracker", "Trackers", "open_trackers"),
 }

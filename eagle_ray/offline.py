@@ -1,7 +1,13 @@
 """Offline supervision: dump a pool's supervision to disk once, then train from the dump without a pool.
 
-    manifest = dump_supervision(pool, batches, "/data/sup", num_batches=10_000)   # resumable
+    pool = serve_pool("dump", model_path, replicas=4)
+    manifest = dump_supervision(pool, batches, "/data/sup", num_batches=10_000, writers=4)   # resumable
     result = train_draft(OfflineSupervision("/data/sup"), batches, DraftTrainConfig(...), ...)
+
+Writing: `writers` Ray tasks, each a client of the pool, stream their share of the batches (batch i goes to
+writer i % writers) straight to the replicas and write each batch's file themselves; the driver writes the
+target's files and the manifest, and no supervision passes through it. Reading: each training rank opens the
+dump (on storage every rank can read) and loads its own batches' files (`train/reader.py`'s `DumpSupply`).
 
 A dump directory holds:
   batch_{index:08d}.safetensors  one per batch: input_ids, loss_mask, cu_seqlens, aux_hidden_states,
@@ -12,8 +18,8 @@ A dump directory holds:
   manifest.json                  format version, ModelInfo, target facts, one entry per batch
 
 Every file is written to `<name>.tmp` and renamed into place, so a crash never leaves a half file
-under a real name. A shard file is the commit record of its batch: the manifest is rewritten after
-each shard, and a shard that a crash left out of the manifest is taken back from its own header.
+under a real name. A shard file is the commit record of its batch: the manifest is written at the end
+from the shards on disk, and a shard that a crash left out of the manifest is taken back from its own header.
 
 Batches are identified by content (a hash of input_ids, loss_mask and cu_seqlens), not by position:
 a resumed dump verifies each batch it skips against its shard, and `OfflineSupervision` serves any
@@ -24,13 +30,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -42,7 +47,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eagle_ray.contract import ModelInfo, PackedBatch, Supervision, validate_packed
-from eagle_ray.pool.pooled import ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -274,90 +278,120 @@ def _summarise(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], **e
     }
 
 
-def _batches_of(data: Iterable[PackedBatch] | Callable[[int], Iterator[PackedBatch]]) -> Iterator[PackedBatch]:
-    """A list/iterable is read once; a BatchSource (index -> batches) is read from index 0."""
-    return iter(data(0) if callable(data) else data)
-
-
 def dump_supervision(
     pool: Any,
-    data: Iterable[PackedBatch] | Callable[[int], Iterator[PackedBatch]],
+    data: Sequence[PackedBatch] | Any,
     out_dir: str | Path,
     num_batches: int | None = None,
     *,
-    progress_every: int = 10,
+    writers: int = 1,
     stall_timeout_s: float = 600.0,
     fsync: bool = True,
     progress: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
-    """Write the pool's supervision for the first `num_batches` batches of `data` (all, if None) to `out_dir`.
+    """Write the supervision of the first `num_batches` batches of `data` (all of a list if None; a
+    `ChatBatchSource`'s first epoch) to `out_dir`, on storage the writers (and later the trainers) can reach.
 
+    `pool`: a `serve_pool` pool; `writers` Ray tasks connect to it and write batch i in writer i % writers.
     Resumable: batches whose shard exists are verified (content hash) and skipped, never recomputed or
     rewritten; a batch that differs from its shard raises `DumpMismatchError`, as does a pool serving
     another target. Returns the manifest, with `last_run` counts (written, skipped, seconds, bytes).
     """
-    root = Path(out_dir)
+    from eagle_ray.data.source import ChatBatchSource
+    from eagle_ray.pool import PoolClient
+    from eagle_ray.train.reader import rank_source
+
+    if not isinstance(pool, PoolClient):
+        raise TypeError("dump_supervision writes from clients of a shared pool: serve_pool(name, model_path, ...)")
+    if writers < 1:
+        raise ValueError(f"writers must be >= 1, got {writers}")
+    source = rank_source(data)
+    if not isinstance(data, ChatBatchSource):  # a list is dumped once, never cycled
+        num_batches = min(num_batches if num_batches is not None else len(source.batches), len(source.batches))
+    elif num_batches is None:
+        num_batches = data.batches_per_epoch()
+    root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root):
-        for stale in root.glob("*.tmp"):  # a crash mid-write: never under a real name, safe to drop
-            stale.unlink()
-        for stale in (root / "target").glob("*.tmp"):
+        for stale in [*root.glob("*.tmp"), *(root / "target").glob("*.tmp")]:  # a crash mid-write: never real
             stale.unlink()
         manifest = _init_or_check(root, pool, fsync)
-        entries = _entries_matching_disk(root, manifest, strict=False)
-        run = {"written": 0, "skipped": 0, "bytes_written": 0, "tokens_written": 0, "seconds": 0.0}
-        queued: dict[int, tuple[int, PackedBatch, str]] = {}  # stream index -> (batch index, batch, hash)
-        state = {"complete": False, "streamed": 0}
-
-        def todo() -> Iterator[PackedBatch]:
-            for index, batch in enumerate(itertools.islice(_batches_of(data), num_batches)):
-                digest = content_hash(batch)
-                if index in entries:
-                    if entries[index]["content_hash"] != digest:
-                        raise DumpMismatchError(
-                            f"batch {index} differs from {root / shard_name(index)} (content hash "
-                            f"{digest[:12]} != {entries[index]['content_hash'][:12]}): not the data this dump holds"
-                        )
-                    run["skipped"] += 1
-                    continue
-                queued[state["streamed"]] = (index, batch, digest)  # the pool counts what it is given from 0
-                state["streamed"] += 1
-                yield batch
-            state["complete"] = True
-
+        done = {i: e["content_hash"] for i, e in _entries_matching_disk(root, manifest, strict=False).items()}
         t0 = time.monotonic()
-        parts: list[ShardResult] = []
-        stream = pool.stream(todo(), ordered=True, stall_timeout_s=stall_timeout_s)
+        task = ray.remote(num_cpus=1)(_write_share).options(scheduling_strategy="SPREAD")
+        shares = [
+            task.remote(str(root), pool.name, source, w, writers, num_batches, done, fsync, stall_timeout_s)
+            for w in range(writers)
+        ]
         try:
-            for res in stream:
-                index, batch, digest = queued[res.batch_index]
-                if res.error:
-                    raise RuntimeError(f"batch {index}: the pool lost a shard: {res.error}")
-                parts.append(res)
-                if res.sequences[1] < batch.num_sequences:
-                    continue  # more shards of this batch follow (ordered stream)
-                sup = Supervision.concat(ray.get([r.ref for r in parts]))
-                parts.clear()
-                del queued[res.batch_index]
-                if not (torch.equal(sup.input_ids, batch.input_ids.long()) and sup.num_tokens == batch.num_tokens):
-                    raise RuntimeError(f"batch {index}: the pool returned supervision of other tokens")
-                entries[index] = _write_shard(root, index, sup, digest, fsync)
-                del sup
-                _write_json(root / "manifest.json", _summarise(manifest, entries, complete=False), fsync)
-                run["written"] += 1
-                run["bytes_written"] += entries[index]["bytes"]
-                run["tokens_written"] += batch.num_tokens
-                if progress and progress_every and run["written"] % progress_every == 0:
-                    progress(_progress_line(run, len(entries), num_batches, time.monotonic() - t0))
+            runs = ray.get(shares)
+        except BaseException:
+            for ref in shares:  # the other writers stop too; what they committed stays (resume verifies it)
+                ray.cancel(ref)
+            raise
         finally:
-            stream.close()
+            entries = _entries_matching_disk(root, manifest, strict=False)  # what the writers committed
+            complete = all(i in entries for i in range(num_batches))
+            _write_json(root / "manifest.json", _summarise(manifest, entries, complete=complete), fsync)
+        run = {k: sum(r[k] for r in runs) for k in runs[0]}
         run["seconds"] = round(time.monotonic() - t0, 3)
         if progress:
-            progress(_progress_line(run, len(entries), num_batches, time.monotonic() - t0, done=True))
-        final = _summarise(manifest, entries, complete=state["complete"], requested_batches=num_batches)
+            progress(_progress_line(run, len(entries), num_batches, run["seconds"], done=True))
+        final = _summarise(manifest, entries, complete=complete, requested_batches=num_batches)
         final["last_run"] = run
         _write_json(root / "manifest.json", final, fsync)
         return final
+
+
+def _write_share(
+    root: str,
+    pool_name: str,
+    source: Any,
+    writer: int,
+    writers: int,
+    count: int,
+    done: dict[int, str],
+    fsync: bool,
+    stall_timeout_s: float,
+) -> dict[str, int]:
+    """A writer task: batches `writer`, `writer + writers`... below `count`, streamed by its own pool client."""
+    from eagle_ray.pool import connect_pool
+    from eagle_ray.train.reader import PoolSupply
+
+    out = Path(root)
+    run = {"written": 0, "skipped": 0, "bytes_written": 0, "tokens_written": 0}
+    todo: list[tuple[int, str]] = []  # (batch index, content hash) of the batches streamed, in order
+
+    def missing() -> Iterator[PackedBatch]:
+        for index, batch in zip(range(writer, count, writers), source.rank_batches(writer, writers), strict=False):
+            digest = content_hash(batch)
+            if index in done:
+                if done[index] != digest:
+                    raise DumpMismatchError(
+                        f"batch {index} differs from {out / shard_name(index)} (content hash "
+                        f"{digest[:12]} != {done[index][:12]}): not the data this dump holds"
+                    )
+                run["skipped"] += 1
+                continue
+            todo.append((index, digest))
+            yield batch
+
+    client = connect_pool(pool_name)
+    try:
+        for s in PoolSupply(client, timeout_s=stall_timeout_s).serve(missing(), depth=2, world=writers):
+            index, digest = todo[s.index]
+            if s.error:
+                raise RuntimeError(f"batch {index}: the pool gave up on it: {s.error}")
+            if not (torch.equal(s.sup.input_ids, s.batch.input_ids.long()) and s.sup.num_tokens == s.batch.num_tokens):
+                raise RuntimeError(f"batch {index}: the pool returned supervision of other tokens")
+            entry = _write_shard(out, index, s.sup, digest, fsync)
+            run["written"] += 1
+            run["bytes_written"] += entry["bytes"]
+            run["tokens_written"] += s.batch.num_tokens
+            s = None  # its results leave the client's budget
+    finally:
+        client.close()
+    return run
 
 
 def _progress_line(run: dict[str, Any], have: int, total: int | None, seconds: float, done: bool = False) -> str:
@@ -370,16 +404,12 @@ def _progress_line(run: dict[str, Any], have: int, total: int | None, seconds: f
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading: the pool surface train_draft and SupervisionFeed use, served from a dump
+# Reading: where each training rank (`train/reader.py`'s DumpSupply) loads its own batches
 
 
 class OfflineSupervision:
-    """A finished (or partial) dump with the surface of a `PooledTargetModel` for training.
-
-    `stream(batches)` looks each batch up by content hash, loads its shard (one at a time), puts it
-    in the object store and yields a `ShardResult` for the whole batch. A batch the dump does not
-    hold raises `MissingSupervisionError`.
-    """
+    """A finished (or partial) dump, read where it lies: its target (info, config, weights) and each batch's
+    supervision, looked up by content hash (`load`). Each training rank opens one and reads its own batches."""
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
@@ -390,79 +420,29 @@ class OfflineSupervision:
         self._by_hash: dict[str, dict[str, Any]] = {}
         for e in self.entries.values():
             self._by_hash.setdefault(e["content_hash"], e)  # equal content, equal supervision: either will do
-        self._weights: dict[str, torch.Tensor] | None = None
-        self._next_shard_id = 0
-        self._served = {"batches": 0, "tokens": 0}
         if not self.manifest.get("complete"):
             log.warning("%s: the dump is incomplete (%d batches); resume it to add the rest", self.root, len(self))
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _target(self) -> dict[str, torch.Tensor]:
-        if self._weights is None:
-            self._weights = load_file(self.root / "target.safetensors")
-        return self._weights
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input embedding, lm_head weight) of the dumped target, as a pool's `weights_ref()` object holds them."""
+        t = load_file(self.root / "target.safetensors")
+        return t["embed_tokens"], t["lm_head"]
 
-    def get_input_embeddings(self) -> torch.nn.Embedding:
-        return torch.nn.Embedding.from_pretrained(self._target()["embed_tokens"].clone(), freeze=True)
-
-    def get_lm_head_weight(self) -> torch.Tensor:
-        return self._target()["lm_head"]
-
-    def load(self, batch: PackedBatch, position: int | None = None) -> Supervision:
+    def load(self, batch: PackedBatch) -> Supervision:
         """The dumped supervision of `batch` (checked token for token against it)."""
         batch = validate_packed(batch, self.info.vocab_size)
         digest = content_hash(batch)
         entry = self._by_hash.get(digest)
-        where = f"batch {position} of the stream" if position is not None else "the batch"
         if entry is None:
             raise MissingSupervisionError(
-                f"{where} ({batch.num_sequences} sequences, {batch.num_tokens} tokens, content hash "
+                f"a batch ({batch.num_sequences} sequences, {batch.num_tokens} tokens, content hash "
                 f"{digest[:12]}) is not in the dump at {self.root} ({len(self)} batches"
                 f"{'' if self.manifest.get('complete') else ', incomplete'}); dump it first"
             )
         t = load_file(self.root / entry["file"])
         if not all(torch.equal(t[k], getattr(batch, k)) for k in ("input_ids", "loss_mask", "cu_seqlens")):
-            raise DumpMismatchError(f"{self.root / entry['file']} does not hold {where} despite its hash")
+            raise DumpMismatchError(f"{self.root / entry['file']} does not hold that batch despite its hash")
         return Supervision(**{k: t[k] for k in SHARD_FIELDS})
-
-    def forward_packed(self, batch: PackedBatch, return_logits: bool = False) -> Supervision:
-        if return_logits:
-            raise ValueError("a supervision dump holds no logits; apply the lm_head to last_hidden_states")
-        return self.load(batch)
-
-    def stream(
-        self,
-        batches: Iterable[PackedBatch],
-        *,
-        ordered: bool = True,
-        return_logits: bool = False,
-        stall_timeout_s: float = 600.0,
-        **_: Any,
-    ) -> Iterator[ShardResult]:
-        """One `ShardResult` per batch, in order (`ordered` and the pool's other knobs are moot here)."""
-        if return_logits:
-            raise ValueError("a supervision dump holds no logits")
-        for i, batch in enumerate(batches):
-            sup = self.load(batch, i)
-            ref = ray.put(sup)
-            del sup  # the object store holds it now; keep one shard at a time on the driver
-            shard_id, self._next_shard_id = self._next_shard_id, self._next_shard_id + 1
-            self._served["batches"] += 1
-            self._served["tokens"] += batch.num_tokens
-            yield ShardResult(shard_id, i, (0, batch.num_sequences), batch.num_tokens, ref)
-
-    def stats(self) -> dict[str, Any]:
-        """Shaped like the pool's for progress monitors: no replicas, nothing in flight; what was served."""
-        served = {f"{k}_served": v for k, v in self._served.items()}
-        return {"replicas": [], "inflight_bytes": 0, "held_bytes": 0, **served}
-
-    def shutdown(self) -> None:
-        """Nothing runs: present so code written for a pool can treat both alike."""
-
-    def __enter__(self) -> OfflineSupervision:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()

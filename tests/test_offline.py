@@ -1,5 +1,7 @@
-"""Offline mode: dump a real pool's supervision (HF replica, local Ray), resume after a crash, the dump
-job's CLI end to end, and training from the dump with the pool shut down (last: it stops the pool).
+"""Offline mode: dump a real shared pool's supervision (HF replica, local Ray) from writer tasks that are its
+clients, resume after a crash, the dump job's CLI end to end, and training from the dump, each rank reading its
+own batches' files, with the pool shut down (last: it stops the pool). The pool splits a batch in two shards
+(`shard_tokens`): what is written is the joined batch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from conftest import local_ray
 from safetensors.torch import load_file
 
-from eagle_ray import PackedBatch, ShardResult, Supervision
+from eagle_ray import PackedBatch
 from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.offline import (
     SHARD_FIELDS,
@@ -27,13 +29,13 @@ from eagle_ray.offline import (
     dump_supervision,
     shard_name,
 )
-from eagle_ray.pool import PooledTargetModel
+from eagle_ray.pool import serve_pool
 from eagle_ray.tiny import markov_sequences
 from eagle_ray.train.loop import DraftTrainConfig
 from eagle_ray.train.trainer import train_draft
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, WORKERS = 8, 1
+STEPS, WORKERS = 8, 2
 
 
 def _batches(n: int, per_batch: int = 4, seed: int = 5) -> list[PackedBatch]:
@@ -56,19 +58,6 @@ def _shards(d: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(d.glob("batch_*.safetensors"))}
 
 
-class TwoShardsPerBatch(OfflineSupervision):
-    """A dump served the way a pool serves a batch it split over two replicas: two ShardResults."""
-
-    def stream(self, batches, **_):
-        for i, b in enumerate(batches):
-            sup, mid = self.load(b), b.num_sequences // 2
-            for lo, hi in ((0, mid), (mid, b.num_sequences)):
-                t0, t1 = int(sup.cu_seqlens[lo]), int(sup.cu_seqlens[hi])
-                rows = {k: getattr(sup, k)[t0:t1] for k in SHARD_FIELDS if k != "cu_seqlens"}
-                part = Supervision(cu_seqlens=sup.cu_seqlens[lo : hi + 1] - t0, **rows)
-                yield ShardResult(2 * i + (lo > 0), i, (lo, hi), t1 - t0, ray.put(part))
-
-
 @pytest.fixture(scope="module")
 def cluster():
     with local_ray(num_cpus=4):
@@ -77,56 +66,48 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def pool(cluster, tiny_paths):
-    with PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="hf", replicas=1, cpus_per_replica=1) as p:
+    with serve_pool("offline", tiny_paths["llama"], engine="hf", replicas=1, cpus_per_replica=1, shard_tokens=64) as p:
         yield p
 
 
 def test_dump_is_bit_identical_to_the_pool(pool, tiny_paths, tmp_path):
     batches = _batches(4)
-    manifest = dump_supervision(pool, batches, tmp_path, progress_every=2)
+    assert all(b.num_tokens > 64 for b in batches)  # each comes back from the pool in two shards or more
+    manifest = dump_supervision(pool, batches, tmp_path, writers=2)
     assert manifest["complete"] and manifest["num_batches"] == 4 and manifest["last_run"]["written"] == 4
     assert [e["file"] for e in manifest["batches"]] == [shard_name(i) for i in range(4)]
     assert manifest["num_tokens"] == sum(b.num_tokens for b in batches)
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
     off = OfflineSupervision(tmp_path)
     for b in batches:
-        _assert_same(off.forward_packed(b), pool.forward_packed(b))
+        _assert_same(off.load(b), pool.forward_packed(b))
     assert off.info == pool.info
-    assert torch.equal(off.get_input_embeddings().weight, pool.get_input_embeddings().weight)
-    assert torch.equal(off.get_lm_head_weight(), pool.get_lm_head_weight())
+    embed, head = off.weights()
+    assert torch.equal(embed, pool.get_input_embeddings().weight) and torch.equal(head, pool.get_lm_head_weight())
     config = lambda path: {k: v for k, v in load_config(path).to_dict().items() if k != "_name_or_path"}  # noqa: E731
     assert config(off.model_path) == config(tiny_paths["llama"])
-    results = list(off.stream(batches, ordered=True, stall_timeout_s=5))  # the pool surface the feed reads
-    assert [(r.batch_index, r.sequences, r.num_tokens) for r in results] == [
-        (i, (0, b.num_sequences), b.num_tokens) for i, b in enumerate(batches)
-    ]
-    _assert_same(ray.get(results[2].ref), pool.forward_packed(batches[2]))
-    served = {"batches_served": 4, "tokens_served": sum(b.num_tokens for b in batches)}
-    assert off.stats() == {"replicas": [], "inflight_bytes": 0, "held_bytes": 0, **served}
-    with pytest.raises(MissingSupervisionError, match="batch 1 of the stream"):
-        list(off.stream([batches[0], _batches(1, seed=9)[0]]))
-    # a batch that comes back in several shards is joined before it is written
-    copy = dump_supervision(TwoShardsPerBatch(tmp_path), batches, tmp_path / "copy")
-    assert copy["batches"] == manifest["batches"]
+    with pytest.raises(MissingSupervisionError, match="not in the dump"):
+        off.load(_batches(1, seed=9)[0])
+    # one writer or two: the same files
+    one = dump_supervision(pool, batches, tmp_path / "one", writers=1)
+    assert one["batches"] == manifest["batches"]
     for i in range(4):
-        a, b = load_file(tmp_path / shard_name(i)), load_file(tmp_path / "copy" / shard_name(i))
+        a, b = load_file(tmp_path / shard_name(i)), load_file(tmp_path / "one" / shard_name(i))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError, match="serve_pool"):
+        dump_supervision(off, batches, tmp_path / "nowhere")
 
 
 def test_crash_resume_writes_each_batch_exactly_once(pool, tmp_path):
     batches = _batches(6)
-
-    def crashing():
-        for i, b in enumerate(batches):
-            if i == 4:
-                raise RuntimeError("simulated crash")
-            yield b
-
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        dump_supervision(pool, crashing(), tmp_path)
+    bad = batches[4].input_ids.clone()
+    bad[0] = 10**6  # out of the vocabulary: the writer's pool client refuses it when it gets there
+    crashing = [*batches[:4], PackedBatch(bad, batches[4].loss_mask, batches[4].cu_seqlens), batches[5]]
+    with pytest.raises(Exception, match="outside|batch 4"):
+        dump_supervision(pool, crashing, tmp_path)
     before = _shards(tmp_path)
     k = len(before)
-    assert 1 <= k < 6 and list(before) == [shard_name(i) for i in range(k)]  # an ordered prefix
+    assert k == 4 and list(before) == [shard_name(i) for i in range(k)]  # one writer: the prefix before the crash
     # a crash mid-write leaves only a temp file; one between a shard's rename and the manifest update
     # leaves a shard the manifest does not list
     (tmp_path / (shard_name(k) + ".tmp")).write_bytes(b"half a shard")
@@ -134,7 +115,7 @@ def test_crash_resume_writes_each_batch_exactly_once(pool, tmp_path):
     manifest["batches"] = manifest["batches"][:-1]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
 
-    resumed = dump_supervision(pool, batches, tmp_path)
+    resumed = dump_supervision(pool, batches, tmp_path, writers=2)
     assert resumed["last_run"]["written"] == 6 - k and resumed["last_run"]["skipped"] == k
     assert list(_shards(tmp_path)) == [shard_name(i) for i in range(6)] and not list(tmp_path.glob("*.tmp"))
     assert {n: v for n, v in _shards(tmp_path).items() if n in before} == before  # never rewritten
@@ -152,13 +133,15 @@ def test_crash_resume_writes_each_batch_exactly_once(pool, tmp_path):
     # other data, or another target, on the same directory: refused, nothing touched
     with pytest.raises(DumpMismatchError, match="batch 0 differs"):
         dump_supervision(pool, _batches(6, seed=11), tmp_path)
-
-    class OtherTarget(OfflineSupervision):
-        def get_lm_head_weight(self):
-            return super().get_lm_head_weight() + 1
-
+    other = tmp_path / "other"  # a dump of another target (its weights' hash differs)
+    other.mkdir()
+    for name in ("target", "target.safetensors"):
+        os.symlink(tmp_path / name, other / name)
+    theirs = json.loads((tmp_path / "manifest.json").read_text())
+    theirs["target"]["weights_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(theirs))
     with pytest.raises(DumpMismatchError, match="another target"):
-        dump_supervision(OtherTarget(tmp_path), batches, tmp_path)
+        dump_supervision(pool, batches, other)
     with _exclusive(tmp_path), pytest.raises(RuntimeError, match="another dump_supervision"):
         dump_supervision(pool, batches, tmp_path)
     assert _shards(tmp_path) == state
@@ -220,5 +203,5 @@ def test_training_from_the_dump_matches_training_from_the_pool(pool, tmp_path):
     for mine, ref in zip(offline.history, live.history, strict=True):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-6), mine["step"]
         assert mine["samples"] == ref["samples"]
-    assert offline.feed["batches"] == live.feed["batches"] == STEPS * WORKERS
+    assert offline.history[-1]["samples"] == live.history[-1]["samples"] == sum(b.num_sequences for b in batches)
     assert offline.export_dir is not None and (offline.export_dir / "config.json").exists()

@@ -287,55 +287,6 @@ def test_stream_respects_byte_budget(cluster, tiny_paths, reference):
     assert peak_store <= 1.5 * budget, (peak_store, budget)
 
 
-@ray.remote(num_cpus=0)
-class _SlowTrainer:
-    """A draft worker's reading side: the real `FeedReader`, reading every byte, slower than the replicas."""
-
-    def run(self, handles, rank: int, step_s: float) -> list[tuple[int, int, float]]:
-        from eagle_ray.train.feed import FeedReader
-
-        out = []
-        for step, sup, meta in FeedReader(handles, rank, 0, timeout_s=120):
-            out.append((step, meta["batch"], float(sup.aux_hidden_states.double().sum())))
-            time.sleep(step_s)
-        return out
-
-
-def test_feed_budget_covers_worker_queues_and_prefetch(cluster, tiny_paths, reference):
-    """Supervision waiting in a worker's queue or prefetch counts against the pool's budget until the worker is
-    done with it: with a slow trainer the store holds at most the budget plus one batch."""
-    from eagle_ray.train.feed import SupervisionFeed
-
-    inputs = [random_batch([60, 60, 60, 60], seed=70 + i) for i in range(24)]
-    batch_bytes = 240 * 16 * 64  # fp32 aux + last hidden of the tiny target
-    budget = 2 * batch_bytes
-    state = get_state_from_address(ray.get_runtime_context().gcs_address)
-    used = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used  # noqa: E731
-    with PooledTargetModel.from_pretrained(
-        tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, max_inflight_bytes=budget, cpus_per_replica=1
-    ) as pool:
-        base = used()
-        feed = SupervisionFeed(pool, lambda i: iter(inputs[i:]), world_size=2, max_steps=12, queue_depth=3).start()
-        try:
-            runs = [_SlowTrainer.remote().run.remote(feed.handles, rank, 0.15) for rank in range(2)]
-            peak_store = peak_pool = 0
-            while ray.wait(runs, num_returns=2, timeout=0.02)[1]:
-                s = pool.stats()
-                peak_pool = max(peak_pool, s["inflight_bytes"] + s["held_bytes"])
-                peak_store = max(peak_store, used() - base)
-            got = ray.get(runs)
-        finally:
-            feed.close()
-    for rank, rows in enumerate(got):
-        assert [r[0] for r in rows] == list(range(12)) and [r[1] for r in rows] == [2 * s + rank for s in range(12)]
-        for _, g, total in rows[:3]:
-            want = float(reference.forward_packed(inputs[g]).aux_hidden_states.double().sum())
-            assert abs(total - want) < 1e-3 * max(1.0, abs(want))
-    assert peak_pool <= budget + batch_bytes, (peak_pool, budget)
-    # before the feed held results until "done", 2 workers x (queue 3 + prefetch + step) could be in the store
-    assert peak_store <= budget + 1.5 * batch_bytes, (peak_store, budget, batch_bytes)
-
-
 def test_poison_shard_quarantined_pool_keeps_serving(cluster, tiny_paths, reference):
     """A shard that kills every replica it lands on is quarantined by name; the rest is served."""
     inputs = batches(6, seed=7)
@@ -437,10 +388,10 @@ class _Streamer:
 
     def train(self, inputs: list[PackedBatch], kill_at: int, step_s: float):
         """A rank's own data plane (`RankReader`), training slower than the replicas serve."""
-        from eagle_ray.train.direct import RankReader
+        from eagle_ray.train.reader import PoolSupply, RankReader
 
         out, peak = [], 0
-        reader = RankReader(_LosesOne(self.target), inputs)
+        reader = RankReader(PoolSupply(_LosesOne(self.target)), inputs)
         for step, sup, _ in reader:
             st = self.target.stats()
             peak = max(peak, st["inflight_bytes"] + st["held_bytes"])

@@ -199,52 +199,53 @@ def _check(seen: dict, inputs: list, reference) -> None:
 
 @ray.remote(num_cpus=0)
 class _Reader:
-    """A draft worker's reading side (the real `FeedReader`), one step per call."""
+    """A draft worker's reading side (the real `RankReader` over its own client of a shared pool), one step a call."""
 
-    def start(self, handles) -> None:
-        from eagle_ray.train.feed import FeedReader
+    def start(self, name: str, inputs: list) -> None:
+        from eagle_ray.pool import connect_pool
+        from eagle_ray.train.reader import PoolSupply, RankReader
 
-        self.reader = FeedReader(handles, 0, 0, timeout_s=120)
+        self.client = connect_pool(name)
+        self.reader = RankReader(PoolSupply(self.client, timeout_s=120), inputs, depth=2, timeout_s=120)
         self.it = iter(self.reader)
 
     def next(self) -> tuple[int, int, torch.Tensor] | None:
         step, sup, meta = next(self.it, (None, None, None))
         return None if step is None else (step, meta["batch"], sup.aux_hidden_states.clone())
 
+    def delivered(self) -> int:
+        return self.client.stats()["shards_delivered"]
+
     def reruns(self) -> int:
         return self.reader.reruns
 
 
 def test_supervision_lost_with_its_node_before_it_was_read_is_rerun_once(cluster, tiny_paths, reference):
-    """Handed out, queued for a worker, then its node dies before the worker reads it: the worker asks again, the
-    feed re-runs that batch on the replacements, and the worker trains on every step once, with the right values."""
+    """Delivered to a rank's reader but not yet read (the reader is full), then its node dies: the reader re-runs
+    that batch on the replacements, and the rank trains on every step once, with the right values."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from eagle_ray.train.feed import SupervisionFeed
+    from eagle_ray.pool import serve_pool
 
     c, _ = cluster
     inputs = [random_batch([60, 60, 60, 60], seed=500 + i) for i in range(8)]  # 240 KB each: in the store, not inlined
-    with PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="hf", replicas=2, use_gpu=True) as pool:
-        feed = SupervisionFeed(pool, lambda i: iter(inputs[i:]), world_size=1, max_steps=8, queue_depth=4).start()
-        try:
-            head = NodeAffinitySchedulingStrategy(c.head_node.node_id, soft=False)
-            reader = _Reader.options(scheduling_strategy=head).remote()
-            ray.get(reader.start.remote(feed.handles))
-            got = [ray.get(reader.next.remote())]
-            deadline = time.time() + 60
-            while feed.stats["batches"] < 6 and time.time() < deadline:  # step 1 prefetched, 2-5 queued
-                time.sleep(0.1)
-            assert feed.stats["batches"] >= 6
-            served_from = {d["node_id"] for d in pool.replicas()}
-            for node in [n for n in c.list_all_nodes() if n.node_id in served_from]:
-                c.remove_node(node)
-            _add_node(c)  # room for the replacements
-            while (row := ray.get(reader.next.remote(), timeout=120)) is not None:
-                got.append(row)
-            assert ray.get(reader.reruns.remote()) >= 1  # some queued supervision really was lost
-        finally:
-            feed.close()
-    assert feed.stats["reruns"] >= 1
+    with serve_pool("lost-node", tiny_paths["llama"], engine="hf", replicas=2, use_gpu=True) as pool:
+        head = NodeAffinitySchedulingStrategy(c.head_node.node_id, soft=False)
+        reader = _Reader.options(scheduling_strategy=head).remote()
+        ray.get(reader.start.remote("lost-node", inputs))
+        got = [ray.get(reader.next.remote())]
+        deadline = time.time() + 60
+        # steps 1-2 read into the reader's queue, 3 read and waiting to go in; the rest delivered, unread
+        while ray.get(reader.delivered.remote()) < 8 and time.time() < deadline:
+            time.sleep(0.1)
+        assert ray.get(reader.delivered.remote()) == 8
+        served_from = {d["node_id"] for d in pool.replicas()}
+        for node in [n for n in c.list_all_nodes() if n.node_id in served_from]:
+            c.remove_node(node)
+        _add_node(c)  # room for the replacements
+        while (row := ray.get(reader.next.remote(), timeout=120)) is not None:
+            got.append(row)
+        assert ray.get(reader.reruns.remote()) >= 1  # some delivered supervision really was lost
     assert [(step, g) for step, g, _ in got] == [(i, i) for i in range(8)]  # every step once, in order
     for _, g, aux in got:
         torch.testing.assert_close(aux, reference.forward_packed(inputs[g]).aux_hidden_states, atol=1e-5, rtol=0)

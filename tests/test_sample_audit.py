@@ -91,3 +91,22 @@ def test_changed_content_is_reported(tmp_path):
     want = expected_samples(batches)
     want[(1, 0)] = "0" * 16
     assert audit_run(tmp_path, WORLD).compare(want) == ["1 samples different content (batch, sequence): [(1, 0)]"]
+
+
+def test_a_skipped_batch_is_accounted_for_not_missing_and_rolls_back_like_a_step(tmp_path):
+    batches = _batches(8)
+    _write(tmp_path, batches, 0, range(4))
+    w = SampleLogWriter(tmp_path, 1)
+    w.start(0, "a")
+    for s in range(4):
+        if s == 2:  # a poison batch: skipped, its cause recorded; then a restart at step 2 skips it again
+            w.skip(s, s * WORLD + 1, "shard 9 quarantined after 3 failed attempts")
+            w.start(2, "b")
+            w.skip(s, s * WORLD + 1, "shard 12 quarantined after 3 failed attempts")
+        else:
+            w.step(s, s * WORLD + 1, batch_fingerprints(batches[s * WORLD + 1]))
+    audit = audit_run(tmp_path, WORLD)
+    assert audit.ok and audit.steps == 4 and audit.rolled_back == 1, audit.problems
+    assert audit.skipped == {5: "shard 12 quarantined after 3 failed attempts"}
+    assert audit.compare(expected_samples(batches)) == []  # batch 5's samples: skipped, not missing
+    assert all(k[0] != 5 for k in audit.samples) and len(audit.samples) == 7 * 3

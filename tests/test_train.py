@@ -1,13 +1,13 @@
-"""Draft training on real Ray Train (2 DDP workers, gloo), fed live by a real pool (one SGLang replica).
+"""Draft training on real Ray Train (2 DDP workers, gloo), each worker a client of a real shared pool (one
+SGLang replica) streaming its own batches (step * W + rank) to it; nothing per batch on the driver.
 
 One uninterrupted reference run; a second run is stopped half-way, resumed from its checkpoint
 and, in the resumed part, loses a worker to an injected failure (Ray Train restarts the group from
-the last checkpoint). Both must follow the reference's loss curve step for step. A chaos run on a
-shared pool of two SGLang TP-2 replicas, each worker streaming its own batches to them (the direct data
-plane), loses replicas (`ray.kill`, SIGKILL of TP rank 0 and of TP rank 1) and a SIGKILLed draft worker,
-and its sample ledger must equal the reference's: nothing lost, nothing consumed twice. (The driver-fed
-plane's failover is the same pool code, tested through kills in test_pool*.py and a lost node in
-test_pool_cluster.py; its worker restarts here, in the stop/resume test.)
+the last checkpoint). Both must follow the reference's loss curve step for step. The finished reference,
+run again, trains and reads nothing. A chaos run on a shared pool of two SGLang TP-2 replicas loses replicas
+(`ray.kill`, SIGKILL of TP rank 0 and of TP rank 1) and a SIGKILLed draft worker, and its sample ledger must
+equal the reference's: nothing lost, nothing consumed twice. A poison batch (it kills every replica it reaches)
+is skipped, counted and recorded, and the run completes with every other sample once.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ import pytest
 import torch
 from conftest import local_ray
 
+from eagle_ray.contract import PackedBatch
 from eagle_ray.draft.export import load_draft
 from eagle_ray.draft.speculate import speculative_greedy
 from eagle_ray.engines.sglang import verify_eagle3_export
 from eagle_ray.job.chaos import ChaosSettings, chaos_training, print_report
 from eagle_ray.pool import PooledTargetModel, serve_pool
 from eagle_ray.target import HFEagle3TargetModel
+from eagle_ray.testing.faults import CRASH_TOKEN_ENV, plan_train_fault
 from eagle_ray.tiny import markov_batches, markov_sequences
 from eagle_ray.train.loop import DraftTrainConfig
-from eagle_ray.train.sample_audit import audit_run
+from eagle_ray.train.sample_audit import audit_run, expected_samples
 from eagle_ray.train.trainer import train_draft
 
 STEPS = 60  # learning itself is proven in-process (test_draft_model.py); here: Ray Train, resume, faults
@@ -39,18 +41,18 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def pool(cluster, markov_target):
-    with PooledTargetModel.from_pretrained(markov_target, engine="sglang", replicas=1, cpus_per_replica=1) as p:
+    with serve_pool("train", markov_target, engine="sglang", replicas=1, cpus_per_replica=1) as p:
         yield p
 
 
 def _config(**kw) -> DraftTrainConfig:
-    return DraftTrainConfig(max_steps=STEPS, lr=3e-3, warmup_steps=5, checkpoint_every=CKPT, log_every=10, **kw)
+    return DraftTrainConfig(**{"max_steps": STEPS, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": CKPT, **kw})
 
 
 def _train(pool, tmp, name: str, **kw):
     return train_draft(
         pool,
-        markov_batches(STEPS),  # 60 distinct batches; 2 workers take 2 a step, so the data repeats once
+        kw.pop("data", None) or markov_batches(STEPS),  # 60 distinct batches; 2 workers take 2 a step: 2 passes
         kw.pop("train", _config()),
         storage_path=tmp,
         name=name,
@@ -66,7 +68,12 @@ def reference(pool, tmp_path_factory):
     return _train(pool, tmp_path_factory.mktemp("runs"), "reference")
 
 
-def test_training_learns_keeps_ddp_ranks_equal_and_exports(reference):
+def test_a_plain_pool_is_refused_with_the_way_to_serve_it():
+    with pytest.raises(TypeError, match="serve_pool"):
+        train_draft(object.__new__(PooledTargetModel), markov_batches(2), _config(), storage_path="unused")
+
+
+def test_training_learns_keeps_ddp_ranks_equal_and_exports(pool, reference):
     h = reference.history
     assert [r["step"] for r in h] == list(range(1, STEPS + 1))
     first, last = h[:5], h[-10:]
@@ -80,8 +87,11 @@ def test_training_learns_keeps_ddp_ranks_equal_and_exports(reference):
     # run learns at all (measured at 60 steps: loss 7.37 -> 5.48, chain 1.00 -> 1.5)
     assert mean(last, "loss") < 0.85 * mean(first, "loss")
     assert mean(last, "acceptance_chain") > mean(first, "acceptance_chain") + 0.3
-    # every sample served exactly once per pass: 2 workers x 60 steps x 8 sequences
-    assert h[-1]["samples"] == 2 * STEPS * 8 and reference.feed["batches"] == 2 * STEPS
+    # every sample served exactly once per pass: 2 workers x 60 steps x 8 sequences, all by the workers' clients
+    assert h[-1]["samples"] == 2 * STEPS * 8 and pool.stats()["shards_delivered"] == 0
+    assert sum(r["target_tokens"] for r in h) == h[-1]["tokens"] and reference.skipped_batches == 0
+    audit = audit_run(reference.export_dir.parent, 2)
+    assert audit.ok and audit.restarts == 0 and len(audit.samples) == 2 * STEPS * 8, audit.problems
     checks = [r["weight_checksums"] for r in h if "weight_checksums" in r]
     assert len(checks) == STEPS // CKPT and all(len(c) == 2 and c[0] == c[1] for c in checks)
     assert reference.export_dir is not None and (reference.export_dir / "config.json").exists()
@@ -106,9 +116,9 @@ def test_stop_resume_and_worker_failure_reproduce_the_loss_curve(pool, reference
     assert stopped.steps == 40 and stopped.export_dir is None
     # same storage_path/name: Ray Train restores the latest checkpoint (step 40); at step 50 a worker
     # fails once, and the group restarts from that checkpoint again
-    resumed = _train(pool, tmp_path, "resumed", train=_config(fail_at_step=50), max_failures=1)
+    plan_train_fault(tmp_path / "resumed", 50)
+    resumed = _train(pool, tmp_path, "resumed", max_failures=1)
     assert (tmp_path / "resumed" / "injected_failure_step50").exists()
-    assert resumed.feed["restarts"] == 1
     assert [r["step"] for r in resumed.history] == list(range(1, STEPS + 1))
     for mine, ref in zip(resumed.history, reference.history, strict=True):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-6), mine["step"]
@@ -122,38 +132,10 @@ def test_stop_resume_and_worker_failure_reproduce_the_loss_curve(pool, reference
         torch.testing.assert_close(t, b.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_direct_plane_trains_the_reference_curve_with_nothing_per_batch_on_the_driver(
-    cluster, markov_target, reference, tmp_path
-):
-    """Each worker a client of a shared pool, streaming its own batches (step * W + rank) to the replica itself:
-    the driver-fed reference's losses step for step, every sample once, and not one batch through the driver."""
-    owner = serve_pool("train-direct", markov_target, engine="sglang", replicas=1, cpus_per_replica=1)
-    try:
-        run = _train(owner, tmp_path, "direct", train=_config(stop_at_step=20), data_plane="direct")
-        mine = owner.stats()
-        rows = (tmp_path / "direct" / "metrics.jsonl").read_text()
-        again = _train(owner, tmp_path, "direct", train=_config(stop_at_step=20), data_plane="direct")
-    finally:
-        owner.close()
-    # the same run again resumes at its last step: it trains nothing and reads nothing
-    assert again.steps == 20 and (tmp_path / "direct" / "metrics.jsonl").read_text() == rows
-    assert [r["step"] for r in run.history] == list(range(1, 21)) and run.feed == {}
-    for got, ref in zip(run.history, reference.history[:20], strict=True):
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6), got["step"]
-        assert got["samples"] == ref["samples"]
-    assert mine["shards_delivered"] == 0  # the driver's own client dispatched nothing: the workers did
-    audit = audit_run(tmp_path / "direct", 2)
-    assert audit.ok and len(audit.samples) == 2 * 20 * 8, audit.problems
-    served = audit_run(reference.export_dir.parent, 2).samples  # the same samples as the reference's first 20 steps
-    assert audit.samples == {k: v for k, v in served.items() if k[0] < 2 * 20}
-
-
 def test_chaos_replica_and_worker_kills_lose_and_duplicate_nothing(reference, markov_target, tmp_path):
     clean = audit_run(reference.export_dir.parent, 2)
     assert clean.ok and clean.restarts == 0 and len(clean.samples) == 2 * STEPS * 8, clean.problems
-    settings = ChaosSettings(
-        steps=STEPS, faults=3, every_s=(2.0, 6.0), kill_worker_at=35, checkpoint_every=CKPT, data_plane="direct"
-    )
+    settings = ChaosSettings(steps=STEPS, faults=3, every_s=(2.0, 6.0), kill_worker_at=35, checkpoint_every=CKPT)
     with serve_pool("chaos", markov_target, engine="sglang", replicas=2, tp_size=2, cpus_per_replica=1) as pool:
         report = chaos_training(pool, markov_batches(STEPS), settings, tmp_path, baseline=clean.samples)
     print_report(report)
@@ -162,3 +144,40 @@ def test_chaos_replica_and_worker_kills_lose_and_duplicate_nothing(reference, ma
     assert report["rolled_back_steps"] == 2 * (35 - 20)  # both ranks redo steps 20-34 from the checkpoint
     assert report["duplicates"] == 0 and report["losses"] == 0 and report["problems"] == []
     assert report["samples_checked"] == len(clean.samples) and report["ok"]
+
+
+def test_a_finished_run_resumed_trains_and_reads_nothing(pool, reference):
+    """The same run again resumes at its last step: no step trained, no batch read or dispatched."""
+    run_dir = reference.export_dir.parent
+    rows = (run_dir / "metrics.jsonl").read_text()
+    logs = [(run_dir / f"samples_rank{r}.jsonl").read_text() for r in range(2)]
+    again = _train(pool, run_dir.parent, "reference")
+    assert again.steps == STEPS and (run_dir / "metrics.jsonl").read_text() == rows
+    for r, before in enumerate(logs):  # one more start row (at the last step), no step row
+        added = (run_dir / f"samples_rank{r}.jsonl").read_text()[len(before) :].splitlines()
+        assert len(added) == 1 and f'"step": {STEPS}' in added[0] and '"start"' in added[0], added
+
+
+def test_a_poison_batch_is_skipped_counted_and_recorded(cluster, markov_target, tmp_path):
+    """A batch that kills every replica it reaches (the crash token) is quarantined by the pool: the run skips it,
+    names it, counts it and completes; every other sample once. With no skips allowed, the run fails naming it."""
+    batches = markov_batches(12, per_batch=4)  # 2 workers x 6 steps
+    poison = next(t for t in range(1023, 0, -1) if t not in set(torch.cat([b.input_ids for b in batches]).tolist()))
+    ids = batches[5].input_ids.clone()  # global batch 5: step 2 of rank 1
+    ids[int(batches[5].cu_seqlens[1])] = poison
+    batches[5] = PackedBatch(ids, batches[5].loss_mask, batches[5].cu_seqlens)
+    env = {"env_vars": {CRASH_TOKEN_ENV: str(poison)}}
+    shape = {"engine": "hf", "replicas": 2, "cpus_per_replica": 1, "max_inflight_per_replica": 1}
+    with serve_pool("poison", markov_target, runtime_env=env, max_shard_failures=2, **shape) as pool:
+
+        def run(name: str, skips: int):
+            cfg = _config(max_steps=6, checkpoint_every=3, max_skipped_batches=skips)
+            return _train(pool, tmp_path, name, data=batches, train=cfg)
+
+        with pytest.raises(Exception, match="more than max_skipped_batches=0: batch 5: .*quarantined"):
+            run("strict", 0)
+        done = run("tolerant", 1)
+    assert done.steps == 6 and done.skipped_batches == 1 and done.export_dir is not None
+    audit = audit_run(tmp_path / "tolerant", 2)
+    assert audit.ok and list(audit.skipped) == [5] and "quarantined" in audit.skipped[5], audit.problems
+    assert audit.compare(expected_samples(batches)) == [] and len(audit.samples) == 11 * 4  # the rest, each once

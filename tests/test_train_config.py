@@ -63,7 +63,7 @@ def test_out_of_range_values_name_the_job_key(override, message):
         ({"lr": -1.0}, "lr: must be > 0"),
         ({"checkpoint_every": 0}, "checkpoint_every: must be >= 1"),
         ({"log_every": 0}, "log_every: must be >= 1"),
-        ({"fail_mode": "segfault"}, "fail_mode: must be one of"),
+        ({"max_skipped_batches": -1}, "max_skipped_batches: must be >= 0"),
     ],
 )
 def test_the_trainer_checks_the_same(kwargs, message):
@@ -72,7 +72,7 @@ def test_the_trainer_checks_the_same(kwargs, message):
 
 
 def test_the_workers_rebuild_the_config_from_its_dict():
-    cfg = DraftTrainConfig(max_steps=12, lr=1e-3, checkpoint_every=4, fail_at_step=3, fail_mode="exit")
+    cfg = DraftTrainConfig(max_steps=12, lr=1e-3, checkpoint_every=4, max_skipped_batches=0)
     assert DraftTrainConfig(**dataclasses.asdict(cfg)) == cfg
 
 
@@ -84,13 +84,17 @@ def test_lr_warms_up_then_decays_to_a_tenth():
 
 
 def test_train_step_fault_fires_once_on_rank_0_at_its_step(tmp_path):
-    faults.train_step_fault(None, "raise", 3, 0, tmp_path)  # off by default
-    faults.train_step_fault(3, "raise", 2, 0, tmp_path)
-    faults.train_step_fault(3, "raise", 3, 1, tmp_path)
+    assert faults.train_step_fault(0, tmp_path) is None  # off unless planned
+    with pytest.raises(ValueError, match="fail_mode: must be one of"):
+        faults.plan_train_fault(tmp_path, 3, "segfault")
+    faults.plan_train_fault(tmp_path, 3)
+    assert faults.train_step_fault(1, tmp_path) is None  # rank 0 only
+    fire = faults.train_step_fault(0, tmp_path)
+    fire(2)
     with pytest.raises(RuntimeError, match="injected train worker failure at step 3"):
-        faults.train_step_fault(3, "raise", 3, 0, tmp_path)
+        fire(3)
     assert (tmp_path / "injected_failure_step3").read_text() == "3"
-    faults.train_step_fault(3, "raise", 3, 0, tmp_path)  # the restarted group trains on
+    faults.train_step_fault(0, tmp_path)(3)  # the restarted group trains on
 
 
 def test_replica_shard_fault_exits_only_on_the_poison_token():

@@ -57,7 +57,7 @@ class _Job:
 
 
 class ChatBatchSource:
-    """A `train.feed.BatchSource` (callable: global batch index -> iterator of PackedBatch)."""
+    """Training batches by global batch index: `batches_from(i)` (callable too), `rank_batches(rank, world)`."""
 
     def __init__(
         self,
@@ -119,7 +119,7 @@ class ChatBatchSource:
     def rank_batches(self, rank: int, world: int, step: int = 0) -> Iterator[PackedBatch]:
         """Rank `rank`'s batches in a run of `world` ranks, from `step` on: global batches `step * world + rank`,
         then every `world`-th, the same batches `batches_from` numbers. Read in this process (a rank's own data
-        plane, `train/direct.py`): once a block is indexed only this rank's records in it are tokenized, so the
+        plane, `train/reader.py`): once a block is indexed only this rank's records in it are tokenized, so the
         ranks share the data work instead of each doing all of it. Index every block first (a pass such as
         `batches_per_epoch()` in one process, or a saved index) and give the ranks no `index_path` to write:
         a block read here before it is indexed is tokenized whole, and an index file has one writer."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from eagle_ray.contract import PackedBatch
 from eagle_ray.pool.chaos import FAULTS, ChaosMonkey
+from eagle_ray.testing.faults import plan_train_fault
 from eagle_ray.train.loop import DraftTrainConfig
 from eagle_ray.train.sample_audit import audit_run, expected_samples
 from eagle_ray.train.trainer import train_draft
@@ -38,7 +39,6 @@ class ChaosSettings:
     kill_worker_at: int | None = 50  # a draft worker SIGKILLs itself at this step (None: no trainer fault)
     checkpoint_every: int = 20
     seed: int = 0
-    data_plane: str = "feed"  # or "direct": each worker a client of the pool (a `serve_pool` pool)
 
 
 def _train(pool: Any, batches: list[PackedBatch], s: ChaosSettings, storage: Path, name: str, fail: bool):
@@ -48,9 +48,9 @@ def _train(pool: Any, batches: list[PackedBatch], s: ChaosSettings, storage: Pat
         warmup_steps=5,
         checkpoint_every=s.checkpoint_every,
         log_every=s.checkpoint_every,
-        fail_at_step=s.kill_worker_at if fail else None,
-        fail_mode="sigkill",
     )
+    if fail and s.kill_worker_at is not None:
+        plan_train_fault(storage / name, s.kill_worker_at, "sigkill")
     return train_draft(
         pool,
         batches,
@@ -61,7 +61,6 @@ def _train(pool: Any, batches: list[PackedBatch], s: ChaosSettings, storage: Pat
         backend="gloo",
         resources_per_worker={"CPU": 1},
         max_failures=2,
-        data_plane=s.data_plane,
     )
 
 
@@ -133,32 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--tp-size", type=int, default=2, help="SGLang TP size (2 makes the TP-rank fault possible)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--data-plane", choices=("feed", "direct"), default=d.data_plane, help="as training.data_plane")
     p.add_argument("--out", default="chaos_report.json", help="where the JSON report goes")
     a = p.parse_args(argv)
 
     import ray
     import torch
 
-    from eagle_ray.pool import PooledTargetModel, serve_pool
+    from eagle_ray.pool import serve_pool
     from eagle_ray.ray_init import init_ray
     from eagle_ray.tiny import build_tiny_target, markov_batches
 
     torch.set_num_threads(1)
     kinds = FAULTS if a.tp_size > 1 else tuple(k for k in FAULTS if k != "sigkill_tp")
-    s = ChaosSettings(
-        a.steps, faults=a.faults, kinds=kinds, kill_worker_at=a.kill_worker_at, seed=a.seed, data_plane=a.data_plane
-    )
+    s = ChaosSettings(a.steps, faults=a.faults, kinds=kinds, kill_worker_at=a.kill_worker_at, seed=a.seed)
     need = a.replicas * a.tp_size + s.workers + 1
     init_ray("local", num_cpus=need)  # logical CPUs: replicas and workers mostly wait on each other
     with tempfile.TemporaryDirectory(prefix="eagle_ray_chaos_") as tmp:
         target = str(build_tiny_target(Path(tmp) / "target", "llama"))
         shape = {"engine": "sglang", "replicas": a.replicas, "tp_size": a.tp_size, "cpus_per_replica": 1}
-        if a.data_plane == "direct":  # the workers connect to it by name
-            start = serve_pool(f"eagle-ray-chaos-{os.getpid()}", target, **shape)
-        else:
-            start = PooledTargetModel.from_pretrained(target, **shape)
-        with start as pool:
+        with serve_pool(f"eagle-ray-chaos-{os.getpid()}", target, **shape) as pool:
             report = chaos_training(pool, markov_batches(40), s, Path(tmp) / "runs")
     ray.shutdown()
     print_report(report)

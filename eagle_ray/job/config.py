@@ -82,7 +82,6 @@ class TrainingConfig(OptimConfig):  # the trainer's optimisation fields (train/c
     backend: Literal["nccl", "gloo"] | None = None  # None: Ray Train's default for the device
     queue_depth: int = 2
     max_failures: int = 0
-    data_plane: Literal["feed", "direct"] = "feed"  # direct: each worker streams its own batches to the replicas
 
 
 @dataclass
@@ -297,8 +296,6 @@ def _validate(c: JobConfig) -> None:
         raise ConfigError(f"{bad[0]}: out of range{hint}")
     if c.regenerate.enabled and (c.data.format == "pretokenized" or c.offline.mode == "from_dump"):
         raise ConfigError("regenerate.enabled: needs chat data (data.format sharegpt or messages) and a live target")
-    if c.training.data_plane == "direct" and c.offline.mode == "from_dump":
-        raise ConfigError("training.data_plane: direct streams from a live pool; from_dump needs feed")
     if c.placement.mode == "colocated" and c.target.tp_size != 1:
         raise ConfigError("placement.mode: colocated needs target.tp_size == 1")
     # here, not when training starts: after minutes of loading the target, a missing package is a costly surprise

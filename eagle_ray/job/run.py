@@ -4,7 +4,7 @@
 runs the tiny default on a local Ray (see `config.py` for every option).
 
 Stopping: Ctrl-C (SIGINT) or `ray job stop` (SIGTERM, then SIGKILL after the cluster's grace period) unwinds
-the job through its `finally` blocks: the supervision feed stops, the pool shuts down (engines closed, replica
+the job through its `finally` blocks: the pool shuts down (engines closed, replica
 actors killed, placement groups released) and Ray is shut down; the job prints one line saying so and exits
 with 128 + the signal number. See `StopSignals`.
 """
@@ -12,7 +12,6 @@ with 128 + the signal number. See `StopSignals`.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -67,6 +66,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     from eagle_ray.job.plot import plot_history
     from eagle_ray.tiny import default_target
     from eagle_ray.train import train_draft
+    from eagle_ray.train.progress import target_rate
 
     t0 = time.monotonic()
     run_dir = c.run_dir()
@@ -100,8 +100,9 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             c.target.tp_size,
             tr.num_workers,
         )
-    pool = _target_pool(c, model_path, engine, dtype)
     live = c.offline.mode != "from_dump"
+    pool = _serve_pool(c, model_path, engine, dtype) if live else None
+    target = pool if live else _dump(c)
     summary: dict[str, Any] = {"target": model_path, "engine": engine if live else "offline", "run_dir": str(run_dir)}
     try:
         if c.regenerate.enabled:  # train on the target's own answers: the data becomes their messages JSONL
@@ -113,7 +114,8 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             from eagle_ray.offline import dump_supervision
 
             out = Path(c.offline.dir).expanduser() if c.offline.dir else run_dir / "supervision"
-            manifest = dump_supervision(pool, source, out, num_batches=max_steps * tr.num_workers)
+            # one writer per training worker: each a client of the pool, writing its share of the batches
+            manifest = dump_supervision(pool, source, out, max_steps * tr.num_workers, writers=tr.num_workers)
             summary.update(dump=str(out), batches=len(manifest.get("batches", [])))
             return summary
         gpus = tr.gpus_per_worker
@@ -121,7 +123,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             gpus = 1 - c.placement.gpu_fraction if c.placement.mode == "colocated" else 1.0
         resources = {"CPU": tr.cpus_per_worker, **({"GPU": gpus} if tr.use_gpu else {})}
         result = train_draft(
-            pool,
+            target,
             source,
             c.train_config(max_steps),
             storage_path=Path(c.checkpoint.storage_path).expanduser(),
@@ -131,10 +133,9 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             resources_per_worker=resources,
             backend=tr.backend,
             draft_vocab_size=c.draft.vocab_size,
-            special_token_ids=[i for i in end_tokens(tokenizer) if i < pool.info.vocab_size],
+            special_token_ids=[i for i in end_tokens(tokenizer) if i < target.info.vocab_size],
             vocab_batches=c.draft.vocab_batches,
             queue_depth=tr.queue_depth,
-            data_plane=tr.data_plane,
             max_failures=tr.max_failures,
             resume_from=c.checkpoint.resume_from,
             export_dir=c.export.dir,
@@ -147,8 +148,8 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             stop.install()  # Ray Train's fit() replaced our SIGINT handler, and leaves its own installed
         last = result.history[-10:]
         summary.update(
-            data_plane=tr.data_plane,
             steps=result.steps,
+            skipped_batches=result.skipped_batches,  # poison batches the pool gave up on (samples_rank*.jsonl: why)
             samples=result.history[-1]["samples"] if result.history else 0,
             tokens=result.history[-1]["tokens"] if result.history else 0,
             trainer_tokens_per_s=_rate(result.history),
@@ -162,20 +163,14 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             data_counts=source.stats.to_dict(),
             data_task_processes=len(source.task_pids),  # 0: the data was prepared in the driver
         )
-        summary["target_tokens_per_s"] = _pool_rate(pool, result) if live else None
+        summary["target_tokens_per_s"] = target_rate(result.history) if live else None
         if c.eval.enabled and result.export_dir is not None and live:  # a dump holds no target to verify with
-            from eagle_ray.draft import load_draft, speculative_greedy
-
-            batches_used = result.steps * tr.num_workers
-            prompts = held_out_prompts(source, batches_used, c.eval.prompts)
-            spec = speculative_greedy(
-                pool,
-                load_draft(result.export_dir, dtype=torch.float32),
-                prompts,
-                c.eval.max_new_tokens,
-                c.eval.num_draft_tokens,
+            prompts = held_out_prompts(source, result.steps * tr.num_workers, c.eval.prompts)
+            # off the driver: a task that is a client of the pool reads the export (on the run's shared storage)
+            measure = ray.remote(num_cpus=1)(_measure).remote(
+                pool.name, str(result.export_dir), prompts, c.eval.max_new_tokens, c.eval.num_draft_tokens
             )
-            summary["measured"] = {**spec.summary(), "step": result.steps}
+            summary["measured"] = {**ray.get(measure), "step": result.steps}
         if c.logging.plot and result.history:
             plot = plot_history(result.history, run_dir / "training.png", summary.get("measured"))
             summary["plot"] = str(plot) if plot else None
@@ -184,10 +179,23 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     finally:
         if stop is not None:
             stop.install()  # on the way out of fit() by an exception, Ray Train's SIGINT handler is still there
-        if hasattr(pool, "shutdown"):
+        if pool is not None:
             t_stop = time.monotonic()
             pool.shutdown()  # engines closed, replica actors killed, placement groups released
             log.info("target pool shut down in %.1f s", time.monotonic() - t_stop)
+
+
+def _measure(pool_name: str, export_dir: str, prompts: list, max_new_tokens: int, draft_tokens: int) -> dict:
+    """Speculative greedy decoding of `prompts` with the export against the pool's target: its summary."""
+    from eagle_ray.draft import load_draft, speculative_greedy
+    from eagle_ray.pool import connect_pool
+
+    target = connect_pool(pool_name)
+    try:
+        draft = load_draft(export_dir, dtype=torch.float32)
+        return speculative_greedy(target, draft, prompts, max_new_tokens, draft_tokens).summary()
+    finally:
+        target.close()
 
 
 def _regenerate(c: JobConfig, pool: Any, tokenizer: Any, run_dir: Path) -> dict[str, Any]:
@@ -229,27 +237,18 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
-def _pool_rate(pool: Any, result: Any) -> float:
-    """Target tokens/s over the run: the pool's tokens over the trainer's busy time."""
-    if not hasattr(pool, "stats"):
-        return 0.0
-    tokens = sum(r["tokens_done"] for r in pool.stats()["replicas"])
-    busy = sum(r.get("step_s", 0.0) for r in result.history)
-    return tokens / max(busy, 1e-9)
+def _dump(c: JobConfig) -> Any:
+    from eagle_ray.offline import OfflineSupervision
+
+    return OfflineSupervision(Path(c.offline.dir).expanduser() if c.offline.dir else c.run_dir() / "supervision")
 
 
-def _target_pool(c: JobConfig, model_path: str, engine: str, dtype: torch.dtype | None) -> Any:
-    if c.offline.mode == "from_dump":
-        from eagle_ray.offline import OfflineSupervision
+def _serve_pool(c: JobConfig, model_path: str, engine: str, dtype: torch.dtype | None) -> Any:
+    """The target pool, served under a name: the draft workers connect to it and stream their own batches."""
+    from eagle_ray.pool import serve_pool
 
-        return OfflineSupervision(Path(c.offline.dir).expanduser() if c.offline.dir else c.run_dir() / "supervision")
-    from eagle_ray.pool import PooledTargetModel, serve_pool
-
-    if c.training.data_plane == "direct":  # the workers connect to it by name and dispatch themselves
-        start = functools.partial(serve_pool, f"eagle-ray-{c.checkpoint.name}-{os.getpid()}")
-    else:
-        start = PooledTargetModel.from_pretrained
-    return start(
+    return serve_pool(
+        f"eagle-ray-{c.checkpoint.name}-{os.getpid()}",
         model_path,
         engine=engine,
         replicas=c.target.replicas,
@@ -271,6 +270,7 @@ def print_summary(s: dict[str, Any]) -> None:
         "engine",
         "target",
         "steps",
+        "skipped_batches",
         "samples",
         "tokens",
         "target_tokens_per_s",
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(stop: StopSignals, err: BaseException) -> int:
-    """After an interruption has unwound `run` (feed stopped, pool shut down): check, shut Ray down, say so.
+    """After an interruption has unwound `run` (pool shut down): check, shut Ray down, say so.
 
     Returns the exit code, 128 + the first signal's number (130 for Ctrl-C, 143 for SIGTERM).
     """
@@ -345,9 +345,7 @@ def _interrupted(stop: StopSignals, err: BaseException) -> int:
         except Exception as e:
             problems.append(f"ray.shutdown: {type(e).__name__}: {e}")
     line = f"interrupted: {name}; " + (
-        "shutdown incomplete: " + "; ".join(problems)
-        if problems
-        else "shut down cleanly (feed, target pool and Ray stopped)"
+        "shutdown incomplete: " + "; ".join(problems) if problems else "shut down cleanly (target pool and Ray stopped)"
     )
     if not isinstance(err, (KeyboardInterrupt, SystemExit)):  # something failed while unwinding: say what
         line += f"; on the way out: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"

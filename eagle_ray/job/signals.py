@@ -16,8 +16,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (`ray job stop`, `kill`) stop the job through its `finally` blocks.
 
-    The first one becomes a KeyboardInterrupt in the main thread, so the cleanup code on the way out (feed,
-    pool, Ray) runs. A second one while that cleanup runs is only logged (raising again would cut the cleanup
+    The first one becomes a KeyboardInterrupt in the main thread, so the cleanup code on the way out (pool,
+    Ray) runs. A second one while that cleanup runs is only logged (raising again would cut the cleanup
     short); a third exits at once. Others install handlers of their own in this process: `ray.init` one for
     SIGTERM (a bare `sys.exit(15)`), Ray Train's `fit()` one for SIGINT (it aborts the training run, then
     raises SystemExit(0), and is never removed), so `install()` is called again after each. Every signal that
@@ -72,7 +72,7 @@ class StopSignals:
         name = signal.Signals(signum).name
         n = len(self.signals())  # includes this one: the wakeup byte is written before Python handlers run
         if n <= 1:
-            log.warning("%s received: shutting down (feed, target pool, Ray); a third %s exits at once", name, name)
+            log.warning("%s received: shutting down (target pool, Ray); a third %s exits at once", name, name)
             raise KeyboardInterrupt(name)
         if n == 2:
             log.warning("%s received again: still shutting down; a third one exits at once", name)

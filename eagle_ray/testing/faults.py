@@ -5,16 +5,17 @@ Each hook is called from one place in production code, and does nothing by defau
 - `replica_shard_fault(input_ids)`, in `pool/replica.py`: the replica process exits (code 3) when a shard
   holds the token id in `EAGLE_RAY_CHAOS_CRASH_TOKEN` (set in the replica actor's runtime_env) -- a
   poison shard that kills every replica it lands on.
-- `train_step_fault(...)`, in `train/loop.py`: rank 0 of the draft workers fails once at
-  `DraftTrainConfig.fail_at_step`, by `fail_mode`; a marker file in the run dir keeps the restarted
-  group from failing again.
-- `check_fail_mode(mode)`, in `train/config.py`: the mode is known, checked on the driver.
+- `train_step_fault(rank, run_dir)`, in `train/loop.py`: rank 0 of the draft workers fails once at the step
+  `plan_train_fault(run_dir, step, mode)` asked for (a file in the run dir), by `mode`; a marker file in the
+  run dir keeps the restarted group from failing again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 CRASH_TOKEN_ENV = "EAGLE_RAY_CHAOS_CRASH_TOKEN"
 FAIL_MODES = ("raise", "exit", "sigkill")
+TRAIN_FAULT_FILE = "inject_train_fault.json"  # in a run dir: `plan_train_fault` writes it, the worker loop reads it
 
 # read once, when the replica module imports this one in the actor: its runtime_env is set by then
 _CRASH_TOKEN = int(os.environ[CRASH_TOKEN_ENV]) if CRASH_TOKEN_ENV in os.environ else None
@@ -39,17 +41,32 @@ def check_fail_mode(mode: str) -> None:
         raise ValueError(f"fail_mode: must be one of {FAIL_MODES}, got {mode!r}")
 
 
-def train_step_fault(fail_at_step: int | None, fail_mode: str, step: int, rank: int, run_dir: str | Path) -> None:
-    """On rank 0 at `fail_at_step`, the first time only (the marker file says it happened): fail."""
-    if fail_at_step != step or rank != 0:
-        return
-    marker = Path(run_dir) / f"injected_failure_step{fail_at_step}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
-    if fail_mode == "exit":
-        os._exit(1)
-    if fail_mode == "sigkill":  # as the OOM killer or a lost node would: no cleanup, no goodbye
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected train worker failure at step {step}")
+def plan_train_fault(run_dir: str | Path, step: int, mode: str = "raise") -> None:
+    """Make rank 0 of the next training run in `run_dir` fail once at `step`, by `mode` ("raise", "exit" or
+    "sigkill"). A file in the run dir, not a config field: no user-facing config carries test hooks."""
+    check_fail_mode(mode)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / TRAIN_FAULT_FILE).write_text(json.dumps({"step": step, "mode": mode}))
+
+
+def train_step_fault(rank: int, run_dir: str | Path) -> Callable[[int], None] | None:
+    """The fault planned for this worker (read once, when it starts), as a function of the step; None if none.
+
+    It fires on rank 0 at the planned step, the first time only (a marker file says it happened)."""
+    plan = Path(run_dir) / TRAIN_FAULT_FILE
+    if rank != 0 or not plan.exists():
+        return None
+    fault = json.loads(plan.read_text())
+    marker = Path(run_dir) / f"injected_failure_step{fault['step']}"
+
+    def fire(step: int) -> None:
+        if step != fault["step"] or marker.exists():
+            return
+        marker.write_text(str(step))
+        if fault["mode"] == "exit":
+            os._exit(1)
+        if fault["mode"] == "sigkill":  # as the OOM killer or a lost node would: no cleanup, no goodbye
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected train worker failure at step {step}")
+
+    return fire

@@ -1,5 +1,5 @@
-"""Ray Train wiring: the trainer's config (config.py), the pool feeds supervision refs to draft workers
-(feed.py), the worker loop (loop.py), the driver entry point (trainer.py).
+"""Ray Train wiring: the trainer's config (config.py), each rank's reader of its own batches' supervision
+(reader.py), the worker loop (loop.py), the driver entry point (trainer.py).
 
 Names are imported lazily (PEP 562), as in `eagle_ray/__init__.py`: the job's config reads
 `eagle_ray.train.config` without importing Ray Train and torch.

@@ -3,7 +3,7 @@
 `OptimConfig` is the optimisation (steps, LR schedule, TTT objective, seed). The job's `training:` section
 (`eagle_ray/job/config.py::TrainingConfig`) subclasses it and adds the job's own knobs (workers,
 resources); `DraftTrainConfig` subclasses it and adds what the worker loop reads from elsewhere in the
-job (checkpoint and log cadence, frozen embeddings) plus the test hooks.
+job (checkpoint and log cadence, frozen embeddings).
 
 The defaults are the tiny laptop run's (`configs/tiny.yaml`), for the job and for a library caller of
 `train_draft` alike: notably `lr` 3e-3, which suits the tiny target; real targets want 1e-4 (the
@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from typing import Any
-
-from eagle_ray.testing.faults import check_fail_mode
 
 # the TTT attention backends (eagle_ray/draft/attention.py implements them; a test holds the two lists equal)
 ATTENTION_BACKENDS = ("auto", "sdpa", "torch", "flex")
@@ -36,6 +34,7 @@ class OptimConfig:
     attention: str = "auto"  # TTT attention: auto (flex on CUDA, sdpa on the CPU), sdpa, torch or flex
     activation_checkpointing: bool = False  # recompute each TTT step's draft layer in the backward pass
     seed: int = 0
+    max_skipped_batches: int = 2  # poison batches (the pool gave up on them) skipped before the run fails; 0: none
 
     def __post_init__(self) -> None:
         # messages start with the field name: the job prefixes its section ("training.lr: ...")
@@ -43,6 +42,8 @@ class OptimConfig:
             raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.max_skipped_batches < 0:
+            raise ValueError(f"max_skipped_batches: must be >= 0, got {self.max_skipped_batches}")
         if self.ttt_steps < 1:
             raise ValueError(f"ttt_steps: must be >= 1, got {self.ttt_steps}")
         if self.attention not in ATTENTION_BACKENDS:
@@ -74,16 +75,12 @@ class DraftTrainConfig(OptimConfig):
     freeze_embeddings: bool = True
     autocast_bf16: bool = True  # on CUDA only; master weights stay fp32
     stop_at_step: int | None = None  # end this run early (as a preemption would); resume later
-    # test hooks, run by eagle_ray/testing/faults.py: fail once at this step, by "raise", "exit" or "sigkill"
-    fail_at_step: int | None = None
-    fail_mode: str = "raise"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        check_fail_mode(self.fail_mode)
 
     @classmethod
     def from_optim(cls, optim: OptimConfig, **rest: Any) -> DraftTrainConfig:

@@ -1,9 +1,12 @@
-"""The Ray Train worker loop: read supervision from the feed, train the draft with the TTT loss (DDP),
-checkpoint and resume, export at the end.
+"""The Ray Train worker loop: read this rank's supervision (`reader.py`), train the draft with the TTT loss
+(DDP), checkpoint and resume, export at the end.
 
 A checkpoint holds `draft/` (the export format, fp32), `training_state.pt` (optimizer, LR schedule,
-step, samples and tokens seen) and `rng_rank{r}.pt` for every rank. Resuming from it continues the
-same data order: the feed rewinds to the checkpoint's step.
+step, samples, tokens and skipped batches so far) and `rng_rank{r}.pt` for every rank. Resuming from it
+continues the same data order: each rank's batches start again at the checkpoint's step.
+
+A skipped (poison) batch's step still runs on its rank, on a small all-zero record whose loss counts zero:
+DDP needs every rank in every step's gradient all-reduce, so that step's update is the other ranks' alone.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from eagle_ray.contract import Supervision
 from eagle_ray.draft.export import load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
 from eagle_ray.draft.ttt import TTTObjective, TTTStats
 from eagle_ray.ray_init import quiet_known_warnings
 from eagle_ray.testing.faults import train_step_fault
 from eagle_ray.train.config import DraftTrainConfig
-from eagle_ray.train.feed import FeedReader
 from eagle_ray.train.prefetch import device_batches
-from eagle_ray.train.sample_audit import SampleLogWriter, fingerprints
+from eagle_ray.train.reader import DumpSupply, PoolSupply, RankReader
+from eagle_ray.train.sample_audit import SampleLogWriter, audit_run, fingerprints
 
 
 def _save(path: Path, draft: Eagle3Draft, opt, sched, state: dict[str, Any], rank: int) -> None:
@@ -86,7 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
-    state = {"step": 0, "samples": 0, "tokens": 0}
+    state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
         ckpt = ray.train.Checkpoint(config["resume_from"])
@@ -103,54 +107,74 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = None
     t_window, wait, step_tokens = time.monotonic(), 0.0, 0
     t_wait = time.monotonic()
-    timeout = config.get("feed_timeout_s", 600.0)
-    if config.get("direct"):  # this worker streams its own batches to the pool's replicas
-        from eagle_ray.pool.shared import connect_pool
-        from eagle_ray.train.direct import RankReader
-
-        d = config["direct"]
-        client = connect_pool(d["pool"])
+    timeout = config.get("read_timeout_s", 600.0)
+    reader = RankReader(
+        _supply(config["supply"], timeout),
         # this run's steps only: a finished run resumed reads (and dispatches) nothing, a stopping one no more
-        last = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
-        batches = islice(d["source"].rank_batches(rank, world, state["step"]), max(last - state["step"], 0))
-        node = ray.get_runtime_context().get_node_id() if d.get("local") else None
-        reader = RankReader(client, batches, state["step"], d["depth"], timeout, rank=rank, world=world, node_id=node)
-    else:
-        reader = FeedReader(config["feed"], rank, state["step"], timeout)
+        islice(config["source"].rank_batches(rank, world, state["step"]), max(_last_step(cfg) - state["step"], 0)),
+        state["step"],
+        config["queue_depth"],
+        timeout,
+        rank=rank,
+        world=world,
+    )
     sample_log = SampleLogWriter(config["run_dir"], rank)
     sample_log.start(state["step"], reader.incarnation)
+    fault = train_step_fault(rank, config["run_dir"])  # None unless a test planned one
+    served = 0  # target tokens of this rank's supply, as of the last step
     for step, sup, meta in device_batches(reader, device):
         t_got = time.monotonic()
         step_wait = t_got - t_wait
         wait += step_wait
-        train_step_fault(cfg.fail_at_step, cfg.fail_mode, step, rank, config["run_dir"])  # off unless a test asks
+        if fault is not None:
+            fault(step)
+        skipped = sup is None
+        if skipped:
+            sup = _zero_record(draft, lm_head, cfg.ttt_steps)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.autocast_bf16):
             loss, stats = model(sup, lm_head)
+        if skipped:
+            loss = loss * 0.0  # every parameter in the graph (DDP's all-reduce), nothing learnt from it
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        if not skipped or world > 1:
+            opt.step()
         sched.step()
-        sample_log.step(step, meta["batch"], fingerprints(sup.input_ids, sup.loss_mask, sup.cu_seqlens))
-        # one all-reduce of a few floats: loss, step sums, samples, tokens
+        if skipped:
+            sample_log.skip(step, meta["batch"], meta["skipped"])
+            stats = TTTStats.from_flat(torch.zeros_like(stats.flat()))
+        else:
+            sample_log.step(step, meta["batch"], fingerprints(sup.input_ids, sup.loss_mask, sup.cu_seqlens))
+        # one all-reduce of a few floats: loss, step sums, samples, tokens, skipped batches, target tokens
         flat = torch.cat(
             [
                 loss.detach().double().reshape(1).cpu(),
                 stats.flat(),
-                torch.tensor([meta["sequences"], meta["tokens"]], dtype=torch.float64),
+                torch.tensor(
+                    [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served], dtype=torch.float64
+                ),
             ]
         )
+        served = reader.supply.tokens
         if world > 1:
             dist.all_reduce(flat)
-        step_loss = float(flat[0]) / world
-        stats = TTTStats.from_flat(flat[1:-2])
-        state["step"], state["samples"], state["tokens"] = (
+        step_loss = float(flat[0]) / max(world - int(flat[-2]), 1)
+        stats = TTTStats.from_flat(flat[1:-4])
+        state["step"], state["samples"], state["tokens"], state["skipped"] = (
             step + 1,
-            state["samples"] + int(flat[-2]),
-            state["tokens"] + int(flat[-1]),
+            state["samples"] + int(flat[-4]),
+            state["tokens"] + int(flat[-3]),
+            state["skipped"] + int(flat[-2]),
         )
-        step_tokens += int(flat[-1])
+        step_tokens += int(flat[-3])
+        if state["skipped"] > cfg.max_skipped_batches:
+            skips = audit_run(config["run_dir"], world).skipped
+            raise RuntimeError(
+                f"{state['skipped']} poison batches skipped, more than max_skipped_batches={cfg.max_skipped_batches}: "
+                + "; ".join(f"batch {b}: {cause.splitlines()[0]}" for b, cause in sorted(skips.items()))
+            )
         window = stats if window is None else window + stats
         done = state["step"] >= cfg.max_steps or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step)
         s = stats.summary()
@@ -163,6 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": sched.get_last_lr()[0],
             "samples": state["samples"],
             "tokens": state["tokens"],
+            "skipped": state["skipped"],
+            "target_tokens": int(flat[-1]),  # what the target computed for this step's records (all ranks)
         }
         ckpt_now = state["step"] % cfg.checkpoint_every == 0 or done
         if ckpt_now:
@@ -189,7 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window, t_window, wait, step_tokens = None, time.monotonic(), 0.0, 0
             if ckpt_now:
                 with tempfile.TemporaryDirectory() as d:
-                    saved = {k: state[k] for k in ("step", "samples", "tokens")}
+                    saved = {k: state[k] for k in ("step", "samples", "tokens", "skipped")}
                     _save(Path(d), draft, opt, sched, {**saved, "train": asdict(cfg)}, rank)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
@@ -197,3 +223,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done:
             break
         t_wait = time.monotonic()
+
+
+def _last_step(cfg: DraftTrainConfig) -> int:
+    return cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
+
+
+def _supply(spec: dict[str, Any], timeout_s: float) -> PoolSupply | DumpSupply:
+    """This rank's supply: its own client of the pool, or the dump on shared storage."""
+    if "dump" in spec:
+        from eagle_ray.offline import OfflineSupervision
+
+        return DumpSupply(OfflineSupervision(spec["dump"]))
+    from eagle_ray.pool import connect_pool
+
+    node = ray.get_runtime_context().get_node_id() if spec["local"] else None
+    return PoolSupply(connect_pool(spec["pool"]), node_id=node, timeout_s=timeout_s)
+
+
+def _zero_record(draft: Eagle3Draft, lm_head: torch.Tensor, ttt_steps: int) -> Supervision:
+    """A small all-zero record, every slot in the loss (so every step of the unroll touches every parameter)."""
+    n = ttt_steps + 2
+    return Supervision(
+        input_ids=torch.zeros(n, dtype=torch.long),
+        loss_mask=torch.ones(n, dtype=torch.long),
+        cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+        aux_hidden_states=torch.zeros(n, draft.fc.in_features, dtype=lm_head.dtype),
+        last_hidden_states=torch.zeros(n, lm_head.shape[1], dtype=lm_head.dtype),
+    )

@@ -27,7 +27,9 @@ def device_batches(reader: Iterable[Item], device: torch.device) -> Iterator[Ite
         return iter(reader)
     stream = torch.cuda.Stream(device)
 
-    def move(sup: Supervision) -> Callable[[], Supervision]:
+    def move(sup: Supervision | None) -> Callable[[], Supervision | None]:
+        if sup is None:  # a skipped batch's step: nothing to move
+            return lambda: None
         with torch.cuda.stream(stream):
             moved = {
                 f.name: t.pin_memory().to(device, non_blocking=True)

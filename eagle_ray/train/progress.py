@@ -1,8 +1,8 @@
 """Live progress of a training run, seen from the driver.
 
-Rank 0 pushes one row per step to a `MetricsSink` actor (fire and forget). A driver thread
-(`Progress`) joins those rows with the pool's own counters and shows one line: a tqdm bar on
-a terminal, plain periodic lines in job logs. It also feeds each row to the experiment trackers
+Rank 0 pushes one row per step to a `MetricsSink` actor (fire and forget); a row holds every rank's
+sums (trainer tokens, target tokens its supply computed). A driver thread (`Progress`) reads them and shows
+one line: a tqdm bar on a terminal, plain periodic lines in job logs. It also feeds each row to the experiment trackers
 (`trackers.py`: TensorBoard, W&B, MLflow) and sets Ray metrics (`ray.util.metrics`, visible in Ray's
 Prometheus endpoint / dashboard).
 """
@@ -38,8 +38,6 @@ class _RayMetrics:
     def __init__(self) -> None:
         from ray.util.metrics import Counter, Gauge
 
-        self.inflight = Gauge("eagle_ray_pool_inflight_bytes", "supervision bytes dispatched or held by consumers")
-        self.ready = Gauge("eagle_ray_pool_replicas_ready", "target replicas serving")
         self.target_tokens = Counter("eagle_ray_pool_tokens", "tokens the target pool has processed")
         self.trainer_tokens = Counter("eagle_ray_trainer_tokens", "tokens the draft trainer has consumed")
         self.loss = Gauge("eagle_ray_train_loss", "TTT loss of the last step")
@@ -51,12 +49,11 @@ class Progress:
         self,
         sink: Any,
         total_steps: int,
-        pool: Any = None,
         mode: str = "auto",
         every_s: float = 10.0,
         trackers: Trackers | None = None,
     ):
-        self.sink, self.pool, self.total = sink, pool, total_steps
+        self.sink, self.total = sink, total_steps
         self.mode = ("bar" if sys.stderr.isatty() else "lines") if mode == "auto" else mode
         self.every_s = every_s
         self.rows: dict[int, dict[str, Any]] = {}  # step -> latest row (a restart re-runs steps)
@@ -67,8 +64,7 @@ class Progress:
         self.trackers = trackers if trackers is not None else Trackers()  # closed by stop()
         self._metrics: _RayMetrics | None = None
         self._bar = None
-        self._t0 = time.monotonic()
-        self._first = self._last = {"target_tokens": self._target_tokens(), "tokens": 0}
+        self._last = {"target_tokens": 0, "tokens": 0}
         self.rates = {"target_tokens_per_s": 0.0, "trainer_tokens_per_s": 0.0}
 
     def start(self) -> Progress:
@@ -99,14 +95,6 @@ class Progress:
     def history(self) -> list[dict[str, Any]]:
         return [self.rows[s] for s in sorted(self.rows)]
 
-    def _target_tokens(self) -> int:
-        if self.pool is None or not hasattr(self.pool, "stats"):
-            return 0
-        try:
-            return sum(r["tokens_done"] for r in self.pool.stats()["replicas"])
-        except Exception:
-            return 0
-
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
@@ -132,21 +120,14 @@ class Progress:
         except Exception:
             return
         self._seen += len(new)
-        if new and not self.rows:  # rates count from the first step, not from Ray Train's start-up
-            self._t0 = time.monotonic()
-            self._first = {"target_tokens": self._target_tokens(), "tokens": 0}
         for row in new:
             self.rows[row["step"]] = row
             if self.trackers:
                 self.trackers.log(row_metrics(row), row["step"])
-        now = time.monotonic()
-        target = self._target_tokens()
-        tokens = self.rows[max(self.rows)]["tokens"] if self.rows else 0
-        elapsed = max(now - self._t0, 1e-9)  # averages since the start: shards arrive in bursts
-        self.rates = {
-            "target_tokens_per_s": (target - self._first["target_tokens"]) / elapsed,
-            "trainer_tokens_per_s": _trainer_rate([self.rows[k] for k in sorted(self.rows)]),
-        }
+        rows = [self.rows[k] for k in sorted(self.rows)]
+        target = sum(r.get("target_tokens", 0) for r in rows)
+        tokens = rows[-1]["tokens"] if rows else 0
+        self.rates = {"target_tokens_per_s": target_rate(rows), "trainer_tokens_per_s": _trainer_rate(rows)}
         if self._metrics is not None:
             m = self._metrics
             deltas = (
@@ -157,13 +138,6 @@ class Progress:
                 if delta > 0:  # Ray counters refuse 0
                     counter.inc(delta)
         self._last = {"target_tokens": target, "tokens": tokens}
-        if self._metrics is not None and self.pool is not None and hasattr(self.pool, "stats"):
-            try:
-                s = self.pool.stats()
-                self._metrics.inflight.set(s["inflight_bytes"] + s["held_bytes"])
-                self._metrics.ready.set(sum(r["state"] == "ready" for r in s["replicas"]))
-            except Exception:
-                pass
         if self.rows:
             row = self.rows[max(self.rows)]
             if self._metrics is not None:
@@ -180,20 +154,19 @@ class Progress:
         recent = [self.rows[s] for s in sorted(self.rows)[-20:]]
         busy = sum(r.get("step_s", 0.0) for r in recent)
         wait = sum(r.get("wait_s", 0.0) for r in recent) / max(busy, 1e-9)
-        inflight = ""
-        if self.pool is not None and hasattr(self.pool, "stats"):
-            try:
-                s = self.pool.stats()
-                inflight = f" inflight {(s['inflight_bytes'] + s['held_bytes']) / 2**20:.0f}MiB"
-            except Exception:
-                pass
+        skipped = f" skipped {row['skipped']}" if row.get("skipped") else ""
         text = (
             f"samples {row['samples']} target {self.rates['target_tokens_per_s']:.0f} tok/s "
-            f"trainer {self.rates['trainer_tokens_per_s']:.0f} tok/s wait {100 * wait:.0f}%{inflight} "
+            f"trainer {self.rates['trainer_tokens_per_s']:.0f} tok/s wait {100 * wait:.0f}%{skipped} "
             f"loss {row['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in row['acc'])} "
             f"accept {row['acceptance_chain']:.2f}"
         )
         return text if short else f"[eagle_ray] step {row['step']}/{self.total} {text}"
+
+
+def target_rate(rows: list[dict[str, Any]]) -> float:
+    """Tokens the target computed for the trainers (re-runs included) per second of their steps (waits included)."""
+    return sum(r.get("target_tokens", 0) for r in rows) / max(sum(r.get("step_s", 0.0) for r in rows), 1e-9)
 
 
 def _trainer_rate(rows: list[dict[str, Any]]) -> float:

@@ -4,9 +4,10 @@ consumed each sample exactly once.
 Each worker appends to `samples_rank{r}.jsonl` in the run dir: a `start` row when it (re)starts from a
 step, then a `step` row after each optimizer step, with the global batch index and one fingerprint per
 sequence of the supervision it trained on (a hash of the token ids and loss mask that came back from the
-target). A restart from a checkpoint at step s rolls back that rank's rows for steps >= s: those updates
-died with the worker and are trained again. What survives is the run's committed trajectory, which must
-hold every step once, in data order, and nothing else.
+target), or, for a poison batch the pool gave up on, no fingerprints and the cause (`skipped`). A restart
+from a checkpoint at step s rolls back that rank's rows for steps >= s: those updates died with the worker
+and are trained again. What survives is the run's committed trajectory, which must hold every step once,
+in data order, and nothing else.
 
 The run dir is under `storage_path`, which Ray Train needs on shared storage for multi-node runs, so
 every rank's file is readable from the driver.
@@ -57,6 +58,9 @@ class SampleLogWriter:
     def step(self, step: int, batch: int, prints: list[str]) -> None:
         self._append({"event": "step", "step": step, "batch": batch, "samples": prints})
 
+    def skip(self, step: int, batch: int, cause: str) -> None:
+        self._append({"event": "step", "step": step, "batch": batch, "samples": [], "skipped": cause})
+
 
 @dataclass
 class Audit:
@@ -69,14 +73,16 @@ class Audit:
     duplicates: int = 0  # samples committed more than once
     restarts: int = 0  # (re)starts after the first (a resumed run counts too)
     rolled_back: int = 0  # step rows discarded by restarts (trained again after the restart)
+    skipped: dict[int, str] = field(default_factory=dict)  # global batch -> why it was skipped (a poison batch)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def compare(self, expected: dict[tuple[int, int], str]) -> list[str]:
-        """What differs from `expected` (a fault-free run's samples, or the data's own fingerprints)."""
-        missing = sorted(set(expected) - set(self.samples))
+        """What differs from `expected` (a fault-free run's samples, or the data's own fingerprints); the samples of
+        skipped batches are accounted for (in `skipped`), not missing."""
+        missing = sorted(k for k in set(expected) - set(self.samples) if k[0] not in self.skipped)
         extra = sorted(set(self.samples) - set(expected))
         changed = sorted(k for k in set(expected) & set(self.samples) if expected[k] != self.samples[k])
         out = []
@@ -124,6 +130,8 @@ def audit_run(run_dir: str | Path, world: int) -> Audit:
                     audit.duplicates += 1
                     audit.problems.append(f"rank {rank}: sample {(row['batch'], i)} committed twice")
                 audit.samples[(row["batch"], i)] = fp
+            if "skipped" in row:
+                audit.skipped[row["batch"]] = row["skipped"]
         if sorted(committed) != list(range(len(committed))):
             audit.problems.append(f"rank {rank}: committed steps are not 0..{len(committed) - 1}")
         committed_steps.append(len(committed))

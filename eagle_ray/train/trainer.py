@@ -1,9 +1,12 @@
-"""Driver entry point: train an EAGLE-3 draft on Ray Train, fed live by a `PooledTargetModel`.
+"""Driver entry point: train an EAGLE-3 draft on Ray Train, each rank reading its own batches' supervision.
 
+    pool = serve_pool("my-pool", model_path, replicas=4)
     result = train_draft(pool, batches, DraftTrainConfig(max_steps=1000), num_workers=2, ...)
 
-The pool stays on the driver; its supervision reaches each worker as object refs through
-`feed.py`. The target's embeddings and lm_head are put in the object store once.
+Rank r takes global batch `step * num_workers + r` at each step and reads its supervision itself
+(`reader.py`): from the pool, as a client that dispatches its own shards to the replicas, or from a dump
+on shared storage. The driver does nothing per batch. The target's embeddings and lm_head are one
+object in the object store.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +25,16 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from eagle_ray.contract import PackedBatch
+from eagle_ray.data.source import ChatBatchSource
 from eagle_ray.draft.model import Eagle3DraftConfig
 from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_tokens
 from eagle_ray.hf_checkpoint import load_config
+from eagle_ray.offline import OfflineSupervision
+from eagle_ray.pool import PoolClient, PooledTargetModel
 from eagle_ray.train.config import DraftTrainConfig
-from eagle_ray.train.feed import BatchSource, SupervisionFeed
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
+from eagle_ray.train.reader import rank_source
 from eagle_ray.train.trackers import Trackers, open_trackers
 
 
@@ -38,27 +44,17 @@ class TrainResult:
     checkpoint: Any  # ray.train.Checkpoint of the last report (None if none)
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics; a re-run step's latest
-    feed: dict[str, Any] = field(default_factory=dict)
     vocab: DraftVocab | None = None
 
-
-def _source(data: Sequence[PackedBatch] | BatchSource) -> BatchSource:
-    """Batches from a global index on; a list repeats (epochs) so any step count can be served."""
-    if callable(data):
-        return data
-    if not data:
-        raise ValueError("no training batches")
-    batches = list(data)
-
-    def from_index(start: int) -> Iterator[PackedBatch]:
-        return (batches[i % len(batches)] for i in itertools.count(start))
-
-    return from_index
+    @property
+    def skipped_batches(self) -> int:
+        """Poison batches skipped over the run (every rank's, as of the last step)."""
+        return self.history[-1].get("skipped", 0) if self.history else 0
 
 
 def train_draft(
-    pool: Any,
-    data: Sequence[PackedBatch] | BatchSource,
+    target: PoolClient | OfflineSupervision,
+    data: Sequence[PackedBatch] | ChatBatchSource,
     train: DraftTrainConfig,
     *,
     storage_path: str | Path,
@@ -75,65 +71,52 @@ def train_draft(
     resume_from: str | None = None,
     export_dir: str | Path | None = None,
     export_dtype: torch.dtype | None = None,
-    feed_timeout_s: float = 600.0,
+    read_timeout_s: float = 600.0,
     progress: str = "auto",
     progress_every_s: float = 10.0,
     trackers: Sequence[str] | Trackers = (),
     tracker_config: dict[str, Any] | None = None,
-    data_plane: str = "feed",
 ) -> TrainResult:
     """Train a draft for `train.max_steps` steps of `num_workers` batches each.
 
-    `data`: a list of packed batches (repeated as epochs), or a function from a global batch index
-    to the batches from there on (deterministic: resume and restarts re-read from an index).
-    Rerunning with the same `storage_path`/`name` resumes from that run's latest checkpoint (Ray
-    Train restores it); so does `resume_from` (a checkpoint directory). Worker failures restart from
-    the last checkpoint up to `max_failures` times. The draft is exported to `export_dir`
-    (default `<storage_path>/<name>/draft`) when the run reaches `max_steps`. `progress`: "bar", "lines",
-    "auto" (bar on a terminal) or "off". `trackers`: experiment trackers fed every step's metrics, by name
-    ("tensorboard" writes `<storage_path>/<name>/tensorboard`; "wandb", "mlflow": see `trackers.py`) or
+    `target`: a `serve_pool` pool (each worker connects to it by name and streams its own batches to the
+    replicas) or an `OfflineSupervision` dump on storage every worker can read (each reads its own batches'
+    files). `data`: a list of packed batches (repeated as epochs) or a `ChatBatchSource` (indexed here
+    first; each worker then reads only its own batches). Worker r trains on global batch `step * num_workers + r`.
+    Rerunning with the same `storage_path`/`name` resumes from that run's latest checkpoint (Ray Train
+    restores it); so does `resume_from` (a checkpoint directory). Worker failures restart from the last
+    checkpoint up to `max_failures` times. A poison batch (the pool gave up on it) is skipped, up to
+    `train.max_skipped_batches`. The draft is exported to `export_dir` (default `<storage_path>/<name>/draft`)
+    when the run reaches `max_steps`. `queue_depth`: records each worker reads ahead; `read_timeout_s`: how long
+    one may wait for its next record (and a shard may stall) before it fails. `progress`: "bar",
+    "lines", "auto" (bar on a terminal) or "off". `trackers`: experiment trackers fed every step's metrics, by
+    name ("tensorboard" writes `<storage_path>/<name>/tensorboard`; "wandb", "mlflow": see `trackers.py`) or
     opened `Trackers`, closed at the end either way; `tracker_config` is what they record as the run's config
     (default: `train` and the worker count).
-
-    `data_plane`: "feed" (the driver streams the pool and feeds each worker its batches) or "direct" (each
-    worker is a client of `pool`, a `serve_pool` pool, and streams its own batches to the replicas: nothing
-    per batch on the driver; `data` must then be a list or a `ChatBatchSource`, whose whole data is indexed
-    here first). Both serve rank r batch `step * num_workers + r`.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if data_plane not in ("feed", "direct"):
-        raise ValueError(f"data_plane must be 'feed' or 'direct', got {data_plane!r}")
-    direct = None
-    if data_plane == "direct":
-        direct = {"pool": _pool_name(pool), "source": _rank_source(data), "depth": queue_depth}
-        # colocated: each rank reads its own node's replicas (zero-copy), others only when its node has none
-        direct["local"] = pool.placement == "colocated"
-    source = _source(data)
+    if queue_depth < 1:
+        raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
+    supply, target_weights = _supply(target)
+    source = rank_source(data)
     run_dir = Path(storage_path) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = pool.info
-    target_config = load_config(pool.model_path)
+    info = target.info
+    target_config = load_config(target.model_path)
 
-    counts = count_loss_tokens(itertools.islice(source(0), vocab_batches), info.vocab_size)
+    # global batches 0, 1, 2... (a chat source's read in Ray tasks, not in this process)
+    first = data.batches_from(0) if isinstance(data, ChatBatchSource) else source.rank_batches(0, 1)
+    counts = count_loss_tokens(itertools.islice(first, vocab_batches), info.vocab_size)
     vocab = build_draft_vocab(counts, draft_vocab_size, special_token_ids, cache=run_dir / "draft_vocab.safetensors")
     draft_config = Eagle3DraftConfig.from_target(target_config, vocab.size, list(info.aux_layer_ids))
-    if hasattr(pool, "weights_ref"):  # one object a replica put: workers read it, the driver never holds it
-        target_weights = pool.weights_ref()
-    else:
-        target_weights = ray.put((pool.get_input_embeddings().weight.detach(), pool.get_lm_head_weight().detach()))
     weights = [target_weights, ray.put(vocab.target_ids)]  # a list: Ray Train hands the refs over, not values
 
     sink = MetricsSink.remote()
-    if not isinstance(trackers, Trackers):  # opened before the feed starts: a tracker that fails leaves nothing to stop
+    if not isinstance(trackers, Trackers):  # opened before training starts: a tracker that fails leaves nothing to stop
         config = tracker_config if tracker_config is not None else {"train": asdict(train), "num_workers": num_workers}
         trackers = open_trackers(trackers, run_dir, name, config)
-    feed = None
-    if direct is None:
-        feed = SupervisionFeed(pool, source, num_workers, train.max_steps, queue_depth, feed_timeout_s).start()
-    # direct: the workers' clients dispatch, so the driver's pool has no traffic to show; the target's rate is
-    # then what the trainers consumed (each sample once)
-    monitor = Progress(sink, train.max_steps, pool if direct is None else None, progress, progress_every_s, trackers)
+    monitor = Progress(sink, train.max_steps, progress, progress_every_s, trackers)
     if progress != "off" or trackers:
         monitor.start()
     metrics_path = run_dir / "metrics.jsonl"
@@ -143,13 +126,14 @@ def train_draft(
             "train": asdict(train),
             "draft_config": draft_config.as_dict(),
             "weights": weights,
-            "feed": feed.handles if feed is not None else None,
-            "direct": direct,
+            "supply": supply,
+            "source": source,
+            "queue_depth": queue_depth,
             "use_gpu": use_gpu,
             "metrics_path": str(metrics_path),
             "run_dir": str(run_dir),
             "resume_from": resume_from,
-            "feed_timeout_s": feed_timeout_s,
+            "read_timeout_s": read_timeout_s,
             "metrics_sink": sink,
         },
         torch_config=TorchConfig(backend=backend) if backend else None,
@@ -168,17 +152,9 @@ def train_draft(
     )
     try:
         result = trainer.fit()
-    except Exception as e:
-        if feed is not None and feed.error is not None:
-            raise RuntimeError(f"the supervision feed failed: {feed.error}") from e
-        raise
     finally:
-        if feed is not None:
-            feed.close()
         if monitor.running:
             monitor.stop()
-    if feed is not None and feed.error is not None:
-        raise RuntimeError(f"the supervision feed failed: {feed.error}") from feed.error
     # rank 0's file has earlier runs' steps (if it is on this node); the sink has this run's, from anywhere
     by_step = {r["step"]: r for r in _history(metrics_path)}
     by_step.update((r["step"], r) for r in ray.get(sink.since.remote(0)))
@@ -194,29 +170,23 @@ def train_draft(
                 from eagle_ray.draft.export import load_draft, save_draft
 
                 save_draft(load_draft(Path(d) / "draft"), exported, dtype=export_dtype)
-    return TrainResult(exported, result.checkpoint, steps, history, dict(feed.stats) if feed else {}, vocab)
+    return TrainResult(exported, result.checkpoint, steps, history, vocab)
 
 
-def _pool_name(pool: Any) -> str:
-    name = getattr(pool, "name", None)
-    if name is None:
+def _supply(target: Any) -> tuple[dict[str, Any], ray.ObjectRef]:
+    """Where each worker reads supervision from (picklable), and the target weights' object."""
+    if isinstance(target, PoolClient):
+        # colocated: each rank reads its own node's replicas (zero-copy), others only when its node has none
+        return {"pool": target.name, "local": target.placement == "colocated"}, target.weights_ref()
+    if isinstance(target, OfflineSupervision):
+        return {"dump": str(target.root.resolve())}, ray.put(target.weights())
+    if isinstance(target, PooledTargetModel):
+        # a pool's replicas belong to the process that started it: the workers could not reach them
         raise TypeError(
-            "data_plane='direct' needs a shared pool, whose workers connect to it by name: "
-            "pool = serve_pool(name, model_path, ...)"
+            "train_draft needs a pool its workers can connect to: start it with serve_pool(name, model_path, ...) "
+            "instead of PooledTargetModel(...)"
         )
-    return name
-
-
-def _rank_source(data: Any) -> Any:
-    """What each worker builds its own batches from (picklable): `rank_batches(rank, world, step)`."""
-    from eagle_ray.data.source import ChatBatchSource
-    from eagle_ray.train.direct import CycledBatches
-
-    if isinstance(data, ChatBatchSource):
-        return data.for_ranks()
-    if callable(data):
-        raise TypeError("data_plane='direct' needs a list of batches or a ChatBatchSource, not a function")
-    return CycledBatches(list(data))
+    raise TypeError(f"train_draft reads from a serve_pool pool or an OfflineSupervision dump, not {type(target)!r}")
 
 
 def _history(path: Path) -> list[dict[str, Any]]:
