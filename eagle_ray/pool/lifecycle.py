@@ -130,13 +130,17 @@ class Lifecycle:
         )
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Until `min_replicas` are ready: the rest join as they come. Fewer after `timeout_s`: fail, with why."""
+        need = min(self._min_replicas, self._target_replicas)
         deadline = time.monotonic() + timeout_s
-        while starting := self._owner.call(lambda: sum(r.ready_ref is not None for r in self._replicas.values())):
+        while (ready := self._owner.call(lambda: len(self._ready()))) < need:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{starting} replicas not ready after {timeout_s}s (resources: {self.shape})")
+                errors = self._owner.call(lambda: self._start_errors[-5:])
+                raise RuntimeError(
+                    f"{ready} of min_replicas={need} replicas ready after {timeout_s}s (resources {self.shape.bundle})"
+                    f"; last start errors: {errors}"
+                )
             time.sleep(0.05)
-        if self._target_replicas and not self._owner.call(self._ready):
-            raise RuntimeError(f"no replica started: {self._start_errors}")
 
     def _ready(self) -> list[_Replica]:
         return [r for r in self._replicas.values() if r.state == "ready"]

@@ -46,6 +46,7 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         *,
         engine: str = "sglang",
         replicas: int = 1,
+        min_replicas: int = 1,
         tp_size: int = 1,
         aux_layer_ids: list[int] | None = None,
         dtype: torch.dtype | None = None,
@@ -64,10 +65,12 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         shard_timeout_s: float = 120.0,
         shard_timeout_factor: float = 10.0,
     ):
-        if not ray.is_initialized():
-            init_ray()
         if replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
+        if not 1 <= min_replicas <= max(replicas, 1):
+            raise ValueError(f"min_replicas must be in [1, replicas={replicas}], got {min_replicas}")
+        if not ray.is_initialized():
+            init_ray()
         check_engine(engine)
         use_gpu = pl.cluster_has_gpus() if use_gpu is None else use_gpu
         self.shape = pl.replica_shape(placement, tp_size, use_gpu, cpus_per_replica, gpu_fraction)
@@ -97,6 +100,7 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         )  # fmt: skip
         self._next_replica_id = 0
         self._target_replicas = replicas
+        self._min_replicas = min_replicas
         self._starts = 0
         self._max_starts = max_replica_starts if max_replica_starts is not None else 3 * max(replicas, 1) + 10
         self._start_timeout_s = start_timeout_s
@@ -113,7 +117,8 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
 
     @classmethod
     def from_pretrained(cls, model_path: str, **kwargs: Any) -> PooledTargetModel:
-        """Start the pool and wait until every replica has built its engine."""
+        """Start the pool and wait until `min_replicas` replicas have built their engines (the rest join as they
+        come)."""
         return cls(model_path, **kwargs)
 
     @property
