@@ -59,7 +59,6 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         shard_tokens: int | None = None,
         max_shard_failures: int = 3,
         max_inflight_per_replica: int = 2,
-        max_replica_starts: int | None = None,
         runtime_env: dict[str, Any] | None = None,
         start_timeout_s: float = 900.0,
         shard_timeout_s: float = 120.0,
@@ -101,8 +100,7 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         self._next_replica_id = 0
         self._target_replicas = replicas
         self._min_replicas = min_replicas
-        self._starts = 0
-        self._max_starts = max_replica_starts if max_replica_starts is not None else 3 * max(replicas, 1) + 10
+        self._backoff: dict[str | None, Any] = {}  # node id (None: unknown) -> its failed starts' backoff
         self._start_timeout_s = start_timeout_s
         if self._max_inflight_bytes is None:
             store = ray.cluster_resources().get("object_store_memory", 2**31)
@@ -318,7 +316,6 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
 
     def _scale(self, replicas: int) -> None:
         self._target_replicas = replicas
-        self._max_starts += max(0, replicas - len(self._replicas))
         self._reconcile()
 
     def close(self) -> None:

@@ -5,6 +5,9 @@ Each hook is called from one place in production code, and does nothing by defau
 - `replica_shard_fault(input_ids)`, in `pool/replica.py`: the replica process exits (code 3) when a shard
   holds the token id in `EAGLE_RAY_CHAOS_CRASH_TOKEN` (set in the replica actor's runtime_env) -- a
   poison shard that kills every replica it lands on.
+- `replica_start_fault(node_id)`, in `pool/replica.py`: a replica starting on a node listed (comma-separated ids) in
+  `EAGLE_RAY_FAIL_START_NODES` fails to start, as one on a node with a bad GPU or a broken driver would; each such
+  failure appends "<node id> <unix time>" to the file `EAGLE_RAY_FAIL_START_LOG` names, if set (tests count them).
 - `train_step_fault(...)`, in `train/loop.py`: rank 0 of the draft workers fails once at
   `DraftTrainConfig.fail_at_step`, by `fail_mode`; a marker file in the run dir keeps the restarted
   group from failing again.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +26,8 @@ if TYPE_CHECKING:
     import torch
 
 CRASH_TOKEN_ENV = "EAGLE_RAY_CHAOS_CRASH_TOKEN"
+FAIL_START_ENV = "EAGLE_RAY_FAIL_START_NODES"
+FAIL_START_LOG_ENV = "EAGLE_RAY_FAIL_START_LOG"
 FAIL_MODES = ("raise", "exit", "sigkill")
 
 # read once, when the replica module imports this one in the actor: its runtime_env is set by then
@@ -32,6 +38,15 @@ def replica_shard_fault(input_ids: torch.Tensor) -> None:
     """Exit the process, as a crashing kernel would, if this shard holds the poison token."""
     if _CRASH_TOKEN is not None and bool((input_ids == _CRASH_TOKEN).any()):
         os._exit(3)
+
+
+def replica_start_fault(node_id: str) -> None:
+    """Fail a replica's start on the nodes `EAGLE_RAY_FAIL_START_NODES` names (read now: the actor's env is set)."""
+    if node_id in os.environ.get(FAIL_START_ENV, "").split(","):
+        if FAIL_START_LOG_ENV in os.environ:
+            with open(os.environ[FAIL_START_LOG_ENV], "a") as f:
+                f.write(f"{node_id} {time.time()}\n")
+        raise RuntimeError(f"injected start failure on node {node_id}")
 
 
 def check_fail_mode(mode: str) -> None:
