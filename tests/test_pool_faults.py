@@ -3,8 +3,11 @@ parallel shutdown, on a simulated multi-node Ray cluster (`ray.cluster_utils.Clu
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -16,6 +19,7 @@ from eagle_ray import HFEagle3TargetModel
 from eagle_ray.job.config import ConfigError, load_job_config
 from eagle_ray.pool import PooledTargetModel
 from eagle_ray.pool import placement as pl
+from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.lifecycle import BACKOFF_S, _Backoff
 from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
 from eagle_ray.testing.faults import FAIL_START_ENV, FAIL_START_LOG_ENV
@@ -41,6 +45,21 @@ def test_failed_starts_back_off_by_rounds():
     for t in range(20):
         b.failed(launched_at=100.0 + t, now=100.5 + t)
     assert b.until == 119.5 + BACKOFF_S[1]
+
+
+def test_a_death_blames_its_shard_only_when_the_shard_kills_another_replica_too():
+    led = ShardLedger(max_failures=2)
+    led.add(1)
+    assert led.died(1, led.dispatch(1), "replica 0 died running it") == "suspect"  # re-queued, not counted
+    assert led.suspect(1) and led.count("pending") == 1  # it re-runs alone
+    assert led.complete(1, led.dispatch(1))  # fine elsewhere: the death was the replica's, never the shard's
+    led.add(2)
+    assert led.died(2, led.dispatch(2), "replica 1 died running it") == "suspect"
+    a = led.dispatch(2)
+    assert led.died(2, a, "replica 2 died running it") == "blame"  # it killed two: both deaths count
+    assert led.fail(2, a, "replica 2 died running it") == "quarantine"
+    assert "attempt 1: replica 1 died" in led.error(2) and "attempt 2: replica 2 died" in led.error(2)
+    assert led.died(2, a, "late") == "stale"
 
 
 HEAD = {
@@ -132,6 +151,49 @@ def test_a_pool_that_no_node_can_start_fails_early_with_the_cause(cluster, tiny_
         )  # fmt: skip
     assert time.monotonic() - t0 < 300
     assert pl.live_groups() == []  # what it reserved is released
+
+
+def test_a_replica_killed_under_a_shard_does_not_count_against_the_shard(cluster, tiny_paths, reference):
+    """max_shard_failures=1: a shard would be quarantined at its first failure. Replicas killed while they run
+    shards (an operator, a lost node: not the shards' doing) cost no shard: each re-runs, all are delivered."""
+    with PooledTargetModel.from_pretrained(
+        tiny_paths["llama"], engine="hf", replicas=2, use_gpu=True, max_shard_failures=1, max_inflight_per_replica=1
+    ) as pool:
+        inputs = [random_batch([20, 30, 25], seed=40 + i) for i in range(10)]
+        results, killed = [], 0
+        for r in pool.stream(inputs):
+            results.append(r)
+            busy = [x for x in pool.stats()["replicas"] if x["state"] == "ready" and x["inflight_shards"]]
+            if len(results) in (2, 5) and busy:
+                victim = next(d for d in pool.replicas() if d["replica_id"] == busy[0]["replica_id"])
+                os.kill(victim["pid"], signal.SIGKILL)  # the OOM killer: no goodbye
+                killed += 1
+        deadline = time.monotonic() + 60
+        while pool.stats()["replicas_replaced"] < killed and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stats = pool.stats()
+    assert killed >= 1 and stats["replicas_replaced"] == killed
+    assert [r.error for r in results if r.error] == [] and stats["shards_quarantined"] == 0
+    assert sum(r.num_tokens for r in results) == sum(b.num_tokens for b in inputs)
+    assert len({(r.batch_index, *r.sequences) for r in results}) == len(results)  # each once
+
+
+def test_shutdown_stops_replicas_in_parallel(cluster, tiny_paths):
+    """Three replicas whose processes are stopped (SIGSTOP: they never answer their shutdown call): the pool waits
+    30 s for all of them together, not 30 s for each in turn, and their processes end."""
+    pool = PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="hf", replicas=3, use_gpu=True)
+    pids = [d["pid"] for d in pool.replicas()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    pool.shutdown()
+    took = time.monotonic() - t0
+    assert 30 <= took < 60, took  # one at a time: 90 s
+    assert pl.live_groups() == []
+    deadline = time.monotonic() + 60
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, "a stopped replica outlived the pool's shutdown"
+        time.sleep(0.5)
 
 
 def test_start_with_one_of_three_nodes_dead_starts_at_min_replicas_and_the_rest_join(cluster, tiny_paths, reference):

@@ -152,6 +152,19 @@ class Lifecycle:
         del self._replicas[r.replica_id]
         self._changed = True
 
+    def _stop_replicas(self, timeout_s: float = 30.0) -> None:
+        """Shut every replica down at once (its engine's close, then its actor and group), each given `timeout_s`
+        together: a hung one holds up the others for that long, not a timeout of its own each."""
+        self._target_replicas = 0
+        for st in list(self._streams.values()):
+            self._fail(st, RuntimeError("the pool was shut down"))
+        # one still building its engine would answer only after that: it is killed as it is
+        refs = [r.actor.shutdown.remote() for r in self._replicas.values() if r.desc is not None]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for r in list(self._replicas.values()):
+            self._remove(r)
+
     def _on_ready(self, r: _Replica, fut: Any) -> None:
         if self._replicas.get(r.replica_id) is not r:
             return  # removed meanwhile
@@ -238,9 +251,15 @@ class Lifecycle:
                     self._delivered(shard, attempt, payload, r, meta)
                     continue
             if not blamed:  # an actor runs its tasks in order: the first unfinished one was running (or its reply
-                # was lost with the process: a suspect re-runs alone, see `_pick`)
+                # was lost with the process: a suspect re-runs alone, see `_pick`); it is to blame only if it kills
+                # the replica it re-runs on too
                 blamed = True
-                self._failed(shard, attempt, f"replica {r.replica_id} died running it: {type(err).__name__}")
+                why = f"replica {r.replica_id} died running it: {type(err).__name__}"
+                verdict = self._ledger.died(shard.shard_id, attempt, why)
+                if verdict == "blame":
+                    self._failed(shard, attempt, why)
+                elif verdict == "suspect":
+                    self._retry.appendleft(shard)
             elif self._ledger.requeue(shard.shard_id, attempt):
                 self._retry.append(shard)
         if r.state in ("starting", "ready"):

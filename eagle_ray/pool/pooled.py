@@ -329,18 +329,6 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         self._owner.call(self._stop_replicas)
         self._owner.stop()
 
-    def _stop_replicas(self) -> None:
-        self._target_replicas = 0
-        for st in list(self._streams.values()):
-            self._fail(st, RuntimeError("the pool was shut down"))
-        for r in list(self._replicas.values()):
-            if r.state != "starting":  # one still building its engine would answer only after that
-                try:
-                    ray.get(r.actor.shutdown.remote(), timeout=30)
-                except Exception:
-                    pass
-            self._remove(r)
-
     def __enter__(self) -> PooledTargetModel:
         return self
 
