@@ -53,7 +53,7 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
 
 
 def resolve_aux_layer_ids(aux_layer_ids: list[int] | tuple[int, ...] | None, num_layers: int) -> list[int]:
-    """Default or validate aux ids: exactly three increasing ints in [0, num_layers)."""
+    """Default or validate aux ids: exactly three increasing ints in [0, num_layers - 1)."""
     explicit = aux_layer_ids is not None
     ids = list(aux_layer_ids) if explicit else default_aux_layer_ids(num_layers)
     origin = "aux_layer_ids" if explicit else f"the default aux_layer_ids for {num_layers} layers"
@@ -67,6 +67,13 @@ def resolve_aux_layer_ids(aux_layer_ids: list[int] | tuple[int, ...] | None, num
     bad = [i for i in ids if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"{origin} {ids}: {bad} outside [0, {num_layers}) for a {num_layers}-layer target{hint}")
+    if num_layers - 1 in ids:
+        # refused on every engine, so all agree: SGLang captures "the input of layer i + 1", and there is no layer L
+        raise ValueError(
+            f"{origin} {ids}: id {num_layers - 1}, the output of the last of {num_layers} layers, is not "
+            f"supported: SGLang captures aux states as the input of the next layer, and layer {num_layers} does not "
+            f"exist. Pick ids in [0, {num_layers - 1}); the final state ships anyway, normed, as last_hidden_states"
+        )
     if ids != sorted(ids):
         # SGLang concatenates aux states in layer order, whatever order the ids came in: HF would disagree
         raise ValueError(f"{origin} must be increasing, got {ids}: aux states are concatenated in layer order")

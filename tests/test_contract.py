@@ -62,10 +62,10 @@ def test_default_aux_layer_ids(num_layers, expected):
 
 
 def test_resolve_aux_layer_ids_wants_layer_order():
-    # SGLang concatenates aux states in layer order: [5, 0, 31] would mean one thing to HF, another to a server
+    # SGLang concatenates aux states in layer order: [5, 0, 30] would mean one thing to HF, another to a server
     assert resolve_aux_layer_ids((2, 4, 6), 8) == [2, 4, 6]
     with pytest.raises(ValueError, match="must be increasing"):
-        resolve_aux_layer_ids([5, 0, 31], 32)
+        resolve_aux_layer_ids([5, 0, 30], 32)
 
 
 @pytest.mark.parametrize(
@@ -77,6 +77,7 @@ def test_resolve_aux_layer_ids_wants_layer_order():
         ([1, 1, 3], "distinct"),
         ([-1, 2, 3], "outside [0, 8)"),
         ([1, 2, 8], "outside [0, 8)"),
+        ([1, 2, 7], "id 7, the output of the last of 8 layers, is not supported"),
         ([1, 2.0, 3], "must be ints"),
         ([1, "2", 3], "must be ints"),
         ([True, 2, 3], "must be ints"),
@@ -97,7 +98,7 @@ def test_default_aux_layer_ids_collide_for_six_layers():
     assert "distinct" in msg and "default" in msg
     assert "pass aux_layer_ids" in msg
     # the same six-layer target is fine with explicit ids
-    assert resolve_aux_layer_ids([0, 2, 5], 6) == [0, 2, 5]
+    assert resolve_aux_layer_ids([0, 2, 4], 6) == [0, 2, 4]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -236,3 +236,28 @@ def test_rendezvous_env_does_not_leak(tiny_paths, sglang_target):
     sglang_target(tiny_paths["llama"], tp_size=2)
     for key in ("TORCHELASTIC_USE_AGENT_STORE", "MASTER_PORT", "MASTER_ADDR"):
         assert key not in os.environ, key
+
+
+def test_aux_id_of_the_last_layer_is_refused_on_both_engines(tiny_paths, hf_target, sglang_target):
+    """Id L-1 (the output of the last layer): SGLang captures "the input of layer i + 1" and has no layer L, so it
+    would come back 2H wide. Both engines refuse it alike, before anything is built."""
+    for make in (hf_target, sglang_target):
+        with pytest.raises(
+            ValueError, match=r"\[1, 3, 7\]: id 7, the output of the last of 8 layers, is not supported"
+        ):
+            make(tiny_paths["llama"], aux_layer_ids=[1, 3, 7])
+
+
+def test_sglang_checks_the_width_of_what_it_captured(tiny_paths, sglang_target):
+    """A model that captures fewer layers than asked (as one that never reaches a layer would) is an error that
+    says so, not a narrower aux tensor handed on: SGLang 0.5.23's logits processor counts the captures; the engine
+    checks the width of what comes back too (other versions, other capture paths)."""
+    target = sglang_target(tiny_paths["llama"], aux_layer_ids=[1, 3, 5])
+    model = target.engine._rank.runner.model
+    model.set_eagle3_layers_to_capture([1, 3])  # two layers instead of three (SGLang's own call, as it makes it)
+    try:
+        with pytest.raises((ValueError, RuntimeError), match=r"captured 2 aux hidden states|shape \(9, 128\), not"):
+            target.forward_packed(random_batch([4, 5]))
+    finally:
+        model.set_eagle3_layers_to_capture([1, 3, 5])
+    assert target.forward_packed(random_batch([4, 5])).aux_hidden_states.shape == (9, 192)

@@ -307,10 +307,17 @@ class SGLangEngine:
         return result
 
     def _run(self, batch: PackedBatch, return_logits: bool):
-        return self._on_all_ranks(
+        aux, last, logits = self._on_all_ranks(
             ("forward", batch.input_ids, batch.cu_seqlens, return_logits),
             lambda: self._rank.forward(batch.input_ids, batch.cu_seqlens, return_logits),
         )
+        ids, h = self.info.aux_layer_ids, self.info.hidden_size
+        if tuple(aux.shape) != (batch.num_tokens, len(ids) * h):  # a layer it never reached is silently missing
+            raise RuntimeError(
+                f"SGLang returned aux states of shape {tuple(aux.shape)}, not [{batch.num_tokens}, {len(ids) * h}] "
+                f"({len(ids)} aux layers {list(ids)} x hidden size {h}): it captured other layers than asked"
+            )
+        return aux, last, logits
 
     def generate(self, batch: PackedBatch, params: GenerationParams, first: int = 0) -> list[list[int]]:
         """Each prompt's continuation, decoded by SGLang's runner in batches that fit its KV pool.

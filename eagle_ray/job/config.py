@@ -34,6 +34,7 @@ class TargetConfig:
     engine: Literal["auto", "sglang", "hf"] = "auto"  # auto: SGLang when installed, else transformers
     tp_size: int = 1
     replicas: int = 2
+    min_replicas: int = 1  # start once this many replicas are ready; the rest join as they come
     dtype: Literal["bfloat16", "float16", "float32"] | None = None  # None: the checkpoint's dtype
     aux_layer_ids: list[int] | None = None  # None: [1, L//2-1, L-4]
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. SGLang server args
@@ -276,6 +277,7 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -
 def _validate(c: JobConfig) -> None:
     positive = {
         "target.replicas": c.target.replicas >= 0,
+        "target.min_replicas": 1 <= c.target.min_replicas <= max(c.target.replicas, 1),
         "target.tp_size": c.target.tp_size >= 1,
         "data.max_length": c.data.max_length >= 2,
         "data.batch_tokens": c.data.batch_tokens >= c.data.max_length,

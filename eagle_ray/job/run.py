@@ -252,6 +252,7 @@ def _serve_pool(c: JobConfig, model_path: str, engine: str, dtype: torch.dtype |
         model_path,
         engine=engine,
         replicas=c.target.replicas,
+        min_replicas=c.target.min_replicas,
         tp_size=c.target.tp_size,
         aux_layer_ids=c.target.aux_layer_ids,
         dtype=dtype,

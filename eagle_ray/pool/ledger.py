@@ -17,6 +17,7 @@ class ShardRecord:
     attempt: int = 0  # dispatches so far; the live one is `attempt`
     running: bool = False
     failures: list[str] = field(default_factory=list)
+    deaths: list[str] = field(default_factory=list)  # replicas that died running it (the first is not yet blamed)
     state: str = "pending"  # pending | running | delivered | quarantined | abandoned
 
 
@@ -81,10 +82,26 @@ class ShardLedger:
         rec.state = "pending"
         return "retry"
 
+    def died(self, shard_id: int, attempt: int, reason: str) -> str:
+        """Its replica died running it: "suspect" the first time (re-queued, not counted: a lost node, the OOM
+        killer or an operator takes whatever runs), "blame" once it ran on another replica that died too (then
+        both deaths count: the caller `fail`s it for this one), "stale" for an old attempt."""
+        rec = self._live(shard_id, attempt)
+        if rec is None:
+            return "stale"
+        rec.deaths.append(reason)
+        if len(rec.deaths) == 1:
+            rec.running, rec.state = False, "pending"
+            return "suspect"
+        if len(rec.deaths) == 2:
+            rec.failures.append(rec.deaths[0])
+        return "blame"
+
     def suspect(self, shard_id: int) -> bool:
-        """The shard failed before: the pool runs it alone, so a crash on it is blamed on it for certain."""
+        """The shard failed or was running at a death before: the pool runs it alone, so a crash on it is blamed
+        on it for certain."""
         rec = self.records.get(shard_id)
-        return rec is not None and bool(rec.failures)
+        return rec is not None and bool(rec.failures or rec.deaths)
 
     def error(self, shard_id: int) -> str:
         """Why a quarantined shard was given up on: the pool logs it and puts it in the shard's result."""

@@ -4,27 +4,50 @@ per replica. A mixin of `PooledTargetModel` (`pooled.py`); `dispatch.py` is the 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
+from ray.util import placement_group_table
 
 from eagle_ray.contract import ModelInfo
 from eagle_ray.pool import placement as pl
 
 log = logging.getLogger(__name__)
 
+BACKOFF_S = (1.0, 60.0)  # a failed start's wait before the next try on its node: the first, and the most
+GIVE_UP_ROUNDS = 3  # start-up fails early once every node that fits a replica failed this many rounds, none ready
+
+
+@dataclass
+class _Backoff:
+    """Failed starts on one node (or, key None, failures no node is known for: the pool's): no start there before
+    `until`, a wait that doubles with each round of failures. A round is the starts launched before its first
+    failure: replicas that fail together (a node's 8 GPUs at once) double it once, not 8 times."""
+
+    rounds: int = 0
+    failed_at: float = -math.inf
+    until: float = 0.0
+
+    def failed(self, launched_at: float, now: float) -> None:
+        if launched_at > self.failed_at:
+            self.rounds += 1
+        self.failed_at = now
+        self.until = now + min(BACKOFF_S[0] * 2 ** (self.rounds - 1), BACKOFF_S[1])
+
 
 @dataclass
 class _Replica:
     replica_id: int
-    actor: Any
+    actor: Any  # None until launched: a start after a failure waits for its backoff
     pg: Any
     state: str = "starting"  # starting | ready | draining | dead
     ready_ref: Any = None
     watch_ref: Any = None  # resolves only when the actor dies (an error) or a TP rank of its own did
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.monotonic)  # launched (actor created) at
+    avoid_until: float | None = None  # its group was kept off nodes that failed starts until then (see `_replace`)
     task_errors: int = 0  # consecutive failed shards
     desc: dict[str, Any] | None = None
     inflight: list = field(default_factory=list)  # meta refs, in dispatch (= execution) order
@@ -45,26 +68,31 @@ class Lifecycle:
     """Replicas come and go here; their shards' fates are `Dispatch`'s."""
 
     def _start_replica(self) -> None:
-        if self._starts >= self._max_starts:
-            raise RuntimeError(
-                f"replica start budget spent ({self._starts} starts); last errors: {self._start_errors[-3:]}"
-            )
-        self._starts += 1
+        """A new replica, launched now or, while starts back off after failures, once the wait is over."""
         rid = self._next_replica_id
         self._next_replica_id += 1
-        pg = pl.reserve(self.shape, name=f"eagle_ray-replica-{rid}-{id(self)}")
-        actor = self._actor_cls.options(
+        self._replicas[rid] = r = _Replica(rid, None, None)
+        self._launch(r)
+        self._changed = True
+
+    def _launch(self, r: _Replica) -> None:
+        """Create the replica's placement group and actor, off the nodes whose failed starts still back off."""
+        now = time.monotonic()
+        if r.actor is not None or now < self._backoff.get(None, _Backoff()).until:
+            return
+        avoid = {n: b.until for n, b in self._backoff.items() if n is not None and b.until > now}
+        r.pg = pl.reserve(self.shape, name=f"eagle_ray-replica-{r.replica_id}-{id(self)}", avoid_nodes=list(avoid))
+        r.actor = self._actor_cls.options(
             num_cpus=self.shape.cpus,
             num_gpus=self.shape.gpus,
-            scheduling_strategy=pl.strategy(pg),
+            scheduling_strategy=pl.strategy(r.pg),
             runtime_env=self._runtime_env,
             max_restarts=0,
-        ).remote(rid, self.engine_name, self.model_path, self._target_kwargs)
-        r = _Replica(rid, actor, pg, ready_ref=actor.describe.remote(), watch_ref=actor.watch.remote())
-        self._replicas[rid] = r
+        ).remote(r.replica_id, self.engine_name, self.model_path, self._target_kwargs)
+        r.started_at, r.avoid_until = now, min(avoid.values(), default=None)
+        r.ready_ref, r.watch_ref = r.actor.describe.remote(), r.actor.watch.remote()
         self._owner.on_resolve(r.ready_ref, self._on_ready, r)
         self._owner.on_resolve(r.watch_ref, self._on_watch, r)
-        self._changed = True
 
     def _reconcile(self) -> None:
         """Start or drain replicas until the live count matches the target."""
@@ -78,26 +106,64 @@ class Lifecycle:
             for r in order[:surplus]:
                 r.state = "draining"
             self._changed = True
+        now = time.monotonic()
         for r in list(self._replicas.values()):
             if r.state == "draining" and not r.inflight:
                 self._remove(r)
-            elif r.state == "starting" and time.monotonic() - r.started_at > self._start_timeout_s:
+            elif r.state != "starting":
+                continue
+            elif r.actor is None:
+                self._launch(r)
+            elif now - r.started_at > self._start_timeout_s:
                 waited = f"{self._start_timeout_s}s (resources {self.shape.bundle})"
-                self._start_errors.append(f"replica {r.replica_id} not ready after {waited}")
-                self._remove(r)
-                self._reconcile()
+                self._start_failed(r, f"replica {r.replica_id} not ready after {waited}")
+            elif r.avoid_until is not None and now >= r.avoid_until:
+                self._replace(r)
+
+    def _replace(self, r: _Replica) -> None:
+        """The nodes its group was kept off may be tried again: a group still waiting for room elsewhere starts
+        over, free to take them (else it would wait for room it may never get, with the nodes it shuns idle)."""
+        r.avoid_until = None
+        if placement_group_table(r.pg).get("state") == "PENDING":
+            self._remove(r)
+            self._reconcile()
+
+    def _start_failed(self, r: _Replica, why: str) -> None:
+        """Count a failed start against its node (None: never placed) and replace it once its backoff allows."""
+        node = pl.node_of(r.pg) if r.pg is not None else None
+        self._start_errors.append(f"{why} (node {node})")
+        del self._start_errors[:-20]  # the latest say why; a node that keeps failing adds one per backoff
+        log.error("%s", self._start_errors[-1])
+        now = time.monotonic()
+        self._backoff.setdefault(node, _Backoff()).failed(r.started_at, now)
+        self._remove(r)
+        self._reconcile()
 
     def _remove(self, r: _Replica) -> None:
         if self._replicas.get(r.replica_id) is not r:
             return
-        try:
-            ray.kill(r.actor, no_restart=True)
-        except Exception:
-            pass
-        pl.release(r.pg)
+        if r.actor is not None:
+            try:
+                ray.kill(r.actor, no_restart=True)
+            except Exception:
+                pass
+            pl.release(r.pg)
         r.state = "dead"
         del self._replicas[r.replica_id]
         self._changed = True
+
+    def _stop_replicas(self, timeout_s: float = 30.0) -> None:
+        """Shut every replica down at once (its engine's close, then its actor and group), each given `timeout_s`
+        together: a hung one holds up the others for that long, not a timeout of its own each."""
+        self._target_replicas = 0
+        for st in list(self._streams.values()):
+            self._fail(st, RuntimeError("the pool was shut down"))
+        # one still building its engine would answer only after that: it is killed as it is
+        refs = [r.actor.shutdown.remote() for r in self._replicas.values() if r.desc is not None]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for r in list(self._replicas.values()):
+            self._remove(r)
 
     def _on_ready(self, r: _Replica, fut: Any) -> None:
         if self._replicas.get(r.replica_id) is not r:
@@ -105,20 +171,17 @@ class Lifecycle:
         try:
             r.desc = fut.result()
         except Exception as e:  # failed to build its engine, or died starting
-            self._start_errors.append(f"replica {r.replica_id}: {e}")
-            log.error("replica %d failed to start: %s", r.replica_id, e)
-            self._remove(r)
-            self._reconcile()
+            self._start_failed(r, f"replica {r.replica_id} failed to start: {e}")
             return
         finally:
             r.ready_ref = None
         info = r.desc["info"]
         # capacity may differ per replica (SGLang sizes its KV pool from free memory): the model may not
         if self._info is not None and _identity(info) != _identity(self._info):
-            self._start_errors.append(f"replica {r.replica_id} serves {info}, the pool {self._info}")
-            log.error("%s", self._start_errors[-1])
-            self._remove(r)
+            self._start_failed(r, f"replica {r.replica_id} serves {info}, the pool {self._info}")
             return
+        self._backoff.pop(r.desc["node_id"], None)  # the node starts replicas again
+        self._backoff.pop(None, None)
         if r.state == "starting":
             r.state = "ready"
             self._changed = True
@@ -130,13 +193,28 @@ class Lifecycle:
         )
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Until `min_replicas` are ready: the rest join as they come. Fewer after `timeout_s`, or none while every
+        node that fits a replica has failed `GIVE_UP_ROUNDS` rounds of starts (a bad model path, say): fail, with
+        the start errors."""
+        need = min(self._min_replicas, self._target_replicas)
         deadline = time.monotonic() + timeout_s
-        while starting := self._owner.call(lambda: sum(r.ready_ref is not None for r in self._replicas.values())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{starting} replicas not ready after {timeout_s}s (resources: {self.shape})")
+        next_check = 0.0
+        while (ready := self._owner.call(lambda: len(self._ready()))) < need:
+            now, hopeless = time.monotonic(), False
+            if not ready and now >= next_check:  # once a second: it asks the GCS for the nodes
+                next_check = now + 1.0
+                hopeless = self._owner.call(self._hopeless, pl.fits(self.shape))
+            if hopeless or now > deadline:
+                why = "every node that fits one failed to start it" if hopeless else f"after {timeout_s}s"
+                errors = self._owner.call(lambda: self._start_errors[-5:])
+                raise RuntimeError(
+                    f"{ready} of min_replicas={need} replicas ready: {why} (resources {self.shape.bundle}); "
+                    f"last start errors: {errors}"
+                )
             time.sleep(0.05)
-        if self._target_replicas and not self._owner.call(self._ready):
-            raise RuntimeError(f"no replica started: {self._start_errors}")
+
+    def _hopeless(self, nodes: list[str]) -> bool:
+        return bool(nodes) and all(self._backoff.get(n, _Backoff()).rounds >= GIVE_UP_ROUNDS for n in nodes)
 
     def _ready(self) -> list[_Replica]:
         return [r for r in self._replicas.values() if r.state == "ready"]
@@ -147,7 +225,11 @@ class Lifecycle:
         a shard would have found out (an idle replica's rank death otherwise stays unseen in the membership)."""
         if self._replicas.get(r.replica_id) is r:
             err = fut.exception()  # logged as "replica N lost: <err>"
-            self._on_replica_death(r, err or RuntimeError(fut.result() or "its watch returned"))
+            err = err or RuntimeError(fut.result() or "its watch returned")
+            if r.state == "starting":  # a failed start (its describe fails too: whichever is heard first counts)
+                self._start_failed(r, f"replica {r.replica_id} failed to start: {err}")
+            else:
+                self._on_replica_death(r, err)
 
     def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
         """Replace a dead replica; deliver what it finished, re-queue the rest of its shards."""
@@ -169,9 +251,15 @@ class Lifecycle:
                     self._delivered(shard, attempt, payload, r, meta)
                     continue
             if not blamed:  # an actor runs its tasks in order: the first unfinished one was running (or its reply
-                # was lost with the process: a suspect re-runs alone, see `_pick`)
+                # was lost with the process: a suspect re-runs alone, see `_pick`); it is to blame only if it kills
+                # the replica it re-runs on too
                 blamed = True
-                self._failed(shard, attempt, f"replica {r.replica_id} died running it: {type(err).__name__}")
+                why = f"replica {r.replica_id} died running it: {type(err).__name__}"
+                verdict = self._ledger.died(shard.shard_id, attempt, why)
+                if verdict == "blame":
+                    self._failed(shard, attempt, why)
+                elif verdict == "suspect":
+                    self._retry.appendleft(shard)
             elif self._ledger.requeue(shard.shard_id, attempt):
                 self._retry.append(shard)
         if r.state in ("starting", "ready"):

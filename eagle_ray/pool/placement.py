@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.util import placement_group_table
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import NODE_ID_LABEL_KEY, PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 PLACEMENTS = ("separate", "colocated")
@@ -52,8 +52,27 @@ def replica_shape(
     return ReplicaShape(cpus=cpus, gpus=gpu_fraction)
 
 
-def reserve(shape: ReplicaShape, name: str) -> PlacementGroup:
-    return placement_group([shape.bundle], strategy="STRICT_PACK", name=name)
+def reserve(shape: ReplicaShape, name: str, avoid_nodes: list[str] = ()) -> PlacementGroup:
+    """One replica's group; `avoid_nodes`: node ids it must not be placed on (a node label selector)."""
+    selector = [{NODE_ID_LABEL_KEY: f"!in({','.join(avoid_nodes)})"}] if avoid_nodes else None
+    return placement_group([shape.bundle], strategy="STRICT_PACK", name=name, bundle_label_selector=selector)
+
+
+def node_of(pg: PlacementGroup) -> str | None:
+    """The node a replica's group was placed on; None while it waits for room (or once it is gone)."""
+    try:
+        return placement_group_table(pg).get("bundles_to_node_id", {}).get(0)
+    except Exception:  # Ray shutting down
+        return None
+
+
+def fits(shape: ReplicaShape) -> list[str]:
+    """Ids of the live nodes with the resources for one replica in all (free or not)."""
+    return [
+        n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in shape.bundle.items())
+    ]
 
 
 def strategy(pg: PlacementGroup) -> PlacementGroupSchedulingStrategy:

@@ -46,6 +46,7 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         *,
         engine: str = "sglang",
         replicas: int = 1,
+        min_replicas: int = 1,
         tp_size: int = 1,
         aux_layer_ids: list[int] | None = None,
         dtype: torch.dtype | None = None,
@@ -58,16 +59,17 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         shard_tokens: int | None = None,
         max_shard_failures: int = 3,
         max_inflight_per_replica: int = 2,
-        max_replica_starts: int | None = None,
         runtime_env: dict[str, Any] | None = None,
         start_timeout_s: float = 900.0,
         shard_timeout_s: float = 120.0,
         shard_timeout_factor: float = 10.0,
     ):
-        if not ray.is_initialized():
-            init_ray()
         if replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
+        if not 1 <= min_replicas <= max(replicas, 1):
+            raise ValueError(f"min_replicas must be in [1, replicas={replicas}], got {min_replicas}")
+        if not ray.is_initialized():
+            init_ray()
         check_engine(engine)
         use_gpu = pl.cluster_has_gpus() if use_gpu is None else use_gpu
         self.shape = pl.replica_shape(placement, tp_size, use_gpu, cpus_per_replica, gpu_fraction)
@@ -97,8 +99,8 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         )  # fmt: skip
         self._next_replica_id = 0
         self._target_replicas = replicas
-        self._starts = 0
-        self._max_starts = max_replica_starts if max_replica_starts is not None else 3 * max(replicas, 1) + 10
+        self._min_replicas = min_replicas
+        self._backoff: dict[str | None, Any] = {}  # node id (None: unknown) -> its failed starts' backoff
         self._start_timeout_s = start_timeout_s
         if self._max_inflight_bytes is None:
             store = ray.cluster_resources().get("object_store_memory", 2**31)
@@ -113,7 +115,8 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
 
     @classmethod
     def from_pretrained(cls, model_path: str, **kwargs: Any) -> PooledTargetModel:
-        """Start the pool and wait until every replica has built its engine."""
+        """Start the pool and wait until `min_replicas` replicas have built their engines (the rest join as they
+        come)."""
         return cls(model_path, **kwargs)
 
     @property
@@ -313,7 +316,6 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
 
     def _scale(self, replicas: int) -> None:
         self._target_replicas = replicas
-        self._max_starts += max(0, replicas - len(self._replicas))
         self._reconcile()
 
     def close(self) -> None:
@@ -326,18 +328,6 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
             return
         self._owner.call(self._stop_replicas)
         self._owner.stop()
-
-    def _stop_replicas(self) -> None:
-        self._target_replicas = 0
-        for st in list(self._streams.values()):
-            self._fail(st, RuntimeError("the pool was shut down"))
-        for r in list(self._replicas.values()):
-            if r.state != "starting":  # one still building its engine would answer only after that
-                try:
-                    ray.get(r.actor.shutdown.remote(), timeout=30)
-                except Exception:
-                    pass
-            self._remove(r)
 
     def __enter__(self) -> PooledTargetModel:
         return self

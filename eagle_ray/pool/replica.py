@@ -24,7 +24,7 @@ import torch
 
 from eagle_ray.contract import PackedBatch, Supervision
 from eagle_ray.engines.base import UnsupportedTargetError
-from eagle_ray.testing.faults import replica_shard_fault
+from eagle_ray.testing.faults import replica_shard_fault, replica_start_fault
 
 
 class TargetReplica:
@@ -35,6 +35,7 @@ class TargetReplica:
         from eagle_ray.target import load_target
 
         quiet_known_warnings()
+        replica_start_fault(ray.get_runtime_context().get_node_id())  # off unless EAGLE_RAY_FAIL_START_NODES is set
         self.replica_id = replica_id
         self.engine_name = engine
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0) or 0)

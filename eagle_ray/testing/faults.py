@@ -5,6 +5,9 @@ Each hook is called from one place in production code, and does nothing by defau
 - `replica_shard_fault(input_ids)`, in `pool/replica.py`: the replica process exits (code 3) when a shard
   holds the token id in `EAGLE_RAY_CHAOS_CRASH_TOKEN` (set in the replica actor's runtime_env) -- a
   poison shard that kills every replica it lands on.
+- `replica_start_fault(node_id)`, in `pool/replica.py`: a replica starting on a node listed (comma-separated ids) in
+  `EAGLE_RAY_FAIL_START_NODES` fails to start, as one on a node with a bad GPU or a broken driver would; each such
+  failure appends "<node id> <unix time>" to the file `EAGLE_RAY_FAIL_START_LOG` names, if set (tests count them).
 - `train_step_fault(rank, run_dir)`, in `train/loop.py`: rank 0 of the draft workers fails once at the step
   `plan_train_fault(run_dir, step, mode)` asked for (a file in the run dir), by `mode`; a marker file in the
   run dir keeps the restarted group from failing again.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +27,8 @@ if TYPE_CHECKING:
     import torch
 
 CRASH_TOKEN_ENV = "EAGLE_RAY_CHAOS_CRASH_TOKEN"
+FAIL_START_ENV = "EAGLE_RAY_FAIL_START_NODES"
+FAIL_START_LOG_ENV = "EAGLE_RAY_FAIL_START_LOG"
 FAIL_MODES = ("raise", "exit", "sigkill")
 TRAIN_FAULT_FILE = "inject_train_fault.json"  # in a run dir: `plan_train_fault` writes it, the worker loop reads it
 
@@ -34,6 +40,15 @@ def replica_shard_fault(input_ids: torch.Tensor) -> None:
     """Exit the process, as a crashing kernel would, if this shard holds the poison token."""
     if _CRASH_TOKEN is not None and bool((input_ids == _CRASH_TOKEN).any()):
         os._exit(3)
+
+
+def replica_start_fault(node_id: str) -> None:
+    """Fail a replica's start on the nodes `EAGLE_RAY_FAIL_START_NODES` names (read now: the actor's env is set)."""
+    if node_id in os.environ.get(FAIL_START_ENV, "").split(","):
+        if FAIL_START_LOG_ENV in os.environ:
+            with open(os.environ[FAIL_START_LOG_ENV], "a") as f:
+                f.write(f"{node_id} {time.time()}\n")
+        raise RuntimeError(f"injected start failure on node {node_id}")
 
 
 def check_fail_mode(mode: str) -> None:
