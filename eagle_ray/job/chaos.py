@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     kinds = FAULTS if a.tp_size > 1 else tuple(k for k in FAULTS if k != "sigkill_tp")
+    kinds = tuple(k for k in kinds if k != "pool_server" or a.data_plane == "direct")  # a serve_pool pool's relay
     s = ChaosSettings(
         a.steps, faults=a.faults, kinds=kinds, kill_worker_at=a.kill_worker_at, seed=a.seed, data_plane=a.data_plane
     )
