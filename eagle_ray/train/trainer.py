@@ -143,6 +143,7 @@ def train_draft(
             "train": asdict(train),
             "draft_config": draft_config.as_dict(),
             "weights": weights,
+            "weights_pool": getattr(pool, "name", None),  # a shared pool: its replicas put the weights again if lost
             "feed": feed.handles if feed is not None else None,
             "direct": direct,
             "use_gpu": use_gpu,
