@@ -141,9 +141,9 @@ def test_replica_killed_mid_stream_exactly_once(hf_pool, reference):
     for i, r in enumerate(hf_pool.stream(inputs)):
         results.append(r)
         if i == 3:
-            victim = hf_pool._ready()[0]
-            ray.kill(victim.actor, no_restart=True)
-            killed.append(victim.replica_id)
+            victim = hf_pool.replicas()[0]["replica_id"]
+            ray.kill(hf_pool.replica_actor(victim), no_restart=True)
+            killed.append(victim)
         if i == 12:
             desc = hf_pool.replicas()[0]
             os.kill(desc["pid"], signal.SIGKILL)  # an OS-level crash of the replica process
@@ -176,7 +176,7 @@ def test_concurrent_streams_each_get_their_own_in_order_through_a_kill(hf_pool, 
     for t in threads:
         t.start()
     time.sleep(0.3)
-    ray.kill(hf_pool._ready()[0].actor, no_restart=True)
+    ray.kill(hf_pool.replica_actor(hf_pool.replicas()[0]["replica_id"]), no_restart=True)
     single = random_batch([30, 17], seed=99)
     sup = hf_pool.forward_packed(single)  # a submit beside the streams
     for t in threads:
@@ -234,7 +234,7 @@ def test_scale_while_streaming_loses_nothing(hf_pool, reference):
     for i, r in enumerate(hf_pool.stream(feed(), ordered=False)):
         results.append(r)
         time.sleep(0.1)  # a consumer slower than the pool, so replicas have time to join
-        n = len(hf_pool._ready())
+        n = len(hf_pool.replicas())
         sizes.append(n)
         if i == 2:
             hf_pool.scale(3)
@@ -368,22 +368,27 @@ class _Streamer:
     def __init__(self, name: str, **overrides):
         from eagle_ray import PooledTargetModel
 
+        self.name = name
         self.target = PooledTargetModel.connect(name, **overrides)
 
     def replicas(self) -> list[dict]:
         return self.target.replicas()
 
-    def run(self, inputs: list[PackedBatch], at: int = -1, kill: int | None = None, stop: int | None = None):
-        """Stream `inputs`; after result `at`, kill replica `kill` or stop replica `stop` (by id)."""
+    def run(self, inputs: list[PackedBatch], at: int = -1, kill: int | None = None, stop: int | None = None,
+            kill_relay: bool = False):  # fmt: skip
+        """Stream `inputs`; after result `at`, kill replica `kill`, stop replica `stop` (by id), or kill the pool's
+        relay (Ray restarts it)."""
         out, stopped = [], None
         for i, r in enumerate(self.target.stream(inputs)):
             aux = None if r.ref is None else ray.get(r.ref).aux_hidden_states
             out.append((r.batch_index, r.sequences, r.error, aux))
             if i == at and kill is not None:
-                ray.kill(self.target._replicas[kill].actor, no_restart=True)
+                ray.kill(self.target.replica_actor(kill), no_restart=True)
             if i == at and stop is not None:
-                stopped = self.target._replicas[stop].desc
+                stopped = next(d for d in self.target.replicas() if d["replica_id"] == stop)
                 os.kill(stopped["pid"], signal.SIGSTOP)  # a wedged replica: alive, silent
+            if i == at and kill_relay:
+                ray.kill(ray.get_actor(self.name, namespace="eagle_ray"), no_restart=False)
         return out, stopped, self.target.stats()
 
     def train(self, inputs: list[PackedBatch], kill_at: int, step_s: float):
@@ -397,7 +402,7 @@ class _Streamer:
             peak = max(peak, st["inflight_bytes"] + st["held_bytes"])
             out.append((step, sup.aux_hidden_states.clone()))
             if step == kill_at:
-                ray.kill(self.target._ready()[0].actor, no_restart=True)
+                ray.kill(self.target.replica_actor(self.target.replicas()[0]["replica_id"]), no_restart=True)
             time.sleep(step_s)
         return out, peak, self.target.stats(), reader.reruns
 
@@ -449,7 +454,10 @@ def test_clients_dispatch_themselves_exactly_once_through_a_kill_and_a_hang(clus
             assert keys == sorted(keys) and len(set(keys)) == len(keys), keys  # its own order, each once
             check_complete({(bi, *seqs): aux for bi, seqs, err, aux in got if err is None}, inputs[t], reference)
             assert st["shards_delivered"] == len(got), st  # counted by the client: its own traffic
-        assert stats_a["replicas_replaced"] >= 1 and stats_b["replicas_replaced"] >= 1  # each saw its loss
+        assert stats_a["replicas_replaced"] >= 1 and stats_b["replicas_replaced"] >= 1, (
+            stats_a,
+            stats_b,
+        )  # each saw its loss
         deadline = time.monotonic() + 120
         while True:  # the owner retires the hung replica (killed: not left running) and starts replacements
             pool = owner.pool_stats()
@@ -483,8 +491,9 @@ def test_clients_dispatch_themselves_exactly_once_through_a_kill_and_a_hang(clus
             time.sleep(0.2)
             me.stats()  # polls: views come in
         busy, free = ids
+        relay = ray.get_actor("direct", namespace="eagle_ray")  # the board: another client's load, as it posts it
         while {r["replica_id"]: r["others_inflight_tokens"] for r in me.stats()["replicas"]}[busy] != 10**6:
-            ray.get(me._server.loads.remote("a-backlog", {busy: 10**6}))  # fresh: a quiet client stops counting
+            ray.get(relay.loads.remote("a-backlog", {busy: 10**6}))  # fresh: a quiet client stops counting
             assert time.monotonic() < heard, me.stats()
             time.sleep(0.05)
         assert {r["replica_id"]: r["inflight_tokens"] for r in owner.pool_stats()["replicas"]}[busy] == 10**6
@@ -517,7 +526,7 @@ def test_generation_on_the_pool_is_exactly_once_and_per_request_through_a_kill(h
         seen.add((r.batch_index, r.sequences))
         answers.append((r.batch_index, r.sequences, ray.get(r.ref)))
         if i == 1:
-            ray.kill(hf_pool._ready()[0].actor, no_restart=True)
+            ray.kill(hf_pool.replica_actor(hf_pool.replicas()[0]["replica_id"]), no_restart=True)
     for b, chunk in enumerate(chunks):
         mine = [a for bi, _, part in answers if bi == b for a in part]
         assert mine == engine.generate(PackedBatch.from_sequences(chunk), sampled), b
@@ -532,3 +541,116 @@ def test_generation_on_the_pool_is_exactly_once_and_per_request_through_a_kill(h
         GenerationParams(max_new_tokens=0)
     assert hf_pool.stats()["shards_delivered"] == before
     assert hf_pool.generate(prompts[:1], greedy) == target_decode(engine, prompts[:1], 6)
+
+
+def test_the_relay_killed_mid_stream_restarts_and_its_clients_resume(cluster, tiny_paths, reference):
+    """The pool's named relay killed while a client streams 30 batches (the user's report: the stream ended after 7
+    with "no replicas left"): the replicas are the host's, not the relay's, so the client serves on with those it
+    knows, every batch once and in order; Ray restarts the relay, the host republishes, and the client finds it
+    again: a replica killed afterwards is replaced and the client sees the replacement in a new view, and its load
+    exchanges reach the restarted relay's board."""
+    from eagle_ray.pool import serve_pool
+
+    owner = serve_pool("relay-kill", tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1)
+    try:
+        inputs = batches(30, seed=60)
+        client = _Streamer.remote("relay-kill")
+        got, _, st = ray.get(client.run.remote(inputs, at=4, kill_relay=True), timeout=300)
+        keys = [(bi, seqs) for bi, seqs, *_ in got]
+        assert keys == sorted(keys) and len(set(keys)) == len(keys), keys
+        assert {bi for bi, *_ in got} == set(range(30))
+        check_complete({(bi, *seqs): aux for bi, seqs, err, aux in got if err is None}, inputs, reference)
+        assert st["shards_quarantined"] == 0 and st["replicas_replaced"] == 0, st  # the replicas lived on
+        victim = owner.replicas()[0]["replica_id"]
+        ray.kill(owner.replica_actor(victim), no_restart=True)
+        deadline = time.monotonic() + 120
+        while True:  # the host replaces it; the client hears of it through the restarted relay
+            ids = {d["replica_id"] for d in ray.get(client.replicas.remote())}
+            if victim not in ids and len(ids) == 2:
+                break
+            assert time.monotonic() < deadline, ids
+            time.sleep(0.5)
+        more = batches(4, seed=61)
+        got, _, st = ray.get(client.run.remote(more), timeout=300)
+        check_complete({(bi, *seqs): aux for bi, seqs, err, aux in got if err is None}, more, reference)
+        relay = ray.get_actor("relay-kill", namespace="eagle_ray")
+        assert ray.get(relay.stats.remote())["clients"] >= 1  # its load exchanges reach the restarted board
+    finally:
+        owner.close()
+    deadline = time.monotonic() + 30
+    while True:  # closed: the relay is gone for good, not restarted
+        try:
+            ray.get_actor("relay-kill", namespace="eagle_ray")
+        except ValueError:
+            break
+        assert time.monotonic() < deadline, "the closed pool's relay lives on"
+        time.sleep(0.2)
+
+
+def test_clients_split_the_pools_byte_budget(cluster, tiny_paths):
+    """Each client holds a share of the pool's budget: two clients' budgets sum to the configured one, and when
+    one leaves the other's grows back to all of it."""
+    from eagle_ray.pool import serve_pool
+
+    budget = 10 * 2**20
+    owner = serve_pool(
+        "budget", tiny_paths["llama"], engine="hf", replicas=1, use_gpu=False, cpus_per_replica=1,
+        max_inflight_bytes=budget,
+    )  # fmt: skip
+    a = b = None
+    try:
+        a, b = PooledTargetModel.connect("budget"), PooledTargetModel.connect("budget")
+        deadline = time.monotonic() + 60
+        while (shares := (a.stats()["max_inflight_bytes"], b.stats()["max_inflight_bytes"])) != (budget // 2,) * 2:
+            assert time.monotonic() < deadline, shares  # each stats() exchanges loads, as a busy client does
+            time.sleep(0.1)
+        a.close()
+        while b.stats()["max_inflight_bytes"] != budget:
+            assert time.monotonic() < deadline, b.stats()
+            time.sleep(0.1)
+        capped = PooledTargetModel.connect("budget", max_inflight_bytes=budget // 8)  # its own limit caps its share
+        assert capped.stats()["max_inflight_bytes"] == budget // 8
+        capped.close()
+    finally:
+        for c in (a, b):
+            if c is not None:
+                c.close()
+        owner.close()
+
+
+def test_a_shard_queued_behind_another_clients_long_shard_is_not_judged_hung(cluster, tiny_paths, reference):
+    """One replica, two clients: one runs a long generation, the other's forward waits behind it for longer than
+    its own deadline by its own clock (from when it sent the shard). Asked, the replica says what it runs and
+    since when, and that is judged by its own deadline: nobody retires the replica, and nothing is lost."""
+    from eagle_ray.pool import serve_pool
+
+    floor = 2.0
+    owner = serve_pool(
+        "queued", tiny_paths["llama"], engine="hf", replicas=1, use_gpu=False, cpus_per_replica=1,
+        shard_timeout_s=floor,
+    )  # fmt: skip
+    try:
+        long, judge = PooledTargetModel.connect("queued"), PooledTargetModel.connect("queued")
+        prompts = [[1, 2, 3, 4, 5]] * 4
+        batch = random_batch([40, 50], seed=70)
+        judge.forward_packed(batch)  # its rates, measured: tiny shards predict ms, so its deadlines are the floor
+        t0 = time.monotonic()
+        judge.generate(prompts, GenerationParams(max_new_tokens=8))
+        per_token = (time.monotonic() - t0) / 8
+        new = min(1000, int(10 * floor / per_token) + 1)  # predicted: 10 floors of generation
+        gen = threading.Thread(target=long.generate, args=(prompts, GenerationParams(max_new_tokens=new)))
+        gen.start()
+        actor = owner.replica_actor(owner.replicas()[0]["replica_id"])
+        while ray.get(actor.running.remote()) is None:  # the generation runs on the replica
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        aux = judge.forward_packed(batch).aux_hidden_states
+        waited = time.monotonic() - t0
+        gen.join()
+        assert waited > 2 * floor, f"the generation ended too soon ({waited:.1f}s) to test anything"
+        torch.testing.assert_close(aux, reference.forward_packed(batch).aux_hidden_states, atol=1e-5, rtol=0)
+        assert judge.stats()["replicas_replaced"] == 0 and owner.pool_stats()["replicas_replaced"] == 0
+        long.close()
+        judge.close()
+    finally:
+        owner.close()

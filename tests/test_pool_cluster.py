@@ -10,6 +10,7 @@ import ray
 import torch
 from conftest import random_batch
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray import HFEagle3TargetModel
 from eagle_ray.pool import PooledTargetModel
@@ -249,3 +250,37 @@ def test_supervision_lost_with_its_node_before_it_was_read_is_rerun_once(cluster
     assert [(step, g) for step, g, _ in got] == [(i, i) for i in range(8)]  # every step once, in order
     for _, g, aux in got:
         torch.testing.assert_close(aux, reference.forward_packed(inputs[g]).aux_hidden_states, atol=1e-5, rtol=0)
+
+
+@ray.remote(num_cpus=0)
+def _read_weights(refs: list, pool: str):
+    """A restarted train worker's first read (`train/loop.py`): the ref it was handed, in a list (borrowed)."""
+    from eagle_ray.pool.shared import read_weights
+
+    return read_weights(refs[0], pool)
+
+
+def test_target_weights_lost_with_their_node_are_put_again_by_a_live_replica(cluster, tiny_paths, reference):
+    """The (embedding, lm_head) object lives on the node of the replica that put it. That node is removed: a
+    worker that reads it then (a restarted worker group) gets the same values from a live replica, and so does the
+    pool's host."""
+    from eagle_ray.pool import serve_pool
+
+    c, _ = cluster
+    owner = serve_pool("weights", tiny_paths["llama"], engine="hf", replicas=4, use_gpu=True)
+    try:
+        ref = owner.weights_ref()
+        ray.wait([ref], timeout=60, fetch_local=False)
+        (holder,) = ray.experimental.get_object_locations([ref])[ref]["node_ids"]
+        assert len({d["node_id"] for d in owner.replicas()}) == 2 and holder != c.head_node.node_id
+        c.remove_node(next(n for n in c.list_all_nodes() if n.node_id == holder))
+        _add_node(c)  # room for the replacements
+        head = NodeAffinitySchedulingStrategy(c.head_node.node_id, soft=False)
+        embeddings, lm_head = ray.get(
+            _read_weights.options(scheduling_strategy=head).remote([ref], "weights"), timeout=300
+        )
+        torch.testing.assert_close(embeddings, reference.engine.input_embeddings())
+        torch.testing.assert_close(lm_head, reference.engine.lm_head_weight())
+        torch.testing.assert_close(owner.get_lm_head_weight(), reference.engine.lm_head_weight())
+    finally:
+        owner.close()

@@ -1,9 +1,11 @@
 """Chaos for a live pool: kill target replicas at random moments while a run goes on.
 
-Three faults, the ways replicas die on a real cluster:
-  ray_kill    `ray.kill` of the replica actor (an operator, an autoscaler, a preempted node's drain)
-  sigkill     SIGKILL of the replica's own process, TP rank 0 (the OOM killer, a segfault)
-  sigkill_tp  SIGKILL of a TP rank other than 0, a child process of the replica (tp_size > 1 only)
+Three faults, the ways replicas die on a real cluster, and one of the control plane:
+  ray_kill     `ray.kill` of the replica actor (an operator, an autoscaler, a preempted node's drain)
+  sigkill      SIGKILL of the replica's own process, TP rank 0 (the OOM killer, a segfault)
+  sigkill_tp   SIGKILL of a TP rank other than 0, a child process of the replica (tp_size > 1 only)
+  pool_server  `ray.kill` of a shared pool's named relay (`serve_pool` pools only): Ray restarts it, and its
+               clients find it again
 
 OS kills run as a Ray task pinned to the replica's node, so they work on a multi-node cluster too.
 Faults start once the pool has delivered a shard of the run; each hits a random ready replica, even while
@@ -24,17 +26,19 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from eagle_ray.pool.shared import POOL_NAMESPACE, PoolClient
+
 log = logging.getLogger(__name__)
 
-FAULTS = ("ray_kill", "sigkill", "sigkill_tp")
+FAULTS = ("ray_kill", "sigkill", "sigkill_tp", "pool_server")
 
 
 @dataclass
 class Fault:
     at_s: float  # seconds after the monkey started
     kind: str
-    replica_id: int
-    pid: int | None  # the process killed (None for ray_kill)
+    replica_id: int | None  # None for pool_server
+    pid: int | None  # the process killed (None for ray_kill and pool_server)
     tp_rank: int | None
 
 
@@ -67,6 +71,8 @@ class ChaosMonkey:
         replicas = pool.replicas()
         if "sigkill_tp" in kinds and all(len(d["ranks"]) < 2 for d in replicas):
             raise ValueError("sigkill_tp needs replicas with tp_size > 1")
+        if "pool_server" in kinds and not isinstance(pool, PoolClient):
+            raise ValueError("pool_server needs a shared pool (a serve_pool pool's client)")
         self.pool, self.kinds, self.every_s, self.max_faults = pool, kinds, every_s, max_faults
         self.recover_timeout_s = recover_timeout_s
         self.rng = random.Random(seed)
@@ -130,13 +136,17 @@ class ChaosMonkey:
         return [d for d in self.pool.replicas() if d["replica_id"] in ready]
 
     def inject(self, kind: str, victims: list[dict] | None = None) -> Fault:
-        """Kill one randomly chosen ready replica (of `victims`, default the pool's), the `kind` way."""
+        """Kill one randomly chosen ready replica (of `victims`, default the pool's), the `kind` way, or the pool's
+        relay."""
+        if kind == "pool_server":
+            ray.kill(ray.get_actor(self.pool.name, namespace=POOL_NAMESPACE), no_restart=False)  # Ray restarts it
+            return Fault(time.monotonic() - self._t0, kind, None, None, None)
         desc = self.rng.choice(victims or self.pool.replicas())
         rid, at = desc["replica_id"], time.monotonic() - self._t0
         if kind == "ray_kill":
-            r = self.pool._owner.call(self.pool._replicas.get, rid)  # the pool owns the handle; a fault tool borrows it
-            if r is not None:  # (else it died meanwhile, of something else)
-                ray.kill(r.actor, no_restart=True)
+            actor = self.pool.replica_actor(rid)  # the pool owns the handle; a fault tool borrows it
+            if actor is not None:  # (else it died meanwhile, of something else)
+                ray.kill(actor, no_restart=True)
             return Fault(at, kind, rid, None, None)
         ranks = [r for r in desc["ranks"] if (r["tp_rank"] != 0) == (kind == "sigkill_tp")]
         rank = self.rng.choice(ranks)

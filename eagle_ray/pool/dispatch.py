@@ -299,6 +299,41 @@ class Dispatch:
         r.task_errors = 0
         self._delivered(shard, attempt, payload, r, meta)
 
+    def _probe_hung(self, r: _Replica, deadline: float, now: float) -> None:
+        """`r`'s head shard is past `deadline` by this process's clock, which starts when the shard was sent: on a
+        shared replica it may still wait behind other clients' shards. So the replica is asked (its "probe"
+        group answers while `run` is busy) what it runs and since when; an answer judges that shard by its own
+        deadline, and no answer within `shard_timeout_s` means hung (a stopped process, a wedged GPU)."""
+        if r.probe is None:
+            r.probe = now
+            self._owner.on_resolve(r.actor.running.remote(), self._on_probe, r, deadline)
+        elif now - r.probe > self._shard_timeout_s:
+            shard = self._inflight[r.inflight[0]][0]
+            why = f"shard {shard.shard_id} past its {deadline:.0f}s deadline, and no answer in {now - r.probe:.0f}s"
+            self._on_replica_death(r, TimeoutError(f"{why} to what it runs"))
+
+    def _on_probe(self, r: _Replica, ours: float, fut: Any) -> None:
+        if self._replicas.get(r.replica_id) is not r:
+            return
+        r.probe = None
+        try:
+            running = fut.result()  # (tokens, new tokens, seconds it has run) or None
+        except _DEAD as e:
+            self._on_replica_death(r, e)
+            return
+        now = time.monotonic()
+        if running is None or r.head_since is None:  # between two shards, or ours finished meanwhile
+            r.head_since = now if r.inflight else None
+            return
+        tokens, new_tokens, ran = running
+        deadline = self.shard_deadline_s(r, tokens, new_tokens)
+        if ran > deadline:
+            self._on_replica_death(
+                r, TimeoutError(f"its running shard ran {ran:.0f}s, past its {deadline:.0f}s deadline")
+            )
+        else:  # asked again once the running shard passes its own deadline
+            r.head_since = now + (deadline - ran) - ours
+
     def _settle(self, ref: Any, shard: _Shard, r: _Replica) -> None:
         del self._inflight[ref]
         self._activity += 1

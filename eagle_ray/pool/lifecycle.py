@@ -53,6 +53,7 @@ class _Replica:
     inflight: list = field(default_factory=list)  # meta refs, in dispatch (= execution) order
     inflight_tokens: int = 0
     head_since: float | None = None  # when the shard at the head of `inflight` started running (about)
+    probe: float | None = None  # when it was asked what it runs (`Dispatch._probe_hung`), unanswered yet
     busy_s: float = 0.0  # seconds its shards took, as the replica measured them: its rate is tokens_done / busy_s
     tokens_done: int = 0
     gen_s: float = 0.0  # the same for generation shards, per new token: decoding runs at a rate of its own
@@ -291,12 +292,7 @@ class Lifecycle:
             new = shard.batch.num_sequences * shard.gen.max_new_tokens if shard.gen is not None else 0
             deadline = self.shard_deadline_s(r, shard.batch.num_tokens, new)
             if now - r.head_since > deadline:
-                self._on_replica_death(
-                    r,
-                    TimeoutError(
-                        f"shard {shard.shard_id} ran {now - r.head_since:.0f}s, past its {deadline:.0f}s deadline"
-                    ),
-                )
+                self._probe_hung(r, deadline, now)  # overdue by this process's clock: the replica's own decides
 
 
 def _identity(info: ModelInfo) -> ModelInfo:

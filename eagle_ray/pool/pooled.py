@@ -18,10 +18,12 @@ import logging
 import queue
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
+from ray.exceptions import ObjectLostError
 
 from eagle_ray.contract import InvalidBatchError, ModelInfo, PackedBatch, Supervision, validate_packed
 from eagle_ray.generation import GenerationParams
@@ -33,6 +35,16 @@ from eagle_ray.ray_init import ZERO_COPY_ENV, init_ray
 from eagle_ray.target import NeMoSurface, check_engine
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Membership:
+    """What a pool's clients may dispatch to (`PooledTargetModel.on_membership`)."""
+
+    ready: tuple[tuple[int, Any, dict], ...]  # (replica id, actor handle, description) of each ready replica
+    starting: int  # replicas being started
+    info: ModelInfo | None
+    errors: tuple[str, ...]  # the last start errors
 
 
 class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
@@ -92,7 +104,8 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         env = dict(runtime_env or {})
         env["env_vars"] = {**ZERO_COPY_ENV, **env.get("env_vars", {})}
         self._runtime_env = env
-        self._actor_cls = ray.remote(concurrency_groups={"watch": 1})(TargetReplica)  # run() stays sequential
+        # run() stays sequential; watch() blocks for good; running() answers while run() is busy
+        self._actor_cls = ray.remote(concurrency_groups={"watch": 1, "probe": 1})(TargetReplica)
         self._init_dispatch(
             max_inflight_bytes, shard_tokens, max_shard_failures, max_inflight_per_replica, shard_timeout_s,
             shard_timeout_factor,
@@ -125,19 +138,51 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
             raise RuntimeError("no replica has started yet")
         return self._info
 
-    def weights_ref(self) -> ray.ObjectRef:
-        """(input embedding, lm_head weight): one object a replica put, read by consumers from the store."""
-        return self._owner.call(self._weights_ref_once)
+    def weights_ref(self, fresh: bool = False) -> ray.ObjectRef:
+        """(input embedding, lm_head weight): one object a replica put, read by consumers from the store.
+        `fresh`: put again by a live replica (the node that held the last one was lost)."""
+        return self._owner.call(self._weights_ref_once, fresh)
 
-    def _weights_ref_once(self) -> ray.ObjectRef:
-        if self._weights_ref is None:
+    def _weights_ref_once(self, fresh: bool) -> ray.ObjectRef:
+        if self._weights_ref is None or fresh:
             self._weights_ref = self._ready()[0].actor.weights.remote()
         return self._weights_ref
 
     def _weights_once(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._weights is None:
-            self._weights = ray.get(self.weights_ref())
+            try:
+                self._weights = ray.get(self.weights_ref())
+            except ObjectLostError:  # lost with its node (or its replica died before storing it): once more
+                self._weights = ray.get(self.weights_ref(fresh=True))
         return self._weights
+
+    def on_membership(self, fn: Any) -> None:
+        """Call `fn(Membership)` on the pool's owner thread now and whenever its membership changes (a replica
+        started, became ready, was retired or drained): what a shared pool's host publishes to its clients."""
+        self._owner.call(self._watch_membership, fn)
+
+    def _watch_membership(self, fn: Any) -> None:
+        def publish() -> None:
+            ready = tuple((r.replica_id, r.actor, r.desc) for r in self._ready())
+            starting = sum(r.state == "starting" for r in self._replicas.values())
+            fn(Membership(ready, starting, self._info, tuple(self._start_errors[-3:])))
+
+        self._on_change = publish
+        publish()
+
+    def retire(self, replica_id: int, reason: str) -> None:
+        """Retire a ready (or draining) replica as dead (a client found it dead or hung): its shards re-run
+        elsewhere, and another starts in its place. An unknown or already retired replica: nothing happens."""
+        self._owner.call(self._retire, replica_id, reason)
+
+    def _retire(self, replica_id: int, reason: str) -> None:
+        r = self._replicas.get(replica_id)
+        if r is not None and r.state in ("ready", "draining"):
+            self._on_replica_death(r, RuntimeError(reason))
+
+    def replica_actor(self, replica_id: int) -> Any:
+        """The actor handle of a replica this pool knows (None if it knows none by that id): for fault tools."""
+        return self._read(lambda: getattr(self._replicas.get(replica_id), "actor", None))
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return torch.nn.Embedding.from_pretrained(self._weights_once()[0].clone(), freeze=True)

@@ -47,6 +47,7 @@ class TargetReplica:
         eng = self.target.engine
         # per TP rank: its process and device (rank 0 is this process)
         self.ranks = eng.ranks() if hasattr(eng, "ranks") else [{"tp_rank": 0, "pid": os.getpid()}]
+        self._running: tuple[int, int, float] | None = None  # the shard `run`/`generate` is on: tokens, new, start
 
     def describe(self) -> dict[str, Any]:
         """Model facts and where this replica runs; called once when it starts."""
@@ -67,6 +68,7 @@ class TargetReplica:
         self, shard_id: int, input_ids: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor, logits: bool
     ) -> tuple[dict[str, Any], Supervision]:
         t0 = time.perf_counter()
+        self._running = (int(input_ids.numel()), 0, time.monotonic())
         replica_shard_fault(input_ids)  # off unless a test sets EAGLE_RAY_CHAOS_CRASH_TOKEN
         try:
             sup = self.target.engine.forward(PackedBatch(input_ids, loss_mask, cu_seqlens), logits)
@@ -75,6 +77,8 @@ class TargetReplica:
                 # TP ranks out of step: this replica can never run again; let the pool replace it
                 os._exit(1)
             raise
+        finally:
+            self._running = None
         meta = {
             "shard_id": shard_id,
             "replica_id": self.replica_id,
@@ -92,8 +96,12 @@ class TargetReplica:
             raise UnsupportedTargetError(f"the {self.engine_name} engine cannot generate yet; use engine='hf'")
         t0 = time.perf_counter()
         batch = PackedBatch(input_ids, torch.ones_like(input_ids), cu_seqlens)
-        replica_shard_fault(input_ids)
-        answers = engine.generate(batch, params, first)
+        self._running = (0, (len(cu_seqlens) - 1) * params.max_new_tokens, time.monotonic())
+        try:
+            replica_shard_fault(input_ids)
+            answers = engine.generate(batch, params, first)
+        finally:
+            self._running = None
         meta = {
             "shard_id": shard_id,
             "replica_id": self.replica_id,
@@ -102,6 +110,13 @@ class TargetReplica:
             "seconds": time.perf_counter() - t0,
         }
         return meta, answers
+
+    @ray.method(concurrency_group="probe")
+    def running(self) -> tuple[int, int, float] | None:
+        """The shard running now, as (tokens, most new tokens, seconds it has run), or None: a client that finds
+        its shard overdue asks, since its own clock started when it sent the shard, maybe behind others' shards."""
+        running = self._running
+        return None if running is None else (running[0], running[1], time.monotonic() - running[2])
 
     @ray.method(concurrency_group="watch")
     def watch(self) -> str:

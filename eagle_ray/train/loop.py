@@ -29,6 +29,7 @@ from eagle_ray.contract import Supervision
 from eagle_ray.draft.export import load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
 from eagle_ray.draft.ttt import TTTObjective, TTTStats
+from eagle_ray.pool.shared import read_weights
 from eagle_ray.ray_init import quiet_known_warnings
 from eagle_ray.testing.faults import train_step_fault
 from eagle_ray.train.config import DraftTrainConfig
@@ -82,7 +83,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if cuda else "cpu")
     torch.manual_seed(cfg.seed + rank)
 
-    (embeddings, lm_head), draft_ids = ray.get(config["weights"])
+    # the target weights object may be lost with its node: a live replica of the pool puts it again
+    embeddings, lm_head = read_weights(config["weights"][0], config.get("weights_pool"))
+    draft_ids = ray.get(config["weights"][1])
     draft = Eagle3Draft.from_target(
         Eagle3DraftConfig(**config["draft_config"]), embeddings, lm_head, draft_ids, cfg.freeze_embeddings, cfg.seed
     ).to(device)

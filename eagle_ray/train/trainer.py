@@ -127,6 +127,7 @@ def train_draft(
             "draft_config": draft_config.as_dict(),
             "weights": weights,
             "supply": supply,
+            "weights_pool": supply.get("pool"),  # a shared pool: its replicas put the weights again if lost
             "source": source,
             "queue_depth": queue_depth,
             "use_gpu": use_gpu,
