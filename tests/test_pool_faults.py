@@ -134,6 +134,7 @@ def test_one_nodes_replicas_fail_to_start_the_pool_runs_on_the_others_and_backs_
         times = failures()
         assert len(times) >= 4, times
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        print(f"failed starts on the bad node: {len(times)}, gaps {[round(g, 1) for g in gaps]} s")
         for k, gap in enumerate(gaps[:3]):  # each try waits out the backoff its node's last failure set
             assert gap >= BACKOFF_S[0] * 2**k, gaps
         assert {d["node_id"] for d in pool.replicas()} == set(served.values())  # the good nodes serve on

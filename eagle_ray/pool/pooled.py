@@ -58,7 +58,7 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         *,
         engine: str = "sglang",
         replicas: int = 1,
-        min_replicas: int = 1,
+        min_replicas: int | None = None,
         tp_size: int = 1,
         aux_layer_ids: list[int] | None = None,
         dtype: torch.dtype | None = None,
@@ -78,7 +78,7 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
     ):
         if replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
-        if not 1 <= min_replicas <= max(replicas, 1):
+        if min_replicas is not None and not 1 <= min_replicas <= max(replicas, 1):
             raise ValueError(f"min_replicas must be in [1, replicas={replicas}], got {min_replicas}")
         if not ray.is_initialized():
             init_ray()
@@ -112,7 +112,7 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
         )  # fmt: skip
         self._next_replica_id = 0
         self._target_replicas = replicas
-        self._min_replicas = min_replicas
+        self._min_replicas = replicas if min_replicas is None else min_replicas  # None: all (a job's default: 1)
         self._backoff: dict[str | None, Any] = {}  # node id (None: unknown) -> its failed starts' backoff
         self._start_timeout_s = start_timeout_s
         if self._max_inflight_bytes is None:
@@ -128,8 +128,8 @@ class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
 
     @classmethod
     def from_pretrained(cls, model_path: str, **kwargs: Any) -> PooledTargetModel:
-        """Start the pool and wait until `min_replicas` replicas have built their engines (the rest join as they
-        come)."""
+        """Start the pool and wait until `min_replicas` (default: all) replicas have built their engines (the rest
+        join as they come)."""
         return cls(model_path, **kwargs)
 
     @property
