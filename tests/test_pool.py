@@ -20,7 +20,7 @@ from ray._private.internal_api import get_memory_info_reply, get_state_from_addr
 from eagle_ray import HFEagle3TargetModel, InvalidBatchError, PackedBatch
 from eagle_ray.draft.decode import target_decode
 from eagle_ray.generation import GenerationParams
-from eagle_ray.pool import PooledTargetModel, ShardResult
+from eagle_ray.pool import ChaosMonkey, PooledTargetModel, ShardResult
 
 
 @pytest.fixture(scope="module")
@@ -570,11 +570,22 @@ def test_the_relay_killed_mid_stream_restarts_and_its_clients_resume(cluster, ti
                 break
             assert time.monotonic() < deadline, ids
             time.sleep(0.5)
+        # once more, by the chaos tool's fault kind: the relay comes back again and the client streams on
+        fault = ChaosMonkey(owner, ("pool_server",)).inject("pool_server")
+        assert fault.kind == "pool_server" and fault.replica_id is None
         more = batches(4, seed=61)
         got, _, st = ray.get(client.run.remote(more), timeout=300)
         check_complete({(bi, *seqs): aux for bi, seqs, err, aux in got if err is None}, more, reference)
         relay = ray.get_actor("relay-kill", namespace="eagle_ray")
-        assert ray.get(relay.stats.remote())["clients"] >= 1  # its load exchanges reach the restarted board
+        while True:  # its load exchanges reach the restarted board (once it has restarted: calls fail till then)
+            try:
+                if ray.get(relay.stats.remote())["clients"] >= 1:
+                    break
+            except ray.exceptions.ActorUnavailableError:
+                pass
+            assert time.monotonic() < deadline, "the client's loads never reached the restarted relay"
+            ray.get(client.run.remote(more[:1]), timeout=300)  # a busy client exchanges its loads
+            time.sleep(0.5)
     finally:
         owner.close()
     deadline = time.monotonic() + 30

@@ -194,8 +194,9 @@ class PoolServer:
     def stats(self) -> dict[str, Any]:
         """The host's stats as of its last sync (a few seconds old at most), with the board's loads."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._stats is not None, 60.0):
-                raise TimeoutError("the pool's host has not synced with this relay within 60s")
+            # short: this is the board's one thread (a restarted relay has the host's stats within its backoff)
+            if not self._cond.wait_for(lambda: self._stats is not None, 10.0):
+                raise TimeoutError("the pool's host has not synced with this restarted relay yet; ask again")
             out = dict(self._stats, replicas=[dict(r) for r in self._stats["replicas"]])
         return _with_loads(out, self._totals, len(self._heard))
 
@@ -329,7 +330,9 @@ class PoolClient(PooledTargetModel):
         self._poll(view.version if view is not None else -1)
         if view is None:
             return
-        self._retry_s = _RETRY_S[0]  # the relay answers with its host's views again
+        if self._lost_since is not None:  # the relay answers with its host's views again
+            log.warning("pool relay %r back after %.1fs", self.name, time.monotonic() - self._lost_since)
+            self._lost_since, self._retry_s = None, _RETRY_S[0]
         if view.version <= self._view.version:
             return
         self._view = view
@@ -350,24 +353,26 @@ class PoolClient(PooledTargetModel):
         self._reconcile()
 
     def _poll(self, since: int) -> None:
-        if self._server is not None and self._lost_since is None:
+        if self._server is not None:
             self._owner.on_resolve(self._server.view.remote(max(since, self._view.version)), self._on_view)
 
     def _on_view(self, fut: Any) -> None:
         try:
             view = fut.result()
         except Exception as e:  # the relay died (Ray restarts it): serve on with the replicas known, find it again
-            if self._server is not None and self._lost_since is None:
+            if self._server is None:
+                return  # closed
+            if self._lost_since is None:
                 log.warning("pool relay unreachable (%s: %s): finding it again", type(e).__name__, e)
                 self._lost_since = time.monotonic()
-            if self._server is not None:
-                self._next_find = time.monotonic() + self._retry_s
-                self._retry_s = min(2 * self._retry_s, _RETRY_S[1])
+            self._next_find = time.monotonic() + self._retry_s
+            self._retry_s = min(2 * self._retry_s, _RETRY_S[1])
             return
         self._apply(view)
 
     def _find_server(self, now: float) -> None:
-        """Look the relay up by name again (backing off) and resume the long poll; loads and reports follow."""
+        """Look the relay up by name again and resume the long poll (a view ends the outage; a failed poll
+        backs off again); loads and reports follow."""
         try:
             self._server = ray.get_actor(self.name, namespace=POOL_NAMESPACE)
         except Exception as e:
@@ -375,8 +380,7 @@ class PoolClient(PooledTargetModel):
             self._retry_s = min(2 * self._retry_s, _RETRY_S[1])
             log.debug("pool relay %r not found yet: %s", self.name, e)
             return
-        log.warning("pool relay %r found again after %.1fs", self.name, now - self._lost_since)
-        self._lost_since = None
+        self._next_find = float("inf")  # until this poll fails
         self._poll(self._view.version)
 
     def _tick(self) -> float:
