@@ -665,3 +665,30 @@ def test_a_shard_queued_behind_another_clients_long_shard_is_not_judged_hung(clu
         judge.close()
     finally:
         owner.close()
+
+
+def test_the_chaos_start_failure_kind_backs_off_and_the_pool_serves_on(cluster, tiny_paths, reference, tmp_path):
+    """The chaos tool's "start_failure": a replica killed whose replacement's next two starts fail (as on a node
+    with a bad GPU). The pool backs off, starts it a third time, and a stream through it all is exactly once."""
+    from eagle_ray.pool import serve_pool
+    from eagle_ray.testing.faults import FAIL_STARTS_FILE_ENV
+
+    count = tmp_path / "fail_starts"
+    env = {"env_vars": {FAIL_STARTS_FILE_ENV: str(count)}}
+    owner = serve_pool("start-fail", tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, runtime_env=env)
+    try:
+        monkey = ChaosMonkey(owner, ("start_failure",), start_failures=str(count))
+        fault = monkey.inject("start_failure")
+        assert fault.kind == "start_failure" and fault.replica_id is not None
+        inputs = batches(8, seed=70)
+        check_complete(gather(list(owner.stream(inputs))), inputs, reference)
+        deadline = time.monotonic() + 180
+        while len([r for r in owner.pool_stats()["replicas"] if r["state"] == "ready"]) < 2:
+            assert time.monotonic() < deadline, owner.pool_stats()
+            time.sleep(0.5)
+        assert count.read_text() == "0"  # both injected failures were taken by starts
+        assert fault.replica_id not in {d["replica_id"] for d in owner.replicas()}
+        with pytest.raises(ValueError, match="start_failures"):
+            ChaosMonkey(owner, ("start_failure",))
+    finally:
+        owner.close()

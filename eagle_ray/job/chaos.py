@@ -23,7 +23,7 @@ from typing import Any
 
 from eagle_ray.contract import PackedBatch
 from eagle_ray.pool.chaos import FAULTS, ChaosMonkey
-from eagle_ray.testing.faults import plan_train_fault
+from eagle_ray.testing.faults import FAIL_STARTS_FILE_ENV, plan_train_fault
 from eagle_ray.train.loop import DraftTrainConfig
 from eagle_ray.train.sample_audit import audit_run, expected_samples
 from eagle_ray.train.trainer import train_draft
@@ -33,12 +33,13 @@ from eagle_ray.train.trainer import train_draft
 class ChaosSettings:
     steps: int = 80  # optimizer steps per run; each of the workers takes one batch a step
     workers: int = 2
-    faults: int = 3  # replica faults, cycling through `kinds`
+    faults: int = 5  # faults, cycling through `kinds` (5: each kind once)
     kinds: tuple[str, ...] = FAULTS
     every_s: tuple[float, float] = (4.0, 10.0)  # a fault every this many seconds (uniform), once recovered
     kill_worker_at: int | None = 50  # a draft worker SIGKILLs itself at this step (None: no trainer fault)
     checkpoint_every: int = 20
     seed: int = 0
+    start_failures: str | None = None  # the pool's EAGLE_RAY_FAIL_STARTS_FILE; None: no "start_failure" faults
 
 
 def _train(pool: Any, batches: list[PackedBatch], s: ChaosSettings, storage: Path, name: str, fail: bool):
@@ -87,7 +88,8 @@ def chaos_training(
         baseline = clean.samples
     replaced0 = pool.pool_stats()["replicas_replaced"]  # the owner's count: a shared pool's owner replaces them
     t0 = time.monotonic()
-    with ChaosMonkey(pool, s.kinds, s.every_s, s.faults, s.seed) as monkey:
+    kinds = tuple(k for k in s.kinds if k != "start_failure" or s.start_failures)
+    with ChaosMonkey(pool, kinds, s.every_s, s.faults, s.seed, start_failures=s.start_failures) as monkey:
         result = _train(pool, batches, s, storage, "chaos", fail=True)
     faults = monkey.faults
     audit = audit_run(storage / "chaos", s.workers)
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="eagle_ray_chaos_") as tmp:
         target = str(build_tiny_target(Path(tmp) / "target", "llama"))
         shape = {"engine": "sglang", "replicas": a.replicas, "tp_size": a.tp_size, "cpus_per_replica": 1}
+        s.start_failures = str(Path(tmp) / "fail_starts")  # "start_failure" faults: the replicas read the count here
+        shape["runtime_env"] = {"env_vars": {FAIL_STARTS_FILE_ENV: s.start_failures}}
         with serve_pool(f"eagle-ray-chaos-{os.getpid()}", target, **shape) as pool:
             report = chaos_training(pool, markov_batches(40), s, Path(tmp) / "runs")
     ray.shutdown()

@@ -1,11 +1,14 @@
 """Chaos for a live pool: kill target replicas at random moments while a run goes on.
 
-Three faults, the ways replicas die on a real cluster, and one of the control plane:
+Faults: the ways replicas die or fail to start on a real cluster, and one of the control plane:
   ray_kill     `ray.kill` of the replica actor (an operator, an autoscaler, a preempted node's drain)
   sigkill      SIGKILL of the replica's own process, TP rank 0 (the OOM killer, a segfault)
   sigkill_tp   SIGKILL of a TP rank other than 0, a child process of the replica (tp_size > 1 only)
   pool_server  `ray.kill` of a shared pool's named relay (`serve_pool` pools only): Ray restarts it, and its
                clients find it again
+  start_failure  `ray.kill` of a replica whose replacement's next starts fail (a bad GPU or driver on a node):
+               the pool backs off and starts again (`start_failures`: the file the replicas read, see
+               `testing.faults.fail_next_starts`)
 
 OS kills run as a Ray task pinned to the replica's node, so they work on a multi-node cluster too.
 Faults start once the pool has delivered a shard of the run; each hits a random ready replica, even while
@@ -27,10 +30,12 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.pool.shared import POOL_NAMESPACE, PoolClient
+from eagle_ray.testing.faults import fail_next_starts
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("ray_kill", "sigkill", "sigkill_tp", "pool_server")
+FAULTS = ("ray_kill", "sigkill", "sigkill_tp", "pool_server", "start_failure")
+START_FAILURES = 2  # starts that fail after a "start_failure" kill: two rounds of backoff (1 s, 2 s)
 
 
 @dataclass
@@ -64,6 +69,7 @@ class ChaosMonkey:
         max_faults: int = 3,
         seed: int = 0,
         recover_timeout_s: float = 300.0,
+        start_failures: str | None = None,
     ):
         bad = [k for k in kinds if k not in FAULTS]
         if bad or not kinds:
@@ -73,6 +79,9 @@ class ChaosMonkey:
             raise ValueError("sigkill_tp needs replicas with tp_size > 1")
         if "pool_server" in kinds and not isinstance(pool, PoolClient):
             raise ValueError("pool_server needs a shared pool (a serve_pool pool's client)")
+        if "start_failure" in kinds and start_failures is None:
+            raise ValueError("start_failure needs start_failures: its replicas' EAGLE_RAY_FAIL_STARTS_FILE")
+        self.start_failures = start_failures
         self.pool, self.kinds, self.every_s, self.max_faults = pool, kinds, every_s, max_faults
         self.recover_timeout_s = recover_timeout_s
         self.rng = random.Random(seed)
@@ -143,7 +152,9 @@ class ChaosMonkey:
             return Fault(time.monotonic() - self._t0, kind, None, None, None)
         desc = self.rng.choice(victims or self.pool.replicas())
         rid, at = desc["replica_id"], time.monotonic() - self._t0
-        if kind == "ray_kill":
+        if kind == "start_failure":
+            fail_next_starts(self.start_failures, START_FAILURES)
+        if kind in ("ray_kill", "start_failure"):
             actor = self.pool.replica_actor(rid)  # the pool owns the handle; a fault tool borrows it
             if actor is not None:  # (else it died meanwhile, of something else)
                 ray.kill(actor, no_restart=True)

@@ -8,6 +8,8 @@ Each hook is called from one place in production code, and does nothing by defau
 - `replica_start_fault(node_id)`, in `pool/replica.py`: a replica starting on a node listed (comma-separated ids) in
   `EAGLE_RAY_FAIL_START_NODES` fails to start, as one on a node with a bad GPU or a broken driver would; each such
   failure appends "<node id> <unix time>" to the file `EAGLE_RAY_FAIL_START_LOG` names, if set (tests count them).
+  It also fails a start while the file `EAGLE_RAY_FAIL_STARTS_FILE` names holds a count above 0, taking one off
+  (`fail_next_starts`: the chaos tool's "start_failure", which sets the count while the pool runs).
 - `train_step_fault(rank, run_dir)`, in `train/loop.py`: rank 0 of the draft workers fails once at the step
   `plan_train_fault(run_dir, step, mode)` asked for (a file in the run dir), by `mode`; a marker file in the
   run dir keeps the restarted group from failing again.
@@ -15,6 +17,7 @@ Each hook is called from one place in production code, and does nothing by defau
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 CRASH_TOKEN_ENV = "EAGLE_RAY_CHAOS_CRASH_TOKEN"
 FAIL_START_ENV = "EAGLE_RAY_FAIL_START_NODES"
 FAIL_START_LOG_ENV = "EAGLE_RAY_FAIL_START_LOG"
+FAIL_STARTS_FILE_ENV = "EAGLE_RAY_FAIL_STARTS_FILE"
 FAIL_MODES = ("raise", "exit", "sigkill")
 TRAIN_FAULT_FILE = "inject_train_fault.json"  # in a run dir: `plan_train_fault` writes it, the worker loop reads it
 
@@ -49,6 +53,34 @@ def replica_start_fault(node_id: str) -> None:
             with open(os.environ[FAIL_START_LOG_ENV], "a") as f:
                 f.write(f"{node_id} {time.time()}\n")
         raise RuntimeError(f"injected start failure on node {node_id}")
+    if FAIL_STARTS_FILE_ENV in os.environ and _take_one(os.environ[FAIL_STARTS_FILE_ENV]):
+        raise RuntimeError(f"injected start failure on node {node_id} (one of the next starts asked to fail)")
+
+
+def fail_next_starts(path: str | Path, count: int) -> None:
+    """Make the pool's next `count` replica starts fail (the pool's replicas need `EAGLE_RAY_FAIL_STARTS_FILE`
+    = `path` in their runtime_env, and `path` readable on their nodes)."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # replicas starting at once take from the count one at a time
+        f.seek(0)
+        f.truncate()
+        f.write(str(count))
+
+
+def _take_one(path: str) -> bool:
+    try:
+        f = open(path, "r+")
+    except FileNotFoundError:
+        return False
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        left = int(f.read().strip() or 0)
+        if left <= 0:
+            return False
+        f.seek(0)
+        f.truncate()
+        f.write(str(left - 1))
+        return True
 
 
 def check_fail_mode(mode: str) -> None:
