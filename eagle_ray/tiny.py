@@ -42,7 +42,7 @@ TINY_SHAPE = dict(
 # it that family at a tiny size (8 layers, H=64). What the real checkpoints carry beyond transformers' defaults
 # is spelled out where an engine reads it (DeepSeek-V3's `moe_layer_freq`, `topk_method`, `scoring_func` and
 # YaRN rope; gpt-oss's YaRN rope; Gemma-3's tied lm_head). tests/test_targets.py runs every one through both
-# engines; the README's support matrix is what that test checks.
+# engines; the support matrix in docs/targets.md is what that test checks.
 _YARN = dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0)
 TINY_ARCHS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {}),
@@ -252,7 +252,7 @@ def default_target(tokenizer: Any, records: int = 4000, steps: int = 700) -> str
 
     Its lm_head trains on the 4,096 most frequent tokens plus one row the others share (`pretrain_tiny_target`):
     that is what buys the 700 steps (16 x 128 tokens each) that take its greedy text from "the the the" (distinct
-    4-gram ratio 0.001, 80 full-vocabulary steps) to about 0.17 (README). Built once per shape/tokenizer and
+    4-gram ratio 0.001, 80 full-vocabulary steps) to about 0.17 (docs/fidelity.md). Built once per shape/tokenizer and
     cached under CACHE_DIR (about 3 minutes on 2 cores), showing its progress: a bar on a terminal, a line
     every 70 steps in job logs.
     """

@@ -43,7 +43,7 @@ Seams of the exported-draft check (`check_eagle3_draft_load`), also 0.5.23:
      `hot_token_id = d2t + arange`, skips `t2d`, and SILENTLY skips any name it has no parameter for. Vocab-parallel
      parameters pad their rows to a multiple of 64 and zero the padding.
 
-Seams of the target matrix (README "Targets"; tests/test_targets.py), also 0.5.23:
+Seams of the target matrix (docs/targets.md; tests/test_targets.py), also 0.5.23:
   S14 `model.set_eagle3_layers_to_capture(ids)` (called from `init_attention_backends`) stores input-of-layer ids in
      `model.model.layers_to_capture`. Most models add 1 to every id. DeepSeek-V2/V3 and Kimi-K2 (`deepseek_v2.py`)
      add 1 only when the first id is 1 and take the ids raw otherwise; gpt-oss takes them raw when the largest is L.

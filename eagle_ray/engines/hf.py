@@ -4,7 +4,7 @@ Aux states come from forward hooks on the decoder layers (the residual stream ea
 layer outputs); the last hidden state is the decoder's final-norm output. Any decoder-only
 causal LM whose base model holds its blocks in `.layers` works: dense (Llama, Qwen2/3,
 Mistral, Phi-3, Gemma-3), MoE (Qwen3-MoE, gpt-oss, Llama-4) and MLA (DeepSeek-V3); the
-tested matrix is in the README. Attention is transformers' own choice for the model: SDPA
+tested matrix is in docs/targets.md. Attention is transformers' own choice for the model: SDPA
 where the model supports it, else eager (gpt-oss: its sinks have no SDPA kernel).
 """
 

@@ -199,7 +199,7 @@ class SGLangEngine:
             raise UnsupportedTargetError(
                 f"SGLang {sr.SGLANG_VERSION} cannot serve {self.architecture} ({model_path}) on {kwargs['device']} "
                 f"with attention backend {kwargs.get('attention_backend') or 'auto'}: {reason}. Use engine='hf' "
-                "(transformers runs it on any device) or a GPU where SGLang supports it; README 'Targets' has "
+                "(transformers runs it on any device) or a GPU where SGLang supports it; docs/targets.md has "
                 "the matrix"
             )
         self._config = config

@@ -266,34 +266,47 @@ def _serve_pool(c: JobConfig, model_path: str, engine: str, dtype: torch.dtype |
 
 
 def print_summary(s: dict[str, Any]) -> None:
+    """What a person reads at the end: one labelled line per fact (`summary.json` has them all, by key)."""
+    rows = [("target", f"{s.get('target')} ({s.get('engine')} engine)")]
+    if s.get("dump"):
+        rows.append(("dump", s["dump"]))
+    if "steps" in s:
+        skipped = s.get("skipped_batches") or 0
+        rows.append(("trained", f"{s['steps']} steps, {s['samples']} samples, {s['tokens']} tokens"))
+        if skipped:
+            rows.append(("skipped", f"{skipped} poison batches (samples_rank*.jsonl says which and why)"))
+        rate = f"trainer {s['trainer_tokens_per_s']:.0f} tok/s"
+        if s.get("target_tokens_per_s") is not None:
+            rate = f"target {s['target_tokens_per_s']:.0f} tok/s, " + rate
+        rows.append(("throughput", f"{rate}; trainers waited {100 * s['wait_fraction']:.1f}% of each step"))
+        acc = " ".join(f"{x:.2f}" for x in s["acc"])
+        rows.append(("loss", f"{s['loss']:.3f} (last steps' mean); top-1 accuracy per TTT step {acc}"))
+        m = s.get("measured")
+        if m:
+            rows.append(
+                (
+                    "acceptance",
+                    f"{m['acceptance_length']:.2f} tokens per target forward, measured: greedy speculative "
+                    f"decoding of held-out prompts ({m['verify_forwards']} verify forwards)",
+                )
+            )
+        rows.append(
+            (
+                "simulated",
+                f"{s['acceptance_chain']:.2f} (chain) / {s['acceptance_product']:.2f} (product): the draft's "
+                "predictions scored on training text, not decoded",
+            )
+        )
+    for key in ("data", "export", "plot"):
+        if s.get(key):
+            rows.append((key, s[key]))
+    if "wall_s" in s:
+        rows.append(("wall time", f"{s['wall_s']:.0f} s"))
+    rows.append(("summary", str(Path(s["run_dir"]) / "summary.json")))
     print("\n=== eagle_ray: draft training done ===")
-    for key in (
-        "engine",
-        "target",
-        "steps",
-        "skipped_batches",
-        "samples",
-        "tokens",
-        "target_tokens_per_s",
-        "trainer_tokens_per_s",
-        "wait_fraction",
-        "loss",
-        "acc",
-        "acceptance_chain",
-        "acceptance_product",
-        "measured",
-        "data",
-        "export",
-        "plot",
-        "dump",
-        "wall_s",
-    ):
-        if key in s and s[key] is not None:
-            v = s[key]
-            if isinstance(v, list):
-                v = " ".join(f"{x:.3f}" for x in v)
-            print(f"{key:>22}: {v:.3f}" if isinstance(v, float) else f"{key:>22}: {v}")
-    print(f"{'summary':>22}: {Path(s['run_dir']) / 'summary.json'}", flush=True)
+    for label, value in rows:
+        print(f"{label:>12}  {value}")
+    sys.stdout.flush()
 
 
 def configure_logging() -> None:
@@ -320,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise  # a failure, not an interruption (Ray is shut down at exit, as always)
             return _interrupted(stop, e)
     (config.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # first: Ray forwards its workers' output (SGLang's lines) late, and none may follow the summary
     print_summary(summary)
     return 0
 

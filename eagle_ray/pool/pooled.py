@@ -48,7 +48,7 @@ class Membership:
 
 
 class PooledTargetModel(Dispatch, Lifecycle, NeMoSurface):
-    """A pool of target replicas with the surface of a single target. See README "Pool"."""
+    """A pool of target replicas with the surface of a single target. See docs/architecture.md "The pool"."""
 
     _async_workers = 16  # generate_batch_async: requests in flight at once, each a submit of its own
 

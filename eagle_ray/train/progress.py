@@ -159,7 +159,7 @@ class Progress:
             f"samples {row['samples']} target {self.rates['target_tokens_per_s']:.0f} tok/s "
             f"trainer {self.rates['trainer_tokens_per_s']:.0f} tok/s wait {100 * wait:.0f}%{skipped} "
             f"loss {row['loss']:.3f} acc {'/'.join(f'{a:.2f}' for a in row['acc'])} "
-            f"accept {row['acceptance_chain']:.2f}"
+            f"sim-accept {row['acceptance_chain']:.2f}"
         )
         return text if short else f"[eagle_ray] step {row['step']}/{self.total} {text}"
 
