@@ -47,7 +47,7 @@ OURS = (
     re.compile(r"^\[eagle_ray\] "),  # progress lines
     re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ eagle_ray\.[\w.]+ (INFO|WARNING|ERROR) "),  # the job's log
     re.compile(r"^=== eagle_ray: "),  # the summary's title
-    re.compile(r"^ +\w+: "),  # the summary's rows
+    re.compile(r"^ {0,11}[a-z]+( [a-z]+)?  \S"),  # the summary's rows: a right-aligned label, two spaces, the value
     # tqdm redraws with "\r", and Ray forwards a redraw as a line of its own, with or without the actor's prefix
     re.compile(r"^(\S*\(TargetReplica pid=\d+\)\S*\s*)?(Multi-thread loading shards: +\d+% Completed.*)?$"),
 )
