@@ -98,8 +98,6 @@ def test_two_replicas_share_one_batch_by_tokens(hf_pool, reference):
     assert {r.replica_id for r in results} == {r["replica_id"] for r in hf_pool.replicas()}
     assert [r.num_tokens for r in results] == [90, 90]  # split by tokens, evenly
     check_complete(gather(results), [batch], reference)
-    # the driver never pulled a payload: results are refs into the object store
-    assert all(isinstance(r.ref, ray.ObjectRef) for r in results)
 
 
 def test_replicas_pin_distinct_fake_gpus(hf_pool):

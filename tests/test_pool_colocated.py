@@ -7,7 +7,6 @@ import os
 
 import pytest
 import ray
-import torch
 from conftest import local_ray, random_batch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -64,7 +63,6 @@ def test_colocated_rejects_tensor_parallel(one_gpu_cluster, tiny_paths):
     with pytest.raises(ValueError, match="colocated"):
         PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="sglang", tp_size=2, placement="colocated")
     assert os.environ.get("CUDA_VISIBLE_DEVICES") in (None, "")  # the driver itself pins nothing
-    assert torch.cuda.device_count() == 0
 
 
 def test_draft_training_colocated_with_the_replica(one_gpu_cluster, tiny_paths, tmp_path):
