@@ -325,11 +325,11 @@ def test_a_nemo_trained_draft_runs_in_our_evaluator(nemo, tiny_paths, hf_target,
     model = nemo_draft_from_recipe(nemo, target_path, 250)
     out = Path(nemo.export_merged_lora_draft(model, str(tmp_path / "ckpt")))  # <ckpt>/model/consolidated
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == L  # the target's, not the draft's
-    draft = load_nemo_draft(out, aux_layer_ids=[0, 3, 7])
-    assert draft.config.aux_layer_ids == [0, 3, 7] and draft.config.draft_vocab_size == 250
+    draft = load_nemo_draft(out, aux_layer_ids=[0, 3, 6])  # a target serves ids in [0, L-1)
+    assert draft.config.aux_layer_ids == [0, 3, 6] and draft.config.draft_vocab_size == 250
     assert_same_as_nemo(draft, draft.state_dict(), model)
     assert torch.equal(draft.draft_ids, model.d2t + torch.arange(250))
-    result = speculative_greedy(hf_target(target_path, aux_layer_ids=[0, 3, 7]), draft, [[5, 6, 7], [9]], 6, 3)
+    result = speculative_greedy(hf_target(target_path, aux_layer_ids=[0, 3, 6]), draft, [[5, 6, 7], [9]], 6, 3)
     assert result.matches_reference and result.verify_forwards >= 1, result.summary()
     with pytest.raises(ValueError, match="aux"):
         load_nemo_draft(out, aux_layer_ids=[0, 3])
