@@ -67,13 +67,13 @@ def test_colocated_rejects_tensor_parallel(one_gpu_cluster, tiny_paths):
 
 def test_draft_training_colocated_with_the_replica(one_gpu_cluster, tiny_paths, tmp_path):
     """The whole trainer on one (fake) GPU: replica and Ray Train worker each take half of it."""
+    from eagle_ray.pool import serve_pool
     from eagle_ray.train.loop import DraftTrainConfig
     from eagle_ray.train.trainer import train_draft
 
     batches = [random_batch([9, 14, 5], seed=s) for s in range(4)]
-    with PooledTargetModel.from_pretrained(
-        tiny_paths["llama"], engine="hf", replicas=1, placement="colocated", gpu_fraction=0.5
-    ) as pool:
+    # the worker is a client of the pool and reads its own node's replica (colocated placement)
+    with serve_pool("colocated", tiny_paths["llama"], engine="hf", replicas=1, placement="colocated") as pool:
         result = train_draft(
             pool,
             batches,
