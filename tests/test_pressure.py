@@ -45,12 +45,12 @@ WIDE = dict(
     vocab_size=256,
     hidden_size=1024,
     intermediate_size=128,
-    num_hidden_layers=3,
+    num_hidden_layers=4,
     num_attention_heads=2,
     num_key_value_heads=1,
     head_dim=16,
 )
-AUX = [0, 1, 2]  # EAGLE-3 needs three distinct aux layers; the default ids assume >= 7 layers
+AUX = [0, 1, 2]  # EAGLE-3 needs three distinct aux layers in [0, L-1); the default ids assume >= 7 layers
 CONSUMER_DEPTH = 2  # consumer calls in flight, like a trainer's prefetch depth
 SAMPLE_EVERY = 37  # every 37th shard is compared against the HF engine called directly
 # The consumer's "training step": slower than the two replicas produce, so supervision piles up
