@@ -13,10 +13,18 @@ import ray
 import torch
 
 from eagle_ray import HFEagle3TargetModel, PackedBatch, SGLangEagle3TargetModel, build_tiny_target
-from eagle_ray.ray_init import init_ray
+from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, init_ray
 from eagle_ray.tiny import markov_sequences, pretrain_tiny_target
 
 ARCHS = ["llama", "qwen3"]
+# the head node of a `ray.cluster_utils.Cluster` whose other nodes hold the replicas: the pool's system config
+CLUSTER_HEAD = {
+    "num_cpus": 2,
+    "num_gpus": 0,
+    "object_store_memory": 128 * 2**20,
+    "include_dashboard": False,
+    "_system_config": RAY_SYSTEM_CONFIG,
+}
 
 
 @contextmanager

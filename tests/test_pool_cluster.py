@@ -8,21 +8,15 @@ import psutil
 import pytest
 import ray
 import torch
+from conftest import CLUSTER_HEAD as HEAD
 from conftest import random_batch
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray import HFEagle3TargetModel
 from eagle_ray.pool import PooledTargetModel
-from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+from eagle_ray.ray_init import ZERO_COPY_ENV
 
-HEAD = {
-    "num_cpus": 2,
-    "num_gpus": 0,
-    "object_store_memory": 128 * 2**20,
-    "include_dashboard": False,
-    "_system_config": RAY_SYSTEM_CONFIG,
-}
 NODE = {"num_cpus": 4, "num_gpus": 2, "object_store_memory": 128 * 2**20}
 
 

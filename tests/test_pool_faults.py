@@ -11,6 +11,7 @@ import psutil
 import pytest
 import ray
 import torch
+from conftest import CLUSTER_HEAD as HEAD
 from conftest import random_batch
 from ray.cluster_utils import Cluster
 from test_pool_cluster import _starting
@@ -21,7 +22,7 @@ from eagle_ray.pool import PooledTargetModel
 from eagle_ray.pool import placement as pl
 from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.lifecycle import BACKOFF_S, _Backoff
-from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV
+from eagle_ray.ray_init import ZERO_COPY_ENV
 from eagle_ray.testing.faults import FAIL_START_ENV, FAIL_START_LOG_ENV
 
 
@@ -62,13 +63,6 @@ def test_a_death_blames_its_shard_only_when_the_shard_kills_another_replica_too(
     assert led.died(2, a, "late") == "stale"
 
 
-HEAD = {
-    "num_cpus": 2,
-    "num_gpus": 0,
-    "object_store_memory": 128 * 2**20,
-    "include_dashboard": False,
-    "_system_config": RAY_SYSTEM_CONFIG,
-}
 NODE = {"num_cpus": 2, "num_gpus": 1, "object_store_memory": 128 * 2**20}  # one one-GPU replica per node
 
 
