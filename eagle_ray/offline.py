@@ -318,7 +318,9 @@ def dump_supervision(
         manifest = _init_or_check(root, pool, fsync)
         done = {i: e["content_hash"] for i, e in _entries_matching_disk(root, manifest, strict=False).items()}
         t0 = time.monotonic()
-        task = ray.remote(num_cpus=1)(_write_share).options(scheduling_strategy="SPREAD")
+        # no CPU reserved: a writer mostly waits on the pool, and a cluster whose CPUs the replicas (and trainers)
+        # hold would otherwise never start it
+        task = ray.remote(num_cpus=0)(_write_share).options(scheduling_strategy="SPREAD")
         shares = [
             task.remote(str(root), pool.name, source, w, writers, num_batches, done, fsync, stall_timeout_s)
             for w in range(writers)
