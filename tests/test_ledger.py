@@ -40,21 +40,11 @@ def test_requeue_does_not_count_as_failure_and_abandon_blocks_delivery():
     a = led.dispatch(1)
     assert led.requeue(1, a) is True  # queued behind a crashing shard: not its fault
     assert led.records[1].failures == [] and led.records[1].state == "pending"
-    assert not led.suspect(1)  # requeued only: it may share its replica's queue again
     b = led.dispatch(1)
     led.abandon(1)
     assert led.complete(1, b) is False and led.count("abandoned") == 1
     with pytest.raises(ValueError):
         led.add(1)
-
-
-def test_a_shard_that_failed_is_a_suspect_until_settled():
-    led = ShardLedger(max_failures=3)
-    led.add(4)
-    assert not led.suspect(4)
-    assert led.fail(4, led.dispatch(4), "replica 0 died running it") == "retry"
-    assert led.suspect(4)  # the pool runs it alone from now on
-    assert led.complete(4, led.dispatch(4)) and not led.suspect(4)
 
 
 def test_the_ledger_holds_only_what_is_in_flight():

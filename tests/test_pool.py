@@ -313,6 +313,46 @@ def test_poison_shard_quarantined_pool_keeps_serving(cluster, tiny_paths, refere
     assert sum(r.num_tokens for r in results) == sum(b.num_tokens for b in inputs)
 
 
+def test_a_death_is_blamed_on_the_shard_it_ran_not_on_other_clients_shards_queued_behind_it(
+    cluster, tiny_paths, reference
+):
+    """One replica, two clients: one streams good batches (up to 4 of its shards queued on the replica), the other
+    one poison batch, which kills every replica it runs on. Each death is blamed on the shard the replica was
+    running (its marker says which): the poison is quarantined after its 2 deaths, and the other client's shards,
+    queued behind it both times, are all delivered (a client guessing "my first unfinished shard" blamed them)."""
+    from eagle_ray.pool import serve_pool
+
+    good = batches(8, seed=50)
+    used = set(torch.cat([b.input_ids for b in good]).tolist())
+    poison_token = next(t for t in range(1023, 0, -1) if t not in used)
+    bad = random_batch([30], seed=51)
+    bad = PackedBatch(torch.full_like(bad.input_ids, poison_token), bad.loss_mask, bad.cu_seqlens)
+    env = {"env_vars": {"EAGLE_RAY_CHAOS_CRASH_TOKEN": str(poison_token)}}
+    with serve_pool(
+        "blame", tiny_paths["llama"], engine="hf", replicas=1, use_gpu=False, cpus_per_replica=1, runtime_env=env,
+        max_shard_failures=2, max_inflight_per_replica=4,
+    ) as owner:  # fmt: skip
+        mine, theirs = PooledTargetModel.connect("blame"), PooledTargetModel.connect("blame")
+        got: list = []
+        poisoned = threading.Thread(target=lambda: got.extend(theirs.stream([bad] * 1)), daemon=True)
+
+        def source():
+            for i, b in enumerate(good):
+                if i == 2:
+                    poisoned.start()  # while this client's shards are queued on the replica
+                yield b
+
+        results = list(mine.stream(source()))
+        poisoned.join(300)
+        replaced = owner.pool_stats()["replicas_replaced"]
+        mine.close()
+        theirs.close()
+    assert [r.error for r in results if r.error] == []
+    check_complete(gather(results), good, reference)
+    assert len(got) == 1 and "quarantined after 2 failed attempts" in got[0].error, got
+    assert replaced == 2  # two poison runs, two replicas
+
+
 # the client actor runs this module's code and conftest's, which Ray's workers cannot import: ship them by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 cloudpickle.register_pickle_by_value(sys.modules["conftest"])

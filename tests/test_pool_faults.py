@@ -52,7 +52,7 @@ def test_a_death_blames_its_shard_only_when_the_shard_kills_another_replica_too(
     led = ShardLedger(max_failures=2)
     led.add(1)
     assert led.died(1, led.dispatch(1), "replica 0 died running it") == "suspect"  # re-queued, not counted
-    assert led.suspect(1) and led.count("pending") == 1  # it re-runs alone
+    assert led.count("pending") == 1 and not led.records[1].failures
     assert led.complete(1, led.dispatch(1))  # fine elsewhere: the death was the replica's, never the shard's
     led.add(2)
     assert led.died(2, led.dispatch(2), "replica 1 died running it") == "suspect"

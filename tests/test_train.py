@@ -158,11 +158,6 @@ def test_a_finished_run_resumed_trains_and_reads_nothing(pool, reference):
         assert len(added) == 1 and f'"step": {STEPS}' in added[0] and '"start"' in added[0], added
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 26, found at this stop's merge): with two clients, a replica killed by another client's "
-    "poison shard is blamed on each client's own first shard on it, so an innocent batch can be quarantined too",
-)
 def test_a_poison_batch_is_skipped_counted_and_recorded(cluster, markov_target, tmp_path):
     """A batch that kills every replica it reaches (the crash token) is quarantined by the pool: the run skips it,
     names it, counts it and completes; every other sample once. With no skips allowed, the run fails naming it."""

@@ -8,6 +8,7 @@ import logging
 import queue
 import random
 import time
+import uuid
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -100,9 +101,13 @@ class Dispatch:
         self._replicas: dict[int, _Replica] = {}
         self._ledger = ShardLedger(max_failures=max_shard_failures)
         self._next_shard_id = 0
+        self._key = uuid.uuid4().hex[:16]  # this pool's (or client's) part of each shard's tag (`_tag`)
         # meta ref -> (shard, replica, attempt, payload)
         self._inflight: dict[Any, tuple[_Shard, _Replica, int, Any]] = {}
         self._retry: deque[_Shard] = deque()
+        # shards lost with a dead replica until its marker says which it ran: key -> (since, [(shard, attempt)])
+        self._awaiting: dict[int, tuple[float, list[tuple[_Shard, int]]]] = {}
+        self._next_verdict = 0
         self._inflight_bytes = 0  # dispatched, not yet handed out
         self._activity = 0  # dispatches and settlements so far: a shared pool's client tells its load when it moved
         self._held_bytes = 0  # handed out, ShardResult still alive (a finalizer tells the owner when it is not)
@@ -157,6 +162,7 @@ class Dispatch:
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self._housekeeping_s
             self._retire_hung()
+            self._expire_verdicts(now)
             self._reconcile()
             self._check_streams(now)
         self._dispatch_ready()
@@ -231,10 +237,7 @@ class Dispatch:
             ready = local or ready
         # a short queue per replica keeps it busy without piling work onto one that may die,
         # and lets replicas that join later take their share at once
-        # a shard that failed once runs alone: a dying replica's last replies can be lost with it, so blaming
-        # the first unfinished of several shards is a guess, and a good shard guessed twice would be quarantined
-        room = 1 if self._ledger.suspect(shard.shard_id) else self._per_replica
-        ready = [r for r in ready if not r.solo and len(r.inflight) < room]
+        ready = [r for r in ready if len(r.inflight) < self._per_replica]
         if self._shared and len(ready) > 4:
             ready = self._rng.sample(ready, 2)
         # the shortest queue, counting other clients' shards as last heard; ties (idle replicas) go to the one
@@ -243,18 +246,21 @@ class Dispatch:
         key = lambda r: (r.inflight_tokens + r.others_tokens, r.dispatches, hash((r.replica_id, self._salt)))  # noqa: E731
         return min(ready, key=key) if ready else None
 
+    def _tag(self, shard_id: int, attempt: int) -> str:
+        """What the replica marks while it runs this attempt: after its death, whose shard it was running."""
+        return f"{self._key}:{shard_id}:{attempt}"
+
     def _dispatch(self, shard: _Shard, r: _Replica) -> None:
-        r.solo = self._ledger.suspect(shard.shard_id)
         attempt = self._ledger.dispatch(shard.shard_id)
-        b = shard.batch
+        tag, b = self._tag(shard.shard_id, attempt), shard.batch
         if shard.gen is None:
             meta, payload = r.actor.run.options(num_returns=2).remote(
-                shard.shard_id, b.input_ids, b.loss_mask, b.cu_seqlens, shard.logits
+                tag, b.input_ids, b.loss_mask, b.cu_seqlens, shard.logits
             )
         else:
             first = shard.sequences[0]
             meta, payload = r.actor.generate.options(num_returns=2).remote(
-                shard.shard_id, b.input_ids, b.cu_seqlens, shard.gen, first
+                tag, b.input_ids, b.cu_seqlens, shard.gen, first
             )
         self._inflight[meta] = (shard, r, attempt, payload)
         self._activity += 1
@@ -340,7 +346,6 @@ class Dispatch:
         if r.inflight and r.inflight[0] == ref:  # the next one starts now (an actor runs its tasks in order)
             r.head_since = time.monotonic() if len(r.inflight) > 1 else None
         r.inflight.remove(ref)
-        r.solo = r.solo and bool(r.inflight)
         r.inflight_tokens -= shard.batch.num_tokens
         self._inflight_bytes -= shard.nbytes
 
@@ -427,7 +432,10 @@ class Dispatch:
                 self._fail(st, RuntimeError(f"internal error: shards {lost} are neither queued nor in flight"))
 
     def _running(self, st: _Stream) -> bool:
-        return any(x.stream_id == st.stream_id for x, *_ in self._inflight.values())  # O(in flight): when stuck only
+        """In flight, or lost with a dead replica and waiting for the verdict (`_on_replica_death`). O(in flight):
+        asked only when stuck."""
+        waiting = (x for _, shards in self._awaiting.values() for x, _ in shards)
+        return any(x.stream_id == st.stream_id for x in (*(v[0] for v in self._inflight.values()), *waiting))
 
     def _fail(self, st: _Stream, err: BaseException) -> None:
         st.inbox.put(err)

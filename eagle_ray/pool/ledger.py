@@ -83,9 +83,10 @@ class ShardLedger:
         return "retry"
 
     def died(self, shard_id: int, attempt: int, reason: str) -> str:
-        """Its replica died running it: "suspect" the first time (re-queued, not counted: a lost node, the OOM
-        killer or an operator takes whatever runs), "blame" once it ran on another replica that died too (then
-        both deaths count: the caller `fail`s it for this one), "stale" for an old attempt."""
+        """Its replica died running it (the replica's own marker says so, not a guess): "suspect" the first time
+        (re-queued, not counted: a lost node, the OOM killer or an operator takes whatever runs), "blame" once it
+        killed another replica too (then both deaths count: the caller `fail`s it for this one), "stale" for an
+        old attempt."""
         rec = self._live(shard_id, attempt)
         if rec is None:
             return "stale"
@@ -96,12 +97,6 @@ class ShardLedger:
         if len(rec.deaths) == 2:
             rec.failures.append(rec.deaths[0])
         return "blame"
-
-    def suspect(self, shard_id: int) -> bool:
-        """The shard failed or was running at a death before: the pool runs it alone, so a crash on it is blamed
-        on it for certain."""
-        rec = self.records.get(shard_id)
-        return rec is not None and bool(rec.failures or rec.deaths)
 
     def error(self, shard_id: int) -> str:
         """Why a quarantined shard was given up on: the pool logs it and puts it in the shard's result."""

@@ -11,9 +11,11 @@ from typing import Any
 
 import ray
 from ray.util import placement_group_table
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.contract import ModelInfo
 from eagle_ray.pool import placement as pl
+from eagle_ray.pool.replica import running_at_death
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,6 @@ class _Replica:
     dispatches: int = 0  # shards sent to it (by this pool or client)
     others_tokens: int = 0  # a shared pool's other clients' tokens in flight on it, as last heard (`shared.py`)
     failures: int = 0
-    solo: bool = False  # running a suspect shard alone: nothing joins it, so if it dies the blame is certain
 
 
 class Lifecycle:
@@ -233,13 +234,14 @@ class Lifecycle:
                 self._on_replica_death(r, err)
 
     def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
-        """Replace a dead replica; deliver what it finished, re-queue the rest of its shards."""
+        """Replace a dead replica; deliver what it finished. Which of the rest it was running, its marker file says
+        (`pool/replica.py`): until a task on its node has read it, those shards wait in `_awaiting`."""
         lost_refs = [ref for ref in r.inflight if ref in self._inflight]
         if self._replicas.get(r.replica_id) is not r and not lost_refs:
             return  # handled already (its watch and a shard both reported the death)
         log.warning("replica %d lost: %s", r.replica_id, err)
         finished = set(ray.wait(lost_refs, num_returns=len(lost_refs), timeout=0)[0]) if lost_refs else set()
-        blamed = False
+        lost = []
         for ref in lost_refs:
             shard, _, attempt, payload = self._inflight[ref]
             self._settle(ref, shard, r)
@@ -251,11 +253,33 @@ class Lifecycle:
                 else:  # done before the death, only not yet collected: deliver it
                     self._delivered(shard, attempt, payload, r, meta)
                     continue
-            if not blamed:  # an actor runs its tasks in order: the first unfinished one was running (or its reply
-                # was lost with the process: a suspect re-runs alone, see `_pick`); it is to blame only if it kills
-                # the replica it re-runs on too
-                blamed = True
-                why = f"replica {r.replica_id} died running it: {type(err).__name__}"
+            lost.append((shard, attempt))
+        if lost:
+            key = self._next_verdict = self._next_verdict + 1
+            self._awaiting[key] = (time.monotonic(), lost)
+            why = f"replica {r.replica_id} died running it: {type(err).__name__}"
+            node = NodeAffinitySchedulingStrategy(r.desc["node_id"], soft=False)
+            marker = running_at_death.options(scheduling_strategy=node).remote(r.desc["marker"])
+            self._owner.on_resolve(marker, self._verdict, key, why)
+        if r.state in ("starting", "ready"):
+            self._replaced += 1
+        self._remove(r)
+        self._reconcile()
+
+    def _verdict(self, key: int, why: str, fut: Any) -> None:
+        """The dead replica's running shard, if it was one of ours, has died once more: the ledger blames it once
+        it died on a second replica too (a lost node, the OOM killer or an operator takes whatever runs). The
+        others were only queued there: they run again, uncounted. No answer (its node is gone too, or the read
+        timed out: `fut` None) blames nothing."""
+        if key not in self._awaiting:
+            return  # timed out before (`_expire_verdicts`)
+        _, lost = self._awaiting.pop(key)
+        try:
+            tag = fut.result() if fut is not None else ""
+        except Exception:
+            tag = ""
+        for shard, attempt in lost:
+            if tag == self._tag(shard.shard_id, attempt):
                 verdict = self._ledger.died(shard.shard_id, attempt, why)
                 if verdict == "blame":
                     self._failed(shard, attempt, why)
@@ -263,10 +287,11 @@ class Lifecycle:
                     self._retry.appendleft(shard)
             elif self._ledger.requeue(shard.shard_id, attempt):
                 self._retry.append(shard)
-        if r.state in ("starting", "ready"):
-            self._replaced += 1
-        self._remove(r)
-        self._reconcile()
+
+    def _expire_verdicts(self, now: float) -> None:
+        for key, (since, _) in list(self._awaiting.items()):
+            if now - since > self._shard_timeout_s:
+                self._verdict(key, "", None)
 
     def shard_deadline_s(self, r: _Replica, num_tokens: int, new_tokens: int = 0) -> float:
         """How long a shard may run on `r` before the replica counts as hung: `shard_timeout_factor` times

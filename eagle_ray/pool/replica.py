@@ -5,6 +5,11 @@ metadata dict (what the driver waits on) and the `Supervision` payload (what con
 `ray.get`). Tensors are CPU torch tensors; the actor's runtime env sets Ray's
 `RAY_ENABLE_ZERO_COPY_TORCH_TENSORS`, so consumers read them zero-copy from the object store.
 
+Each shard's `tag` (its client, shard id and attempt) is written to a small file while the shard runs: when the
+replica dies, its clients read the file (from a task on its node) to learn which shard was running, so a death is
+blamed on that shard alone, not on whatever each client sent it first (with several clients, that guess blamed
+shards that were only queued behind another client's poison shard).
+
 TP ranks >= 1 are processes of the replica's own (children of the actor's process, see `engines/sglang.py`), not
 Ray actors: Ray never hears of their deaths. The replica's `watch` does, at once, so the pool retires a replica
 whose rank died even when no shard reaches it.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import tempfile
 import threading
 import time
 from typing import Any
@@ -48,6 +54,8 @@ class TargetReplica:
         # per TP rank: its process and device (rank 0 is this process)
         self.ranks = eng.ranks() if hasattr(eng, "ranks") else [{"tp_rank": 0, "pid": os.getpid()}]
         self._running: tuple[int, int, float] | None = None  # the shard `run`/`generate` is on: tokens, new, start
+        # the running shard's tag, in a file that outlives the process (see the module's docstring)
+        self._marker_fd, self.marker = tempfile.mkstemp(prefix=f"eagle_ray-replica{replica_id}-", suffix=".running")
 
     def describe(self) -> dict[str, Any]:
         """Model facts and where this replica runs; called once when it starts."""
@@ -62,13 +70,18 @@ class TargetReplica:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "ranks": self.ranks,
             "build_seconds": self.build_seconds,
+            "marker": self.marker,
         }
 
+    def _mark(self, tag: str) -> None:
+        os.pwrite(self._marker_fd, tag.encode().ljust(_TAG_BYTES), 0)  # the page cache outlives the process
+
     def run(
-        self, shard_id: int, input_ids: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor, logits: bool
+        self, tag: str, input_ids: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor, logits: bool
     ) -> tuple[dict[str, Any], Supervision]:
         t0 = time.perf_counter()
         self._running = (int(input_ids.numel()), 0, time.monotonic())
+        self._mark(tag)
         replica_shard_fault(input_ids)  # off unless a test sets EAGLE_RAY_CHAOS_CRASH_TOKEN
         try:
             sup = self.target.engine.forward(PackedBatch(input_ids, loss_mask, cu_seqlens), logits)
@@ -79,8 +92,8 @@ class TargetReplica:
             raise
         finally:
             self._running = None
+            self._mark("")
         meta = {
-            "shard_id": shard_id,
             "replica_id": self.replica_id,
             "tokens": sup.num_tokens,
             "seconds": time.perf_counter() - t0,
@@ -88,7 +101,7 @@ class TargetReplica:
         return meta, sup
 
     def generate(
-        self, shard_id: int, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, params: Any, first: int
+        self, tag: str, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, params: Any, first: int
     ) -> tuple[dict[str, Any], list[list[int]]]:
         """Continue each prompt of a shard (`eagle_ray.generation`); `first`: the number of its first request."""
         engine = self.target.engine
@@ -97,13 +110,14 @@ class TargetReplica:
         t0 = time.perf_counter()
         batch = PackedBatch(input_ids, torch.ones_like(input_ids), cu_seqlens)
         self._running = (0, (len(cu_seqlens) - 1) * params.max_new_tokens, time.monotonic())
+        self._mark(tag)
         try:
             replica_shard_fault(input_ids)
             answers = engine.generate(batch, params, first)
         finally:
             self._running = None
+            self._mark("")
         meta = {
-            "shard_id": shard_id,
             "replica_id": self.replica_id,
             "tokens": 0,  # not prefill work: the shard deadline's rate stays the forward's
             "new_tokens": sum(len(a) for a in answers),
@@ -137,6 +151,17 @@ class TargetReplica:
 
     def shutdown(self) -> None:
         self.target.close()
+        os.unlink(self.marker)
+
+
+_TAG_BYTES = 96  # a tag's room in the marker file: a client key, a shard id and an attempt
+
+
+@ray.remote(num_cpus=0)
+def running_at_death(marker: str) -> str:
+    """The tag of the shard a dead replica was running ("" for none), read on its node (`TargetReplica`)."""
+    with open(marker, "rb") as f:
+        return f.read(_TAG_BYTES).decode().strip()
 
 
 def _first_to_exit(ranks: list[dict[str, Any]]) -> dict[str, Any]:
