@@ -50,6 +50,15 @@ def gather(results: list[ShardResult]) -> dict[tuple[int, int, int], torch.Tenso
     return out
 
 
+def ready(pool, n: int, timeout_s: float = 180) -> list[dict]:
+    """Wait until `n` replicas are ready (a replacement started by an earlier test may still be building)."""
+    deadline = time.monotonic() + timeout_s
+    while len(descs := pool.replicas()) < n:
+        assert time.monotonic() < deadline, pool.stats()
+        time.sleep(0.2)
+    return descs
+
+
 def check_complete(got: dict, inputs: list[PackedBatch], reference) -> None:
     """Every sequence of every batch delivered once, equal to the reference engine's output."""
     for b, batch in enumerate(inputs):
@@ -160,6 +169,7 @@ def test_concurrent_streams_each_get_their_own_in_order_through_a_kill(hf_pool, 
     """Three threads stream at once (plus a submit): each gets exactly its shards, in its own order,
     while a replica is killed under all of them."""
     hf_pool.scale(2)
+    victim = ready(hf_pool, 2)[0]["replica_id"]
     inputs = {t: batches(6, seed=20 + t) for t in range(3)}
     got: dict[int, list[ShardResult]] = {}
     errors: list[BaseException] = []
@@ -174,7 +184,7 @@ def test_concurrent_streams_each_get_their_own_in_order_through_a_kill(hf_pool, 
     for t in threads:
         t.start()
     time.sleep(0.3)
-    ray.kill(hf_pool.replica_actor(hf_pool.replicas()[0]["replica_id"]), no_restart=True)
+    ray.kill(hf_pool.replica_actor(victim), no_restart=True)
     single = random_batch([30, 17], seed=99)
     sup = hf_pool.forward_packed(single)  # a submit beside the streams
     for t in threads:
@@ -686,6 +696,9 @@ def test_a_shard_queued_behind_another_clients_long_shard_is_not_judged_hung(clu
         t0 = time.monotonic()
         judge.generate(prompts, GenerationParams(max_new_tokens=8))
         per_token = (time.monotonic() - t0) / 8
+        # the long one's rate too: its deadline is then 10x the prediction, not the unmeasured replica's 10 floors
+        # (which a generation predicted at 10 floors overran on a loaded machine)
+        long.generate(prompts, GenerationParams(max_new_tokens=8))
         new = min(1000, int(10 * floor / per_token) + 1)  # predicted: 10 floors of generation
         gen = threading.Thread(target=long.generate, args=(prompts, GenerationParams(max_new_tokens=new)))
         gen.start()
