@@ -1,6 +1,7 @@
-"""Dispatch and ledger, on the pool's owner thread: shards, placement, the byte budget, completions, and the
-owner's side of each running stream. A mixin of `PooledTargetModel` (`pooled.py`); `lifecycle.py` keeps the
-replicas."""
+"""Dispatch and ledger, on the pool's owner thread: shards, placement, the byte budget, completions, a replica's
+death and hang as its shards see them, and the owner's side of each running stream. The half of a `Pool`
+(`surface.py`) that is the same whoever keeps the replicas: `lifecycle.py` for a pool's own, `shared.py` for a
+client's."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.contract import ModelInfo, PackedBatch, plan_runs
 from eagle_ray.generation import GenerationParams
 from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.lifecycle import _Replica
 from eagle_ray.pool.owner import Owner
+from eagle_ray.pool.replica import running_at_death
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ class Dispatch:
         self._replicas: dict[int, _Replica] = {}
         self._ledger = ShardLedger(max_failures=max_shard_failures)
         self._next_shard_id = 0
-        self._key = uuid.uuid4().hex[:16]  # this pool's (or client's) part of each shard's tag (`_tag`)
+        self._key = uuid.uuid4().hex  # this pool or client: in each shard's tag (`_tag`), on a shared pool's board
         # meta ref -> (shard, replica, attempt, payload)
         self._inflight: dict[Any, tuple[_Shard, _Replica, int, Any]] = {}
         self._retry: deque[_Shard] = deque()
@@ -440,6 +443,93 @@ class Dispatch:
     def _fail(self, st: _Stream, err: BaseException) -> None:
         st.inbox.put(err)
         self._close_stream(st)
+
+    def _ready(self) -> list[_Replica]:
+        return [r for r in self._replicas.values() if r.state == "ready"]
+
+    def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
+        """A replica died (or was found hung): deliver what it finished; which of the rest it was running, its
+        marker file says (`pool/replica.py`): until a task on its node has read it, those shards wait in
+        `_awaiting`. The replica set then replaces it (`_lost`)."""
+        lost_refs = [ref for ref in r.inflight if ref in self._inflight]
+        if self._replicas.get(r.replica_id) is not r and not lost_refs:
+            return  # handled already (its watch and a shard both reported the death)
+        log.warning("replica %d lost: %s", r.replica_id, err)
+        finished = set(ray.wait(lost_refs, num_returns=len(lost_refs), timeout=0)[0]) if lost_refs else set()
+        lost = []
+        for ref in lost_refs:
+            shard, _, attempt, payload = self._inflight[ref]
+            self._settle(ref, shard, r)
+            if ref in finished:
+                try:
+                    meta = ray.get(ref)
+                except Exception:
+                    pass
+                else:  # done before the death, only not yet collected: deliver it
+                    self._delivered(shard, attempt, payload, r, meta)
+                    continue
+            lost.append((shard, attempt))
+        if lost:
+            key = self._next_verdict = self._next_verdict + 1
+            self._awaiting[key] = (time.monotonic(), lost)
+            why = f"replica {r.replica_id} died running it: {type(err).__name__}"
+            node = NodeAffinitySchedulingStrategy(r.desc["node_id"], soft=False)
+            marker = running_at_death.options(scheduling_strategy=node).remote(r.desc["marker"])
+            self._owner.on_resolve(marker, self._verdict, key, why)
+        self._lost(r, err)
+
+    def _verdict(self, key: int, why: str, fut: Any) -> None:
+        """The dead replica's running shard, if it was one of ours, has died once more: the ledger blames it once
+        it died on a second replica too (a lost node, the OOM killer or an operator takes whatever runs). The
+        others were only queued there: they run again, uncounted. No answer (its node is gone too, or the read
+        timed out: `fut` None) blames nothing."""
+        if key not in self._awaiting:
+            return  # timed out before (`_expire_verdicts`)
+        _, lost = self._awaiting.pop(key)
+        try:
+            tag = fut.result() if fut is not None else ""
+        except Exception:
+            tag = ""
+        for shard, attempt in lost:
+            if tag == self._tag(shard.shard_id, attempt):
+                verdict = self._ledger.died(shard.shard_id, attempt, why)
+                if verdict == "blame":
+                    self._failed(shard, attempt, why)
+                elif verdict == "suspect":
+                    self._retry.appendleft(shard)
+            elif self._ledger.requeue(shard.shard_id, attempt):
+                self._retry.append(shard)
+
+    def _expire_verdicts(self, now: float) -> None:
+        for key, (since, _) in list(self._awaiting.items()):
+            if now - since > self._shard_timeout_s:
+                self._verdict(key, "", None)
+
+    def shard_deadline_s(self, r: _Replica, num_tokens: int, new_tokens: int = 0) -> float:
+        """How long a shard may run on `r` before the replica counts as hung: `shard_timeout_factor` times
+        what its measured rate predicts, at least `shard_timeout_s`; 10x that floor until it finished one
+        (a first forward may compile, warm caches, or load lazily). `new_tokens`: a generation shard's most
+        new tokens, at the replica's decoding rate."""
+        if new_tokens:
+            if r.gen_s <= 0 or r.gen_tokens <= 0:
+                return 10 * self._shard_timeout_s
+            return max(self._shard_timeout_s, self._shard_timeout_factor * new_tokens * r.gen_s / r.gen_tokens)
+        if r.busy_s <= 0 or r.tokens_done <= 0:
+            return 10 * self._shard_timeout_s
+        return max(self._shard_timeout_s, self._shard_timeout_factor * num_tokens * r.busy_s / r.tokens_done)
+
+    def _retire_hung(self) -> None:
+        """A replica whose running shard is past its deadline (a wedged GPU, a TP rank stuck in a collective,
+        a stopped process) never answers and never dies: retire it (its TP ranks die with it), re-run its shards."""
+        now = time.monotonic()
+        for r in list(self._replicas.values()):
+            if r.state not in ("ready", "draining") or not r.inflight or r.head_since is None:
+                continue
+            shard = self._inflight[r.inflight[0]][0]
+            new = shard.batch.num_sequences * shard.gen.max_new_tokens if shard.gen is not None else 0
+            deadline = self.shard_deadline_s(r, shard.batch.num_tokens, new)
+            if now - r.head_since > deadline:
+                self._probe_hung(r, deadline, now)  # overdue by this process's clock: the replica's own decides
 
     def _none_left(self) -> bool:
         """No replica serves, and none is starting: a stream waiting for one would wait forever."""

@@ -1,5 +1,6 @@
-"""Replica lifecycle, on the pool's owner thread: start, ready, drain, death and hang, and what the pool keeps
-per replica. A mixin of `PooledTargetModel` (`pooled.py`); `dispatch.py` is the other half of its state."""
+"""Replica lifecycle, on the pool's owner thread: start, ready, drain and replacement, and what a pool keeps per
+replica. The replica set of a `PooledTargetModel` (`pooled.py`); a shared pool's client hears its host's instead
+(`shared.py`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ from typing import Any
 
 import ray
 from ray.util import placement_group_table
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.contract import ModelInfo
 from eagle_ray.pool import placement as pl
-from eagle_ray.pool.replica import running_at_death
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +217,6 @@ class Lifecycle:
     def _hopeless(self, nodes: list[str]) -> bool:
         return bool(nodes) and all(self._backoff.get(n, _Backoff()).rounds >= GIVE_UP_ROUNDS for n in nodes)
 
-    def _ready(self) -> list[_Replica]:
-        return [r for r in self._replicas.values() if r.state == "ready"]
-
     def _on_watch(self, r: _Replica, fut: Any) -> None:
         """A replica's watch resolves only when it dies (an error) or one of its TP rank processes did (its value
         says which): either way it can never run a shard again, so it is retired and replaced now, whether or not
@@ -233,91 +229,12 @@ class Lifecycle:
             else:
                 self._on_replica_death(r, err)
 
-    def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
-        """Replace a dead replica; deliver what it finished. Which of the rest it was running, its marker file says
-        (`pool/replica.py`): until a task on its node has read it, those shards wait in `_awaiting`."""
-        lost_refs = [ref for ref in r.inflight if ref in self._inflight]
-        if self._replicas.get(r.replica_id) is not r and not lost_refs:
-            return  # handled already (its watch and a shard both reported the death)
-        log.warning("replica %d lost: %s", r.replica_id, err)
-        finished = set(ray.wait(lost_refs, num_returns=len(lost_refs), timeout=0)[0]) if lost_refs else set()
-        lost = []
-        for ref in lost_refs:
-            shard, _, attempt, payload = self._inflight[ref]
-            self._settle(ref, shard, r)
-            if ref in finished:
-                try:
-                    meta = ray.get(ref)
-                except Exception:
-                    pass
-                else:  # done before the death, only not yet collected: deliver it
-                    self._delivered(shard, attempt, payload, r, meta)
-                    continue
-            lost.append((shard, attempt))
-        if lost:
-            key = self._next_verdict = self._next_verdict + 1
-            self._awaiting[key] = (time.monotonic(), lost)
-            why = f"replica {r.replica_id} died running it: {type(err).__name__}"
-            node = NodeAffinitySchedulingStrategy(r.desc["node_id"], soft=False)
-            marker = running_at_death.options(scheduling_strategy=node).remote(r.desc["marker"])
-            self._owner.on_resolve(marker, self._verdict, key, why)
+    def _lost(self, r: _Replica, err: BaseException) -> None:
+        """`r` died (its shards are `Dispatch._on_replica_death`'s): replace it."""
         if r.state in ("starting", "ready"):
             self._replaced += 1
         self._remove(r)
         self._reconcile()
-
-    def _verdict(self, key: int, why: str, fut: Any) -> None:
-        """The dead replica's running shard, if it was one of ours, has died once more: the ledger blames it once
-        it died on a second replica too (a lost node, the OOM killer or an operator takes whatever runs). The
-        others were only queued there: they run again, uncounted. No answer (its node is gone too, or the read
-        timed out: `fut` None) blames nothing."""
-        if key not in self._awaiting:
-            return  # timed out before (`_expire_verdicts`)
-        _, lost = self._awaiting.pop(key)
-        try:
-            tag = fut.result() if fut is not None else ""
-        except Exception:
-            tag = ""
-        for shard, attempt in lost:
-            if tag == self._tag(shard.shard_id, attempt):
-                verdict = self._ledger.died(shard.shard_id, attempt, why)
-                if verdict == "blame":
-                    self._failed(shard, attempt, why)
-                elif verdict == "suspect":
-                    self._retry.appendleft(shard)
-            elif self._ledger.requeue(shard.shard_id, attempt):
-                self._retry.append(shard)
-
-    def _expire_verdicts(self, now: float) -> None:
-        for key, (since, _) in list(self._awaiting.items()):
-            if now - since > self._shard_timeout_s:
-                self._verdict(key, "", None)
-
-    def shard_deadline_s(self, r: _Replica, num_tokens: int, new_tokens: int = 0) -> float:
-        """How long a shard may run on `r` before the replica counts as hung: `shard_timeout_factor` times
-        what its measured rate predicts, at least `shard_timeout_s`; 10x that floor until it finished one
-        (a first forward may compile, warm caches, or load lazily). `new_tokens`: a generation shard's most
-        new tokens, at the replica's decoding rate."""
-        if new_tokens:
-            if r.gen_s <= 0 or r.gen_tokens <= 0:
-                return 10 * self._shard_timeout_s
-            return max(self._shard_timeout_s, self._shard_timeout_factor * new_tokens * r.gen_s / r.gen_tokens)
-        if r.busy_s <= 0 or r.tokens_done <= 0:
-            return 10 * self._shard_timeout_s
-        return max(self._shard_timeout_s, self._shard_timeout_factor * num_tokens * r.busy_s / r.tokens_done)
-
-    def _retire_hung(self) -> None:
-        """A replica whose running shard is past its deadline (a wedged GPU, a TP rank stuck in a collective,
-        a stopped process) never answers and never dies: retire it (its TP ranks die with it), re-run its shards."""
-        now = time.monotonic()
-        for r in list(self._replicas.values()):
-            if r.state not in ("ready", "draining") or not r.inflight or r.head_since is None:
-                continue
-            shard = self._inflight[r.inflight[0]][0]
-            new = shard.batch.num_sequences * shard.gen.max_new_tokens if shard.gen is not None else 0
-            deadline = self.shard_deadline_s(r, shard.batch.num_tokens, new)
-            if now - r.head_since > deadline:
-                self._probe_hung(r, deadline, now)  # overdue by this process's clock: the replica's own decides
 
 
 def _identity(info: ModelInfo) -> ModelInfo:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +55,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from eagle_ray.contract import ModelInfo
 from eagle_ray.pool.lifecycle import _Replica
 from eagle_ray.pool.pooled import Membership, PooledTargetModel
+from eagle_ray.pool.surface import Pool
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class _Host:
         ray.kill(self.server, no_restart=True)
 
 
-class PoolClient(PooledTargetModel):
+class PoolClient(Pool):
     """A pool's client, with the pool's whole surface (`stream`, `submit`, `generate`, `forward_packed`,
     `generate_batch[_async]`...): it dispatches to the host's replicas itself. Cheap: one per process or rank.
 
@@ -310,9 +310,7 @@ class PoolClient(PooledTargetModel):
         self._max_inflight_bytes = self._capped(_share(settings["max_inflight_bytes"], clients + 1))
         self._shared = True
         self._info, self._weights_ref = desc["info"], desc["weights"][0]
-        self._target_replicas = 0  # the host's business
         self._gone: set[int] = set()  # replicas this client found dead: never taken back from a stale view
-        self._key = uuid.uuid4().hex  # this client on the relay's load board
         self._loads_out = False  # a loads call is on its way
         self._next_loads = self._last_loads = 0.0
         self._activity_told = -1  # `_activity` as of the last exchange
@@ -443,19 +441,17 @@ class PoolClient(PooledTargetModel):
             r.state = "dead"
             del self._replicas[r.replica_id]
 
-    def _on_replica_death(self, r: _Replica, err: BaseException) -> None:
+    def _lost(self, r: _Replica, err: BaseException) -> None:
+        """Tell the relay (its host retires and replaces `r` for everyone); send it nothing more."""
         if r.replica_id not in self._gone:
             self._gone.add(r.replica_id)
             if self._server is not None:  # lost with a restarting relay: sent again while views list it
                 self._server.report.remote(r.replica_id, f"{type(err).__name__}: {err}")
-        super()._on_replica_death(r, err)
+        self._remove(r)
 
     def _none_left(self) -> bool:
         # with the relay away, the last view says whether replicas are coming: wait for it to come back
         return not self._replicas and (self._server is None or not (self._view.replicas or self._view.starting))
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        return  # replicas arrive with views
 
     def _let_go(self) -> None:
         for st in list(self._streams.values()):
