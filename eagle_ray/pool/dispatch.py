@@ -476,6 +476,8 @@ class Dispatch:
             node = NodeAffinitySchedulingStrategy(r.desc["node_id"], soft=False)
             marker = running_at_death.options(scheduling_strategy=node).remote(r.desc["marker"])
             self._owner.on_resolve(marker, self._verdict, key, why)
+        if r.state in ("starting", "ready"):
+            self._replaced += 1  # a client counts the replicas it lost: its host replaces them
         self._lost(r, err)
 
     def _verdict(self, key: int, why: str, fut: Any) -> None:

@@ -231,8 +231,6 @@ class Lifecycle:
 
     def _lost(self, r: _Replica, err: BaseException) -> None:
         """`r` died (its shards are `Dispatch._on_replica_death`'s): replace it."""
-        if r.state in ("starting", "ready"):
-            self._replaced += 1
         self._remove(r)
         self._reconcile()
 
