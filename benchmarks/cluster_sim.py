@@ -37,11 +37,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import ray
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,9 +48,12 @@ sys.path.insert(0, str(ROOT))
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from eagle_ray.contract import PackedBatch  # noqa: E402
-from eagle_ray.pool import PooledTargetModel, serve_pool  # noqa: E402
 from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV  # noqa: E402
+
+if TYPE_CHECKING:
+    from eagle_ray.contract import PackedBatch
+    from eagle_ray.pool import PooledTargetModel
+# torch and the pool are imported where used: `benchmarks/render.py` imports this module for its `render`s
 
 RESULTS = ROOT / "benchmarks" / "results"
 NODES = 8
@@ -205,6 +207,10 @@ class Monitor:
 
 
 def batch_bank(n: int = 16, seed: int = 0) -> list[PackedBatch]:
+    import torch
+
+    from eagle_ray.contract import PackedBatch
+
     g = torch.Generator().manual_seed(seed)
     return [
         PackedBatch.from_sequences([torch.randint(0, VOCAB, (SEQ_LEN,), generator=g) for _ in range(SEQS)])
@@ -446,6 +452,8 @@ def scale_to(
 
 def make_pool(replica_tps: float, hidden: int) -> tuple[PooledTargetModel, dict[str, Any]]:
     """The pool (an owner actor holds the replicas; each consumer is a client), and what a run's spec needs."""
+    from eagle_ray.pool import serve_pool
+
     kwargs = {
         "engine": "synthetic",
         "replicas": 1,
