@@ -37,11 +37,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import ray
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,9 +48,12 @@ sys.path.insert(0, str(ROOT))
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from eagle_ray.contract import PackedBatch  # noqa: E402
-from eagle_ray.pool import PooledTargetModel, serve_pool  # noqa: E402
 from eagle_ray.ray_init import RAY_SYSTEM_CONFIG, ZERO_COPY_ENV  # noqa: E402
+
+if TYPE_CHECKING:
+    from eagle_ray.contract import PackedBatch
+    from eagle_ray.pool import PooledTargetModel
+# torch and the pool are imported where used: `benchmarks/render.py` imports this module for its `render`s
 
 RESULTS = ROOT / "benchmarks" / "results"
 NODES = 8
@@ -205,6 +207,10 @@ class Monitor:
 
 
 def batch_bank(n: int = 16, seed: int = 0) -> list[PackedBatch]:
+    import torch
+
+    from eagle_ray.contract import PackedBatch
+
     g = torch.Generator().manual_seed(seed)
     return [
         PackedBatch.from_sequences([torch.randint(0, VOCAB, (SEQ_LEN,), generator=g) for _ in range(SEQS)])
@@ -446,6 +452,8 @@ def scale_to(
 
 def make_pool(replica_tps: float, hidden: int) -> tuple[PooledTargetModel, dict[str, Any]]:
     """The pool (an owner actor holds the replicas; each consumer is a client), and what a run's spec needs."""
+    from eagle_ray.pool import serve_pool
+
     kwargs = {
         "engine": "synthetic",
         "replicas": 1,
@@ -490,6 +498,78 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{rss['start']:>6.0f}/{rss['peak']:.0f}/{rss['end']:.0f}".rjust(16)
             + f"{100 * r['host_busy']:>6.0f}"
         )
+
+
+def _runs(doc: dict[str, Any]) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+    """(plane, sweep, R, W) -> its row; of repeated runs, the last one with a steady window (else the last)."""
+    out: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+    for r in doc["rows"]:
+        key = (r["plane"], r["sweep"].split(" ", 1)[1], r["R"], r["W"])
+        if key not in out or r["window_batches"] > 0 or out[key]["window_batches"] == 0:
+            out[key] = r
+    return out
+
+
+def render(doc: dict[str, Any], rerun: dict[str, Any] | None = None) -> str:
+    """docs/benchmarks.md's table of a run (`cluster_sim.json`), each plane's R, W from `rerun` (marked †)
+    taking the place of the run's own."""
+    runs = _runs(doc)
+    redone = _runs(rerun) if rerun else {}
+    runs.update(redone)
+    lines = [
+        "| R | W | plane | delivered/ideal, supply<demand | wait, supply≥demand | driver ms/batch (gross / net) "
+        "| owner ms/batch | host busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keys = [k for k in runs if k[1] == "supply<demand"]
+    for key in sorted(keys, key=lambda k: (k[2], k[3], k[0] != "feed")):
+        plane, _, R, W = key
+        lt, ge = runs[key], runs.get((plane, "supply>=demand", R, W))
+        mark = " †" if key in redone else ""
+        owner = "–" if plane == "feed" else f"{lt['owner_ms_per_batch']:.2f}"
+        wait, busy = (f"{100 * ge['wait_share']:.1f}%", f"{ge['host_busy']:.0%}") if ge else ("–", "–")
+        lines.append(
+            f"| {R} | {W} | {plane}{mark} | {lt['delivered_over_ideal']:.3f} | {wait} | "
+            f"{lt['driver_ms_per_batch']:.2f} / {lt['driver_ms_per_batch_net']:.2f} | {owner} | "
+            f"{lt['host_busy']:.0%} / {busy} |"
+        )
+    foot = f"\n\n(`benchmarks/results/cluster_sim.json`, {doc['wall_s']:.0f} s"
+    if rerun:
+        foot += f"; † `cluster_sim_direct.json`, {rerun['wall_s']:.0f} s"
+    return "\n".join(lines) + foot + "; host busy: supply<demand / supply≥demand)"
+
+
+def _one_plane_cell(doc: dict[str, Any], plane: str, R: int, W: int, fixed: bool) -> str:
+    runs = _runs(doc)
+    if fixed:
+        lt = ge = runs.get((plane, "fixed-W", R, W))
+    else:
+        lt, ge = runs.get((plane, "supply<demand", R, W)), runs.get((plane, "supply>=demand", R, W))
+    if lt is None and ge is None:
+        return "–"
+    has = [r is not None and r["window_batches"] > 0 for r in (lt, ge)]
+    delivered = f"{lt['delivered_over_ideal']:.3f}" if has[0] else "no window"
+    wait = f"{100 * ge['wait_share']:.1f}%" if has[1] else "no window"
+    d = lt if has[0] else ge if has[1] else None
+    driver = f"{d['driver_ms_per_batch']:.1f} / {d['driver_ms_per_batch_net']:.1f}" if d else "–"
+    secs = (d or lt or ge)["seconds"]
+    note = f" ({secs:g} s)" if secs != doc["config"]["seconds"] else ""
+    return f"{delivered}, {wait}, {driver}{note}"
+
+
+def render_one_plane(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """docs/benchmarks.md's before/after table of the feed plane's removal (issue 26): per R, W, each plane's
+    delivered/ideal (supply<demand), wait (supply>=demand) and driver ms/batch (gross / net)."""
+    shapes = {(r["R"], r["W"], r["sweep"].endswith("fixed-W")) for d in (before, after) for r in d["rows"]}
+    lines = ["| R | W | before: feed | before: direct | after |", "|---|---|---|---|---|"]
+    for R, W, fixed in sorted(shapes, key=lambda s: (s[0], s[2], -s[1])):
+        cells = [
+            _one_plane_cell(before, "feed", R, W, fixed),
+            _one_plane_cell(before, "direct", R, W, fixed),
+            _one_plane_cell(after, "direct", R, W, fixed),
+        ]
+        lines.append(f"| {R} | {W}{' (fixed W)' if fixed else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -73,6 +73,28 @@ def measure(overrides: list[str], timeout_s: float) -> dict:
     return {"steps": s1 - s0, "cpu_s": c1 - c0, "wall_s": w1 - w0}
 
 
+def render(doc: dict) -> str:
+    """docs/benchmarks.md's table of a before/after pair (`driver_cpu.json`): every key holding a run is a column."""
+    runs = {k: v for k, v in doc.items() if isinstance(v, dict) and "cpu_s" in v}
+    rows = [
+        ("steps measured", "steps", "{:d}"),
+        ("driver CPU s", "cpu_s", "{:.2f}"),
+        ("wall s", "wall_s", "{:.1f}"),
+        ("steps/s", "steps_per_s", "{:.2f}"),
+        ("CPU ms / step", "cpu_ms_per_step", "{:.2f}"),
+        ("CPU ms / batch", "cpu_ms_per_batch", "{:.2f}"),
+        ("share of a core", "core_share", "{:.3f}"),
+    ]
+    lines = ["| | " + " | ".join(f"`{k}`" for k in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(r[key]) for r in runs.values()) + " |")
+    s = next(iter(runs.values()))["settings"]
+    foot = f"{s['workers']} workers, {s['replicas']} replicas, {s['batch_tokens']}-token batches"
+    if "cpu_per_step_ratio_after_over_before" in doc:
+        foot += f"; CPU per step after / before {doc['cpu_per_step_ratio_after_over_before']:.2f}"
+    return "\n".join(lines) + f"\n\n({foot}. {doc['command']})"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=400)

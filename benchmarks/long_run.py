@@ -19,20 +19,24 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
-import ray
-import torch
+if TYPE_CHECKING:
+    import psutil
+
+    from eagle_ray.pool import PooledTargetModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from eagle_ray.contract import PackedBatch  # noqa: E402
-from eagle_ray.pool import PooledTargetModel  # noqa: E402
+# psutil, ray, torch and eagle_ray are imported where used: `benchmarks/render.py` imports this module for `render`
 
 
 def _batches(n: int, tokens: int, seqs: int):
     """`n` batches of `seqs` sequences, `tokens` tokens in all, cycled from a few (building them is not measured)."""
+    import torch
+
+    from eagle_ray.contract import PackedBatch
+
     base = [
         PackedBatch.from_sequences([torch.randint(1, 1000, (tokens // seqs,)) for _ in range(seqs)]) for _ in range(8)
     ]
@@ -60,7 +64,37 @@ def _sample(pool: PooledTargetModel, proc: psutil.Process, done: int, t0: float)
     }
 
 
+def _kib(n: int) -> str:
+    return f"{n / 1024:.0f} KiB"
+
+
+def render(doc: dict) -> str:
+    """docs/benchmarks.md's table: the baseline sample, every 250,000th shard, and the last."""
+    samples = doc["samples"]
+    keep = [s for i, s in enumerate(samples) if i in (0, len(samples) - 1) or s["shards"] % 250_000 == 0]
+    lines = [
+        "| shards | driver RSS | live ledger records | refs in flight | held bytes |",
+        "|---|---|---|---|---|",
+    ]
+    for i, s in enumerate(keep):
+        label = f"{s['shards']:,}" + (" (baseline)" if i == 0 else "")
+        held = _kib(s["held_bytes"])
+        lines.append(f"| {label} | {s['rss_mb']:.1f} MB | {s['ledger_records']} | {s['inflight_refs']} | {held} |")
+    m = doc["summary"]
+    return "\n".join(lines) + (
+        f"\n\n{m['shards']:,} shards over {m['replicas']} replicas; RSS end / baseline {m['rss_end_over_baseline']}, "
+        f"{m['rss_mb_per_100k_shards']:+} MB per 100,000 shards; at most {m['ledger_records_max']} ledger records and "
+        f"{m['inflight_refs_max']} refs in flight; driver {m['driver_cpu_ms_per_shard']:.2f} ms CPU per shard at "
+        f"{m['shards_per_s']:.0f} shards/s (`benchmarks/results/long_run.json`)"
+    )
+
+
 def main() -> None:
+    import psutil
+    import ray
+
+    from eagle_ray.pool import PooledTargetModel
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=1_000_000, help="batches to stream (shards: a few %% more)")
     ap.add_argument("--replicas", type=int, default=4)

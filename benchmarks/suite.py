@@ -21,20 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-import ray
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bytes_per_token import formula_rows, measured_row  # noqa: E402
-from pipeline_bench import pipeline_rows  # noqa: E402
-from pool_bench import engine_benchmarks, make_batches, transport  # noqa: E402
-
-from eagle_ray import PooledTargetModel, build_tiny_target  # noqa: E402
-from eagle_ray.ray_init import init_ray  # noqa: E402
-from eagle_ray.tiny import CACHE_DIR  # noqa: E402
+# ray, torch, eagle_ray and the part benchmarks are imported in `main`: `benchmarks/render.py` imports this module
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -51,6 +41,42 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         spread = f"[{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]" if r["repeats"] > 1 else ""
         print(f"{r['name']:<70} {r['ratio_median']:>8.3f} {spread:>15}  {_verdict(r)}")
+
+
+_ROW_KEYS = {"name", "ratio_median", "ratio_min", "ratio_max", "repeats", "goal", "goal_is", "meets_goal"}
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int) or abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def _ratio(v: float) -> str:
+    return f"{v:.3f}" if abs(v) < 0.05 else f"{v:.2f}"
+
+
+def render(doc: dict) -> str:
+    """docs/benchmarks.md's table of a suite run (`suite.json`): each row's ratio, spread, goal and the figures
+    behind it."""
+    lines = ["| benchmark | ratio [spread] | goal | figures |", "|---|---|---|---|"]
+    for r in doc["rows"]:
+        ratio = _ratio(r["ratio_median"])
+        if r["repeats"] > 1:
+            ratio += f" [{_ratio(r['ratio_min'])}–{_ratio(r['ratio_max'])}]"
+        goal = ""
+        if "goal" in r:
+            op = "≤" if r.get("goal_is") == "at most" else "≥"
+            goal = f"{op} {r['goal']:g} " + ("met" if r["meets_goal"] else "**missed**")
+        elif "supply / demand" in r:
+            goal = f"(expected ≈ 1 − supply/demand = {1 - r['supply / demand']:.2f})"
+        figures = "; ".join(f"{k} {_num(v)}" for k, v in r.items() if k not in _ROW_KEYS and v is not None)
+        lines.append(f"| {r['name']} | {ratio} | {goal} | {figures} |")
+    m = doc["meta"]
+    return "\n".join(lines) + (
+        f"\n\n({'`--quick` run, ' if m['quick'] else ''}{m['seconds']:.0f} s on {m['cpus']} CPU cores, torch "
+        f"{m['torch']}; ratios are the median of the repeats, spread min–max; `benchmarks/results/suite.json`)"
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -120,6 +146,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--parts", default="transport,engines,bytes,balance", help="which benchmarks to run")
     p.add_argument("--out", default=str(RESULTS / "suite.json"))
     args = p.parse_args(argv)
+    import ray
+    import torch
+    from bytes_per_token import formula_rows, measured_row
+    from pipeline_bench import pipeline_rows
+    from pool_bench import engine_benchmarks, make_batches, transport
+
+    from eagle_ray import PooledTargetModel, build_tiny_target
+    from eagle_ray.ray_init import init_ray
+    from eagle_ray.tiny import CACHE_DIR
+
     repeats = 1 if args.quick else 3
     sizes = [1, 16] if args.quick else [1, 4, 16, 64, 256]
     t0 = time.monotonic()
