@@ -237,7 +237,7 @@ def test_supervision_lost_with_its_node_before_it_was_read_is_rerun_once(cluster
         reader = _Reader.options(scheduling_strategy=head).remote()
         ray.get(reader.start.remote("lost-node", inputs, doomed))
         got = [ray.get(reader.next.remote())]
-        deadline = time.time() + 60
+        deadline = time.time() + 240  # a loaded machine took over 60 s
         # steps 1-2 read into the reader's queue, 3 read and waiting to go in (the stream pulls no more batches
         # meanwhile: it pulls in the reader's thread); what was pulled after them delivered, unread
         while ray.get(reader.delivered.remote()) < 6 and time.time() < deadline:
