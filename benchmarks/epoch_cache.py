@@ -65,6 +65,25 @@ class _ReplicaSeconds:
         self._thread.join()
 
 
+def render(doc: dict) -> str:
+    """The docs' table of `doc` (this benchmark's JSON)."""
+    st = doc["setup"]
+    lines = [
+        "| run | target tokens computed | vs online | replica-seconds | vs online | tokens from the cache |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in doc["runs"]:
+        lines.append(
+            f"| {r['name']} | {r['target_tokens']} | {r['target_tokens_ratio']:.3f} | {r['replica_seconds']:.0f} | "
+            f"{r['replica_seconds_ratio']:.2f} | {r['cached_tokens']} |"
+        )
+    return "\n".join(lines) + (
+        f"\n\n({st['epochs']} epochs of {st['batches_per_epoch']} batches, {st['workers']} workers, {st['replicas']} "
+        f"{st['engine']} replicas of a {st['target']}, {st['machine']}; the cache held "
+        f"{doc['cache_bytes_per_token']:.0f} bytes per token; `{doc['command']}`)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3)
