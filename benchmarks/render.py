@@ -24,6 +24,7 @@ BLOCKS = {
     "packing_fill": ("packing_fill", "packing_fill.json"),
     "ttt_bench": ("ttt_bench", "ttt_bench.json"),
     "job_trainer": ("job_trainer", "job_trainer.json"),
+    "epoch_cache": ("epoch_cache", "epoch_cache.json"),
 }
 _BLOCK = re.compile(r"(<!-- render:(\w+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 
