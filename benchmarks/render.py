@@ -35,6 +35,7 @@ BLOCKS = {
     "long_run": ("long_run", "long_run.json"),
     "suite": ("suite", "suite.json"),
     "driver_cpu": ("driver_cpu", "driver_cpu.json"),
+    "epoch_cache": ("epoch_cache", "epoch_cache.json"),
 }
 _BLOCK = re.compile(r"(<!-- render:(\w+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 

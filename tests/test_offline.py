@@ -6,6 +6,7 @@ own batches' files, with the pool shut down (last: it stops the pool). The pool 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -188,6 +189,138 @@ def test_job_dumps_then_trains_from_the_dump(cluster, tmp_path, tiny_paths):
     assert dumped["batches"] == len(off) == 4 and off.manifest["complete"]
     trained = job("jobs/train_eagle3.py", "from-dump", "offline.mode=from_dump")
     assert trained["steps"] == 4 and trained["engine"] == "offline" and Path(trained["export"]).exists()
+
+
+# ------------------------------------------------------------------------------------------ the epoch cache
+
+
+def _chat_source(tmp_path: Path, records: int = 48):
+    """Pre-tokenized records in blocks of 16, reshuffled and repacked every epoch (greedy, 128 tokens a batch)."""
+    from eagle_ray.data import make_batch_source
+
+    data = tmp_path / "epochs.jsonl"
+    g = torch.Generator().manual_seed(11)
+    with data.open("w") as f:
+        for _ in range(records):
+            n = int(torch.randint(8, 30, (1,), generator=g))
+            ids = torch.randint(0, 1024, (n,), generator=g).tolist()
+            f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * 3 + [1] * (n - 3)}) + "\n")
+    kw = dict(max_length=64, batch_tokens=128, shuffle_buffer=16, seed=3, workers=0)
+    return make_batch_source("pretokenized", data, None, **kw)[0]
+
+
+def test_later_epochs_are_pieces_of_the_first_epochs_batches(tmp_path):
+    """`epoch_origins`: each sequence of a later epoch's (reshuffled, repacked) batch is a first-epoch batch's."""
+    source = _chat_source(tmp_path).for_ranks()
+    first = source.batches_per_epoch()
+    batches = list(itertools.islice(source.rank_batches(0, 1), 3 * first))
+    repacked, epochs = 0, []
+    for g, batch in enumerate(batches):
+        epoch, origins = source.epoch_origins(g)
+        epochs.append(epoch)
+        assert len(origins) == batch.num_sequences
+        for k, (b, pos) in enumerate(origins):
+            assert b < first and torch.equal(
+                batch.input_ids[batch.sequence(k)], batches[b].input_ids[batches[b].sequence(pos)]
+            )
+        repacked += len({b for b, _ in origins}) > 1
+    assert epochs[:first] == [0] * first and epochs == sorted(epochs) and epochs[-1] == 2
+    assert repacked > first  # later epochs really mix the first epoch's batches
+
+
+def _epoch_runs_config(first: int, **kw) -> DraftTrainConfig:
+    # two epochs: 2 x first batches over 2 workers; one checkpoint, at the end (or where the run stops)
+    return DraftTrainConfig(
+        **{"max_steps": first, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": first, "log_every": 4, **kw}
+    )
+
+
+@pytest.fixture(scope="module")
+def epoch_runs(pool, tmp_path_factory):
+    """The same two-epoch run (2 workers) all online, and with the epoch cache, stopped in epoch 2 and resumed."""
+    from eagle_ray.train import EpochCacheConfig
+
+    tmp = tmp_path_factory.mktemp("epochs")
+    source = _chat_source(tmp)
+    first = source.batches_per_epoch()
+    common = dict(
+        storage_path=tmp / "runs", num_workers=WORKERS, backend="gloo", resources_per_worker={"CPU": 1},
+        vocab_batches=first, progress="off",
+    )  # fmt: skip
+    online = train_draft(pool, source, _epoch_runs_config(first), name="online", **common)
+    stop = first // 2 + 2  # both ranks well into epoch 2
+    cached = {"name": "cached", "cache": EpochCacheConfig(), **common}
+    stopped = train_draft(pool, source, _epoch_runs_config(first, stop_at_step=stop), **cached)
+    resumed = train_draft(pool, source, _epoch_runs_config(first), **cached)
+    return source, first, online, stop, stopped, resumed
+
+
+def test_epoch_two_from_the_cache_trains_as_online(epoch_runs):
+    source, first, online, _, _, cached = epoch_runs
+    assert [r["step"] for r in cached.history] == list(range(1, first + 1))
+    for mine, ref in zip(cached.history, online.history, strict=True):
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6), mine["step"]
+        assert mine["samples"] == ref["samples"] and mine["tokens"] == ref["tokens"]
+    tokens = cached.history[-1]["tokens"]
+    epoch1 = sum(b.num_tokens for b in itertools.islice(source.batches_from(0), first))
+    # the target computed epoch 1 once; epoch 2 came from the files (every rank reading both ranks' files)
+    assert sum(r["target_tokens"] for r in online.history) == tokens
+    assert sum(r["target_tokens"] for r in cached.history) == epoch1
+    assert sum(r["cached_tokens"] for r in cached.history) == tokens - epoch1 > 0
+    held = cached.cache
+    assert (
+        held["complete"] and held["batches"] == first and held["tokens"] == epoch1 and held["full_from_batch"] is None
+    )
+    assert held["bytes_per_token"] > 4 * 64 * 4  # 4H float32 values a token (tiny H=64), plus ids and headers
+    assert len(OfflineSupervision(held["dir"])) == first  # the cache is a dump: from_dump reads it
+    assert online.cache is None
+
+
+def test_a_run_stopped_in_epoch_two_resumes_exactly(epoch_runs):
+    """Stopped in epoch 2 and resumed: the same batches, step for step, as the unstopped (online) run, the resumed
+    part read from the cache alone; its losses are the online run's (checked above, step for step)."""
+    from eagle_ray.train.sample_audit import audit_run
+
+    _, first, online, stop, stopped, resumed = epoch_runs
+    assert stopped.steps == stop and stopped.export_dir is None and resumed.steps == first
+    assert [r["target_tokens"] for r in resumed.history[stop:]] == [0] * (first - stop)
+    resumed_tokens = resumed.history[-1]["tokens"] - resumed.history[stop - 1]["tokens"]
+    assert sum(r["cached_tokens"] for r in resumed.history[stop:]) == resumed_tokens > 0
+    run, ref = audit_run(resumed.export_dir.parent, WORKERS), audit_run(online.export_dir.parent, WORKERS)
+    assert run.ok and run.restarts == 1 and run.samples == ref.samples, run.problems
+    assert resumed.history[stop]["loss"] == pytest.approx(online.history[stop]["loss"], rel=1e-5)
+
+
+def test_a_full_epoch_cache_falls_back_to_the_pool_and_says_so_once(pool, tmp_path, caplog):
+    """A rank whose share of `max_bytes` fills up caches no more; the later epoch's batches that need what it did
+    not cache come from the pool, equal to what the pool computes for them."""
+    from eagle_ray.train.epoch_cache import CachedSupply, EpochCache, init_epoch_cache
+    from eagle_ray.train.reader import PoolSupply, RankReader
+
+    source = _chat_source(tmp_path).for_ranks()
+    first = source.batches_per_epoch()
+    batches = list(itertools.islice(source.rank_batches(0, 1), 2 * first))
+    per_token = 4 * pool.info.hidden_size * 4 + 8 + 8  # float32 aux + last hidden, int64 id and mask
+    budget = per_token * sum(b.num_tokens for b in batches[: first // 2])  # about half of epoch 1
+    root = init_epoch_cache(tmp_path / "cache", pool)
+    supply = CachedSupply(PoolSupply(pool), EpochCache(root, first, budget, 0, 1), source, 0, 1, 0)
+    with caplog.at_level("WARNING", logger="eagle_ray.train.epoch_cache"):
+        served = [(step, sup) for step, sup, _ in RankReader(supply, iter(batches))]
+    full = [r for r in caplog.records if "epoch cache full" in r.getMessage()]
+    assert len(full) == 1, [r.getMessage() for r in caplog.records]
+    held = sorted(int(p.name[6:14]) for p in root.glob("batch_*.safetensors"))
+    assert 0 < len(held) < first and held == list(range(len(held)))  # the first batches, then nothing
+    assert (root / "full_rank0.json").exists()
+    later = batches[first:]
+    hits = [b for g, b in enumerate(later, first) if all(o < len(held) for o, _ in source.epoch_origins(g)[1])]
+    assert supply.missed == len(later) - len(hits) > 0 and supply.cached_tokens == sum(b.num_tokens for b in hits)
+    assert supply.tokens == sum(b.num_tokens for b in batches) - supply.cached_tokens
+    assert [s for s, _ in served] == list(range(2 * first))
+    for (_, sup), batch in zip(served[first:], later, strict=True):  # cache or pool: the pool's supervision
+        ref = pool.forward_packed(batch)
+        assert torch.equal(sup.input_ids.long(), batch.input_ids.long())
+        torch.testing.assert_close(sup.aux_hidden_states, ref.aux_hidden_states, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sup.last_hidden_states, ref.last_hidden_states, rtol=1e-5, atol=1e-5)
 
 
 def test_training_from_the_dump_matches_training_from_the_pool(pool, tmp_path):

@@ -57,6 +57,32 @@ def test_out_of_range_values_name_the_job_key(override, message):
 
 
 @pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cache.mode=on", "cache.mode: must be one of off, auto, got True"),
+        ("cache.mode=always", "cache.mode: must be one of off, auto, got 'always'"),
+        ("cache.max_bytes=0", "cache.max_bytes: must be a positive number of bytes or None, got 0"),
+        ("cache.max_bytes=10GB", "cache.max_bytes: expected int, got '10GB'"),
+        ("cache.dir=[a]", "cache.dir: expected str, got"),
+        ("cache.size=1", r"unknown key cache.size; cache has \['mode', 'dir', 'max_bytes'\]"),
+        ("target.release_after_cache=yes_please", "target.release_after_cache: expected bool"),
+    ],
+)
+def test_bad_epoch_cache_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job_config(None, [override])
+
+
+def test_the_epoch_cache_keys_read_as_written():
+    c = load_job_config(None, ["cache.mode=off"])  # YAML 1.1 reads a bare off as false
+    assert c.cache.mode == "off" and load_job_config(None, []).cache.mode == "auto"
+    c = load_job_config(None, ["cache.max_bytes=1000000", "cache.dir=/tmp/c", "target.release_after_cache=true"])
+    assert (c.cache.max_bytes, c.cache.dir, c.target.release_after_cache) == (1000000, "/tmp/c", True)
+    with pytest.raises(ConfigError, match=r"target.release_after_cache: needs the epoch cache \(cache.mode: auto\)"):
+        load_job_config(None, ["cache.mode=off", "target.release_after_cache=true"])
+
+
+@pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"max_steps": 0}, "max_steps: must be >= 1"),

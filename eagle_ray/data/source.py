@@ -160,6 +160,29 @@ class ChatBatchSource:
                     yield pack([samples[i] for i in run])
             base, b = base + n, b + 1
 
+    def epoch_origins(self, index: int) -> tuple[int, list[tuple[int, int]]]:
+        """Where global batch `index`'s sequences were in the first epoch: `(epoch, [(batch, position), ...])`,
+        the epoch it belongs to (0 = the first) and, per sequence in order, the global index of the first
+        epoch's batch that holds the same record and its position there. Records never leave their block, so an
+        epoch's reshuffled, repacked batch is made of pieces of the first epoch's batches of the same block (what
+        the epoch cache, `train/epoch_cache.py`, reads). Needs the blocks indexed (`for_ranks()` did)."""
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        epoch, b, skip, base0 = 0, 0, index, 0  # base0: the global index of block b's first batch in epoch 0
+        while self.epochs is None or epoch < self.epochs:
+            if self._block(b) is None:  # end of an epoch
+                self._check_nonempty()
+                epoch, b, base0 = epoch + 1, 0, 0
+                continue
+            n = self._num_batches(epoch, b)
+            if skip < n:
+                where = {r: (base0 + j, k) for j, run in enumerate(self._plan(0, b)) for k, r in enumerate(run)}
+                return epoch, [where[r] for r in self._plan(epoch, b)[skip]]
+            skip -= n
+            base0 += self._num_batches(0, b)
+            b += 1
+        raise IndexError(f"batch {index} is past the data's {self.epochs} epoch(s)")
+
     def samples_from(self, index: int) -> Iterator[Sample]:
         """Samples in training order from global sample `index` on (across epochs); read in this process."""
         return self._walk(index, lambda epoch, b: self._block(b).samples, self._samples)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from eagle_ray.train.config import DraftTrainConfig, OptimConfig
+from eagle_ray.train.config import DraftTrainConfig, EpochCacheConfig, OptimConfig
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,7 @@ class TargetConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. SGLang server args
     cpus_per_replica: float | None = None
     max_inflight_bytes: int | None = None  # None: a quarter of the object store
+    release_after_cache: bool = False  # once epoch 1 is all in the epoch cache, shrink the pool (to 1 for eval, else 0)
 
 
 @dataclass
@@ -83,6 +84,11 @@ class TrainingConfig(OptimConfig):  # the trainer's optimisation fields (train/c
     backend: Literal["nccl", "gloo"] | None = None  # None: Ray Train's default for the device
     queue_depth: int = 2
     max_failures: int = 0
+
+
+@dataclass
+class CacheConfig(EpochCacheConfig):  # the epoch cache (eagle_ray/train/epoch_cache.py): mode, dir, max_bytes
+    pass
 
 
 @dataclass
@@ -151,6 +157,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -298,6 +305,8 @@ def _validate(c: JobConfig) -> None:
         raise ConfigError(f"{bad[0]}: out of range{hint}")
     if c.regenerate.enabled and (c.data.format == "pretokenized" or c.offline.mode == "from_dump"):
         raise ConfigError("regenerate.enabled: needs chat data (data.format sharegpt or messages) and a live target")
+    if c.target.release_after_cache and c.cache.mode == "off":
+        raise ConfigError("target.release_after_cache: needs the epoch cache (cache.mode: auto)")
     if c.placement.mode == "colocated" and c.target.tp_size != 1:
         raise ConfigError("placement.mode: colocated needs target.tp_size == 1")
     # here, not when training starts: after minutes of loading the target, a missing package is a costly surprise

@@ -143,6 +143,9 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             progress="off" if c.logging.progress == "off" else c.logging.progress,
             trackers=c.logging.trackers,
             tracker_config=c.to_dict(),
+            cache=c.cache if live else None,
+            # the end-of-run evaluation decodes on the target: keep one replica for it
+            release_after_cache=(1 if c.eval.enabled else 0) if c.target.release_after_cache else None,
         )
         if stop is not None:
             stop.install()  # Ray Train's fit() replaced our SIGINT handler, and leaves its own installed
@@ -164,6 +167,9 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             data_task_processes=len(source.task_pids),  # 0: the data was prepared in the driver
         )
         summary["target_tokens_per_s"] = target_rate(result.history) if live else None
+        summary["target_tokens"] = sum(r.get("target_tokens", 0) for r in result.history)  # computed by the target
+        if result.cache is not None:
+            summary["cache"] = {**result.cache, "cached_tokens": sum(r.get("cached_tokens", 0) for r in result.history)}
         if c.eval.enabled and result.export_dir is not None and live:  # a dump holds no target to verify with
             prompts = held_out_prompts(source, result.steps * tr.num_workers, c.eval.prompts)
             # off the driver: a task that is a client of the pool reads the export (on the run's shared storage)
@@ -295,6 +301,17 @@ def print_summary(s: dict[str, Any]) -> None:
                 "simulated",
                 f"{s['acceptance_chain']:.2f} (chain) / {s['acceptance_product']:.2f} (product): the draft's "
                 "predictions scored on training text, not decoded",
+            )
+        )
+    cache = s.get("cache")
+    if cache:
+        rows.append(
+            (
+                "epoch cache",
+                f"{cache['batches']}/{cache['epoch_batches']} first-epoch batches, {cache['bytes'] / 2**20:,.1f} MiB, "
+                f"{cache['bytes_per_token']:,.0f} bytes/token; served {cache['cached_tokens']} tokens, the target "
+                f"computed {s.get('target_tokens', 0)}"
+                + (f"; full from batch {cache['full_from_batch']}" if cache.get("full_from_batch") is not None else ""),
             )
         )
     for key in ("data", "export", "plot"):

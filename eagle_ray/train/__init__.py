@@ -1,5 +1,5 @@
 """Ray Train wiring: the trainer's config (config.py), each rank's reader of its own batches' supervision
-(reader.py), the worker loop (loop.py), the driver entry point (trainer.py).
+(reader.py) and its epoch cache (epoch_cache.py), the worker loop (loop.py), the driver entry point (trainer.py).
 
 Names are imported lazily (PEP 562), as in `eagle_ray/__init__.py`: the job's config reads
 `eagle_ray.train.config` without importing Ray Train and torch.
@@ -11,6 +11,7 @@ from eagle_ray._lazy import lazy_exports
 
 _MODULE_OF = {
     "DraftTrainConfig": "eagle_ray.train.config",
+    "EpochCacheConfig": "eagle_ray.train.config",
     "OptimConfig": "eagle_ray.train.config",
     "TrainResult": "eagle_ray.train.trainer",
     "train_draft": "eagle_ray.train.trainer",

@@ -86,3 +86,26 @@ class DraftTrainConfig(OptimConfig):
     def from_optim(cls, optim: OptimConfig, **rest: Any) -> DraftTrainConfig:
         """`optim`'s optimisation fields (a job's `training:` section, say), then `rest` over them."""
         return cls(**{**optim.optim_fields(), **rest})
+
+
+@dataclass
+class EpochCacheConfig:
+    """The epoch cache (`eagle_ray/train/epoch_cache.py`): epoch 1's supervision, written by each rank as it trains,
+    read back for epochs 2..E instead of running the target again. The job's `cache:` section."""
+
+    mode: str | bool = "auto"  # off (YAML false too) or auto: cache epoch 1 when a pool serves 2+ epochs
+    dir: str | None = None  # None: <storage_path>/<name>/epoch_cache (shared storage: a restarted group finds it)
+    max_bytes: int | None = None  # disk budget, shared evenly by the ranks; past it the pool serves; None: no limit
+
+    def __post_init__(self) -> None:
+        if self.mode is False:  # YAML 1.1 reads a bare `off` as false
+            self.mode = "off"
+        if self.mode not in CACHE_MODES:
+            raise ValueError(f"mode: must be one of {', '.join(CACHE_MODES)}, got {self.mode!r}")
+        if self.max_bytes is not None and (isinstance(self.max_bytes, bool) or self.max_bytes < 1):
+            raise ValueError(f"max_bytes: must be a positive number of bytes or None, got {self.max_bytes!r}")
+        if self.dir is not None and not str(self.dir).strip():
+            raise ValueError("dir: must be a directory path or None, got an empty string")
+
+
+CACHE_MODES = ("off", "auto")

@@ -33,6 +33,7 @@ from eagle_ray.pool.shared import read_weights
 from eagle_ray.ray_init import quiet_known_warnings
 from eagle_ray.testing.faults import train_step_fault
 from eagle_ray.train.config import DraftTrainConfig
+from eagle_ray.train.epoch_cache import CachedSupply, EpochCache
 from eagle_ray.train.prefetch import device_batches
 from eagle_ray.train.reader import DumpSupply, PoolSupply, RankReader
 from eagle_ray.train.sample_audit import SampleLogWriter, audit_run, fingerprints
@@ -112,7 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_wait = time.monotonic()
     timeout = config.get("read_timeout_s", 600.0)
     reader = RankReader(
-        _supply(config["supply"], timeout),
+        _supply(config["supply"], timeout, config["source"], rank, world, state["step"]),
         # this run's steps only: a finished run resumed reads (and dispatches) nothing, a stopping one no more
         islice(config["source"].rank_batches(rank, world, state["step"]), max(_last_step(cfg) - state["step"], 0)),
         state["step"],
@@ -124,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sample_log = SampleLogWriter(config["run_dir"], rank)
     sample_log.start(state["step"], reader.incarnation)
     fault = train_step_fault(rank, config["run_dir"])  # None unless a test planned one
-    served = 0  # target tokens of this rank's supply, as of the last step
+    served = cached = 0  # target tokens of this rank's supply, and tokens read from the epoch cache, so far
     for step, sup, meta in device_batches(reader, device):
         t_got = time.monotonic()
         step_wait = t_got - t_wait
@@ -150,28 +151,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stats = TTTStats.from_flat(torch.zeros_like(stats.flat()))
         else:
             sample_log.step(step, meta["batch"], fingerprints(sup.input_ids, sup.loss_mask, sup.cu_seqlens))
-        # one all-reduce of a few floats: loss, step sums, samples, tokens, skipped batches, target tokens
+        # one all-reduce of a few floats: loss, step sums, samples, tokens, skipped batches, target tokens, cached
+        cached_now = getattr(reader.supply, "cached_tokens", 0)
         flat = torch.cat(
             [
                 loss.detach().double().reshape(1).cpu(),
                 stats.flat(),
                 torch.tensor(
-                    [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served], dtype=torch.float64
+                    [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served, cached_now - cached],
+                    dtype=torch.float64,
                 ),
             ]
         )
-        served = reader.supply.tokens
+        served, cached = reader.supply.tokens, cached_now
         if world > 1:
             dist.all_reduce(flat)
-        step_loss = float(flat[0]) / max(world - int(flat[-2]), 1)
-        stats = TTTStats.from_flat(flat[1:-4])
+        step_loss = float(flat[0]) / max(world - int(flat[-3]), 1)
+        stats = TTTStats.from_flat(flat[1:-5])
         state["step"], state["samples"], state["tokens"], state["skipped"] = (
             step + 1,
-            state["samples"] + int(flat[-4]),
-            state["tokens"] + int(flat[-3]),
-            state["skipped"] + int(flat[-2]),
+            state["samples"] + int(flat[-5]),
+            state["tokens"] + int(flat[-4]),
+            state["skipped"] + int(flat[-3]),
         )
-        step_tokens += int(flat[-3])
+        step_tokens += int(flat[-4])
         if state["skipped"] > cfg.max_skipped_batches:
             skips = audit_run(config["run_dir"], world).skipped
             raise RuntimeError(
@@ -191,7 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples": state["samples"],
             "tokens": state["tokens"],
             "skipped": state["skipped"],
-            "target_tokens": int(flat[-1]),  # what the target computed for this step's records (all ranks)
+            "target_tokens": int(flat[-2]),  # what the target computed for this step's records (all ranks)
+            "cached_tokens": int(flat[-1]),  # what the epoch cache served of this step's records (all ranks)
         }
         ckpt_now = state["step"] % cfg.checkpoint_every == 0 or done
         if ckpt_now:
@@ -232,8 +236,11 @@ def _last_step(cfg: DraftTrainConfig) -> int:
     return cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
 
 
-def _supply(spec: dict[str, Any], timeout_s: float) -> PoolSupply | DumpSupply:
-    """This rank's supply: its own client of the pool, or the dump on shared storage."""
+def _supply(
+    spec: dict[str, Any], timeout_s: float, source: Any, rank: int, world: int, start_step: int
+) -> PoolSupply | DumpSupply | CachedSupply:
+    """This rank's supply: its own client of the pool (behind the epoch cache when the spec has one), or the dump on
+    shared storage."""
     if "dump" in spec:
         from eagle_ray.offline import OfflineSupervision
 
@@ -241,7 +248,12 @@ def _supply(spec: dict[str, Any], timeout_s: float) -> PoolSupply | DumpSupply:
     from eagle_ray.pool import connect_pool
 
     node = ray.get_runtime_context().get_node_id() if spec["local"] else None
-    return PoolSupply(connect_pool(spec["pool"]), node_id=node, timeout_s=timeout_s)
+    pool = PoolSupply(connect_pool(spec["pool"]), node_id=node, timeout_s=timeout_s)
+    cache = spec.get("cache")
+    if cache is None:
+        return pool
+    store = EpochCache(cache["dir"], cache["epoch_batches"], cache["max_bytes"], rank, world)
+    return CachedSupply(pool, store, source, rank, world, start_step)
 
 
 def _zero_record(draft: Eagle3Draft, lm_head: torch.Tensor, ttt_steps: int) -> Supervision:

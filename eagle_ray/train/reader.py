@@ -136,7 +136,7 @@ class RankReader:
 
     def __init__(
         self,
-        supply: PoolSupply | DumpSupply,
+        supply: PoolSupply | DumpSupply | Any,  # or an epoch cache's CachedSupply (epoch_cache.py)
         batches: Iterable[PackedBatch],
         start_step: int = 0,
         depth: int = 2,
@@ -237,6 +237,14 @@ class CycledBatches:
         if not batches:
             raise ValueError("no training batches")
         self.batches = list(batches)
+
+    def epoch_origins(self, index: int) -> tuple[int, list[tuple[int, int]]]:
+        """`ChatBatchSource.epoch_origins`: each epoch repeats the list, so batch g is batch `g % len` again."""
+        n = len(self.batches)
+        return index // n, [(index % n, k) for k in range(self.batches[index % n].num_sequences)]
+
+    def batches_per_epoch(self) -> int:
+        return len(self.batches)
 
     def rank_batches(self, rank: int, world: int, step: int = 0) -> Iterator[PackedBatch]:
         g = step * world + rank

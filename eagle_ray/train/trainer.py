@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,13 +31,16 @@ from eagle_ray.data.source import ChatBatchSource
 from eagle_ray.draft.model import Eagle3DraftConfig
 from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_tokens
 from eagle_ray.hf_checkpoint import load_config
-from eagle_ray.offline import OfflineSupervision
+from eagle_ray.offline import OfflineSupervision, shard_name
 from eagle_ray.pool import PoolClient, PooledTargetModel
-from eagle_ray.train.config import DraftTrainConfig
+from eagle_ray.train.config import DraftTrainConfig, EpochCacheConfig
+from eagle_ray.train.epoch_cache import finish_epoch_cache, init_epoch_cache
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
 from eagle_ray.train.reader import rank_source
 from eagle_ray.train.trackers import Trackers, open_trackers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +50,7 @@ class TrainResult:
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics; a re-run step's latest
     vocab: DraftVocab | None = None
+    cache: dict[str, Any] | None = None  # the epoch cache: dir, batches, tokens, bytes, bytes_per_token, complete...
 
     @property
     def skipped_batches(self) -> int:
@@ -76,6 +82,8 @@ def train_draft(
     progress_every_s: float = 10.0,
     trackers: Sequence[str] | Trackers = (),
     tracker_config: dict[str, Any] | None = None,
+    cache: EpochCacheConfig | None = None,
+    release_after_cache: int | None = None,
 ) -> TrainResult:
     """Train a draft for `train.max_steps` steps of `num_workers` batches each.
 
@@ -92,7 +100,11 @@ def train_draft(
     "lines", "auto" (bar on a terminal) or "off". `trackers`: experiment trackers fed every step's metrics, by
     name ("tensorboard" writes `<storage_path>/<name>/tensorboard`; "wandb", "mlflow": see `trackers.py`) or
     opened `Trackers`, closed at the end either way; `tracker_config` is what they record as the run's config
-    (default: `train` and the worker count).
+    (default: `train` and the worker count). `cache`: the epoch cache (`epoch_cache.py`; None: off): with a pool
+    and a run longer than one epoch, epoch 1's supervision is written to files as it trains and epochs 2..E read
+    it back; `TrainResult.cache` says what it holds. `release_after_cache`: once the cache holds every first-epoch
+    batch and every rank is past the reads that could still need the pool, scale the pool to that many replicas
+    (0 frees it all; None keeps it).
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -111,6 +123,9 @@ def train_draft(
     vocab = build_draft_vocab(counts, draft_vocab_size, special_token_ids, cache=run_dir / "draft_vocab.safetensors")
     draft_config = Eagle3DraftConfig.from_target(target_config, vocab.size, list(info.aux_layer_ids))
     weights = [target_weights, ray.put(vocab.target_ids)]  # a list: Ray Train hands the refs over, not values
+    cache_spec = _epoch_cache(cache, target, source, train.max_steps * num_workers, run_dir)
+    if cache_spec is not None:
+        supply = {**supply, "cache": cache_spec}
 
     sink = MetricsSink.remote()
     if not isinstance(trackers, Trackers):  # opened before training starts: a tracker that fails leaves nothing to stop
@@ -151,11 +166,16 @@ def train_draft(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+    release = None
+    if cache_spec is not None and release_after_cache is not None:
+        release = _Release(target, sink, cache_spec, num_workers, queue_depth, release_after_cache).start()
     try:
         result = trainer.fit()
     finally:
         if monitor.running:
             monitor.stop()
+        if release is not None:
+            release.stop()
     # rank 0's file has earlier runs' steps (if it is on this node); the sink has this run's, from anywhere
     by_step = {r["step"]: r for r in _history(metrics_path)}
     by_step.update((r["step"], r) for r in ray.get(sink.since.remote(0)))
@@ -171,7 +191,73 @@ def train_draft(
                 from eagle_ray.draft.export import load_draft, save_draft
 
                 save_draft(load_draft(Path(d) / "draft"), exported, dtype=export_dtype)
-    return TrainResult(exported, result.checkpoint, steps, history, vocab)
+    held = finish_epoch_cache(cache_spec["dir"], cache_spec["epoch_batches"]) if cache_spec else None
+    if held is not None and release is not None:
+        held["released_at_step"] = release.at_step
+    return TrainResult(exported, result.checkpoint, steps, history, vocab, held)
+
+
+class _Release:
+    """A driver thread: shrinks the pool to `keep` replicas once the epoch cache is complete and every rank's reader
+    is past the batches it may have sent to the pool before then (its look-ahead: `queue_depth` records plus the
+    shards it keeps dispatched)."""
+
+    def __init__(self, pool: PoolClient, sink: Any, spec: dict[str, Any], world: int, depth: int, keep: int):
+        self.pool, self.sink, self.spec, self.world, self.keep = pool, sink, spec, world, keep
+        per_replica = pool.dispatch_settings()["max_inflight_per_replica"]
+        self.margin = depth + 2 + -(-per_replica * max(len(pool.replicas()), 1) // world)  # steps
+        self.at_step: int | None = None  # when it scaled the pool down
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eagle-ray-release-after-cache", daemon=True)
+
+    def start(self) -> _Release:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        root, first = Path(self.spec["dir"]), self.spec["epoch_batches"]
+        seen, step, complete_at, missing = 0, 0, None, 0  # missing: the first batch not seen in the cache
+        while not self._stop.wait(1.0):
+            try:
+                rows = ray.get(self.sink.since.remote(seen), timeout=30)
+            except Exception:  # the sink is busy or gone: try again, or stop with the run
+                continue
+            seen += len(rows)
+            step = max([step, *(r["step"] for r in rows)])
+            if complete_at is None:
+                # every rank is into epoch 2, and every first-epoch batch is in the cache
+                while missing < first and (root / shard_name(missing)).exists():
+                    missing += 1
+                if step * self.world >= first and missing == first:
+                    complete_at = step
+                continue
+            if step >= complete_at + self.margin:
+                log.info(
+                    "epoch cache complete: target pool scaled to %d replica(s) at step %d (target.release_after_cache)",
+                    self.keep,
+                    step,
+                )
+                self.pool.scale(self.keep)
+                self.at_step = step
+                return
+
+
+def _epoch_cache(
+    cache: EpochCacheConfig | None, target: Any, source: Any, batches: int, run_dir: Path
+) -> dict[str, Any] | None:
+    """The workers' epoch-cache spec, when the cache is on and the run is longer than one epoch from a pool."""
+    if cache is None or cache.mode == "off" or not isinstance(target, PoolClient):
+        return None
+    epoch_batches = source.batches_per_epoch()
+    if batches <= epoch_batches:
+        return None  # one epoch (or less): nothing is read twice
+    root = init_epoch_cache(Path(cache.dir).expanduser() if cache.dir else run_dir / "epoch_cache", target)
+    log.info("epoch cache: %d first-epoch batches to %s, read back in later epochs", epoch_batches, root)
+    return {"dir": str(root), "epoch_batches": epoch_batches, "max_bytes": cache.max_bytes}
 
 
 def _supply(target: Any) -> tuple[dict[str, Any], ray.ObjectRef]:
