@@ -112,7 +112,10 @@ class ProcessWatch:
         return [info for info in self.seen.values() if pred(info)]
 
     def replicas(self) -> list[dict]:
-        return self.matching(lambda i: any(t.startswith("ray::TargetReplica") for t in i["titles"]))
+        """Replica actors' processes. A process a replica forks shows the replica's title until it execs (torch
+        inductor's compile workers, on a loaded machine caught by a poll): its parent is a replica, it is not one."""
+        titled = self.matching(lambda i: any(t.startswith("ray::TargetReplica") for t in i["titles"]))
+        return [i for i in titled if i["ppid"] not in {t["pid"] for t in titled}]
 
     def tp_ranks(self) -> list[dict]:
         """Spawned children of a replica actor: TP ranks (and multiprocessing's resource tracker)."""
