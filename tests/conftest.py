@@ -27,16 +27,50 @@ CLUSTER_HEAD = {
 }
 
 
+def starting(start):
+    """`start()` a Ray node (`ray.init` of a local Ray, a `Cluster` with its head, or `add_node`), again when it missed
+    its registration deadline.
+
+    Ray gives a starting node 30 s to register with the GCS (fixed in `ray._private.node.Node.__init__`). On a
+    machine loaded far past its cores (a load average of 20 on 2 cores, with other test runs) a node missed it, and
+    the cluster never started. Then that half-started node's own processes are stopped (its `Node` is found on the
+    traceback: a raylet that registered later would join as a node no test counts on), and it starts again, up to
+    3 times.
+    """
+    for attempt in range(3):
+        try:
+            return start()
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            tb = e.__traceback__
+            while tb is not None:
+                node = tb.tb_frame.f_locals.get("self")
+                if isinstance(node, ray._private.node.Node):
+                    node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+                    break
+                tb = tb.tb_next
+
+
 @contextmanager
 def local_ray(num_cpus: int, num_gpus: int | None = None, store_mb: int = 256, env: dict | None = None):
     """A private local Ray for one test module: the pool's system config, zero-copy tensors, no dashboard.
 
-    `num_cpus` is logical (replicas and workers mostly wait); `num_gpus` gives fake GPU ids.
+    `num_cpus` is logical (replicas and workers mostly wait); `num_gpus` gives fake GPU ids. Started again if it
+    missed Ray's registration deadline on a loaded machine (`starting`).
     """
-    # a private local Ray, never one another process left running (RAY_ADDRESS would join one)
-    init_ray(
-        "local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=store_mb * 2**20, dashboard=False, env=env
-    )
+
+    def start() -> None:
+        try:  # a private local Ray, never one another process left running (RAY_ADDRESS would join one)
+            init_ray(
+                "local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=store_mb * 2**20, dashboard=False,
+                env=env,
+            )  # fmt: skip
+        except Exception:
+            ray.shutdown()  # what this process set up for the failed start: a next ray.init starts afresh
+            raise
+
+    starting(start)
     try:
         yield
     finally:

@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 from conftest import CLUSTER_HEAD as HEAD
-from conftest import random_batch
+from conftest import random_batch, starting
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -37,28 +37,7 @@ def _add_node(c: Cluster):
     return _starting(lambda: c.add_node(wait=False, **NODE))
 
 
-def _starting(start):
-    """`start()` a node (a `Cluster` with its head, or `add_node`), again when it missed its registration deadline.
-
-    Ray gives a starting node 30 s to register with the GCS (fixed in `ray._private.node.Node.__init__`). On a
-    machine loaded far past its cores (a load average of 20 on 2 cores, with other test runs) a node missed it, and
-    the cluster never started. Then that half-started node's own processes are stopped (its `Node` is found on the
-    traceback: a raylet that registered later would join as a node no test counts on), and it starts again, up to
-    3 times.
-    """
-    for attempt in range(3):
-        try:
-            return start()
-        except Exception as e:
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            tb = e.__traceback__
-            while tb is not None:
-                node = tb.tb_frame.f_locals.get("self")
-                if isinstance(node, ray._private.node.Node):
-                    node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
-                    break
-                tb = tb.tb_next
+_starting = starting  # (test_pool_faults imports it from here)
 
 
 @pytest.fixture(scope="module")

@@ -168,9 +168,10 @@ class PooledTargetModel(Pool, Lifecycle):
         self._target_replicas = replicas
         self._reconcile()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop every replica (each engine's close, then its actor and group), all given `timeout_s` together."""
         self._close_executor()
         if self._owner is None or self._owner.stopped:
             return
-        self._owner.call(self._stop_replicas)
+        self._owner.call(self._stop_replicas, timeout_s)
         self._owner.stop()
