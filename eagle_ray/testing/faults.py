@@ -12,7 +12,8 @@ Each hook is called from one place in production code, and does nothing by defau
   (`fail_next_starts`: the chaos tool's "start_failure", which sets the count while the pool runs).
 - `train_step_fault(rank, run_dir)`, in `train/loop.py`: rank 0 of the draft workers fails once at the step
   `plan_train_fault(run_dir, step, mode)` asked for (a file in the run dir), by `mode`; a marker file in the
-  run dir keeps the restarted group from failing again.
+  run dir keeps the restarted group from failing again. It fires once Ray Train has registered every checkpoint
+  written so far, so the restart resumes where the test expects.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def train_step_fault(rank: int, run_dir: str | Path) -> Callable[[int], None] | 
     def fire(step: int) -> None:
         if step != fault["step"] or marker.exists():
             return
+        _checkpoints_registered(Path(run_dir))
         marker.write_text(str(step))
         if fault["mode"] == "exit":
             os._exit(1)
@@ -117,3 +119,20 @@ def train_step_fault(rank: int, run_dir: str | Path) -> Callable[[int], None] | 
         raise RuntimeError(f"injected train worker failure at step {step}")
 
     return fire
+
+
+def _checkpoints_registered(run_dir: Path, timeout_s: float = 120.0) -> None:
+    """Wait until Ray Train's controller has registered every checkpoint in `run_dir`. It registers a reported
+    one only when it next polls the workers: a worker killed before then loses it, and the group restarts from
+    the one before (seen on CI under load: 15 steps rolled back where the test planned 5). A planned fault
+    fires after that, so a test knows where the restart resumes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        on_disk = {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+        try:
+            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):  # none yet, or caught mid-write
+            snapshot = {}
+        if on_disk <= {c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])}:
+            return
+        time.sleep(0.2)
