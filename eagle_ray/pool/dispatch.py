@@ -79,6 +79,19 @@ class _Stream:
     last_progress: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Lost:
+    """Shards lost with a dead replica, until its marker file says which of them it was running."""
+
+    since: float
+    shards: list[tuple[_Shard, int]]  # (shard, attempt)
+    why: str  # what the ledger records against the one it was running
+
+    @property
+    def nbytes(self) -> int:
+        return sum(shard.nbytes for shard, _ in self.shards)
+
+
 class Dispatch:
     """Each shard goes to a replica once the budget allows, and comes back once: delivered or quarantined."""
 
@@ -108,10 +121,9 @@ class Dispatch:
         # meta ref -> (shard, replica, attempt, payload)
         self._inflight: dict[Any, tuple[_Shard, _Replica, int, Any]] = {}
         self._retry: deque[_Shard] = deque()
-        # shards lost with a dead replica until its marker says which it ran: key -> (since, [(shard, attempt)])
-        self._awaiting: dict[int, tuple[float, list[tuple[_Shard, int]]]] = {}
+        self._awaiting: dict[int, _Lost] = {}  # by a key of their own, until the verdict (`_on_replica_death`)
         self._next_verdict = 0
-        self._inflight_bytes = 0  # dispatched, not yet handed out
+        self._inflight_bytes = 0  # dispatched (or lost and awaiting the verdict), not yet handed out
         self._activity = 0  # dispatches and settlements so far: a shared pool's client tells its load when it moved
         self._held_bytes = 0  # handed out, ShardResult still alive (a finalizer tells the owner when it is not)
         self._max_inflight_bytes = max_inflight_bytes
@@ -437,7 +449,7 @@ class Dispatch:
     def _running(self, st: _Stream) -> bool:
         """In flight, or lost with a dead replica and waiting for the verdict (`_on_replica_death`). O(in flight):
         asked only when stuck."""
-        waiting = (x for _, shards in self._awaiting.values() for x, _ in shards)
+        waiting = (x for lost in self._awaiting.values() for x, _ in lost.shards)
         return any(x.stream_id == st.stream_id for x in (*(v[0] for v in self._inflight.values()), *waiting))
 
     def _fail(self, st: _Stream, err: BaseException) -> None:
@@ -471,28 +483,35 @@ class Dispatch:
             lost.append((shard, attempt))
         if lost:
             key = self._next_verdict = self._next_verdict + 1
-            self._awaiting[key] = (time.monotonic(), lost)
             why = f"replica {r.replica_id} died running it: {type(err).__name__}"
+            self._awaiting[key] = w = _Lost(time.monotonic(), lost, why)
+            # their bytes stay in the budget until they run again: else shards behind them take it, and a consumer
+            # that holds those results while it waits for the lost ones (in order) leaves no room for them to re-run
+            self._inflight_bytes += w.nbytes
             node = NodeAffinitySchedulingStrategy(r.desc["node_id"], soft=False)
             marker = running_at_death.options(scheduling_strategy=node).remote(r.desc["marker"])
-            self._owner.on_resolve(marker, self._verdict, key, why)
+            self._owner.on_resolve(marker, self._verdict, key)
         if r.state in ("starting", "ready"):
             self._replaced += 1  # a client counts the replicas it lost: its host replaces them
         self._lost(r, err)
 
-    def _verdict(self, key: int, why: str, fut: Any) -> None:
-        """The dead replica's running shard, if it was one of ours, has died once more: the ledger blames it once
-        it died on a second replica too (a lost node, the OOM killer or an operator takes whatever runs). The
-        others were only queued there: they run again, uncounted. No answer (its node is gone too, or the read
-        timed out: `fut` None) blames nothing."""
-        if key not in self._awaiting:
-            return  # timed out before (`_expire_verdicts`)
-        _, lost = self._awaiting.pop(key)
+    def _verdict(self, key: int, fut: Any) -> None:
         try:
-            tag = fut.result() if fut is not None else ""
-        except Exception:
+            tag = fut.result()
+        except Exception:  # its node is gone too
             tag = ""
-        for shard, attempt in lost:
+        self._judge(key, tag)
+
+    def _judge(self, key: int, tag: str) -> None:
+        """The dead replica's running shard (`tag`), if it was one of ours, has died once more: the ledger blames
+        it once it died on a second replica too (a lost node, the OOM killer or an operator takes whatever runs).
+        The others were only queued there: they run again, uncounted. No answer ("") blames nothing."""
+        lost = self._awaiting.pop(key, None)
+        if lost is None:
+            return  # timed out before (`_expire_verdicts`)
+        self._inflight_bytes -= lost.nbytes
+        why = lost.why
+        for shard, attempt in lost.shards:
             if tag == self._tag(shard.shard_id, attempt):
                 verdict = self._ledger.died(shard.shard_id, attempt, why)
                 if verdict == "blame":
@@ -503,9 +522,9 @@ class Dispatch:
                 self._retry.append(shard)
 
     def _expire_verdicts(self, now: float) -> None:
-        for key, (since, _) in list(self._awaiting.items()):
-            if now - since > self._shard_timeout_s:
-                self._verdict(key, "", None)
+        for key, lost in list(self._awaiting.items()):
+            if now - lost.since > self._shard_timeout_s:
+                self._judge(key, "")
 
     def shard_deadline_s(self, r: _Replica, num_tokens: int, new_tokens: int = 0) -> float:
         """How long a shard may run on `r` before the replica counts as hung: `shard_timeout_factor` times
