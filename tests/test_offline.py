@@ -1,7 +1,8 @@
 """Offline mode: dump a real shared pool's supervision (HF replica, local Ray) from writer tasks that are its
-clients, resume after a crash, the dump job's CLI end to end, and training from the dump, each rank reading its
-own batches' files, with the pool shut down (last: it stops the pool). The pool splits a batch in two shards
-(`shard_tokens`): what is written is the joined batch.
+clients, resume after a crash, the dump job's CLI end to end, the epoch cache, a sweep of three drafts fed by one
+stream (each arm trains as alone; an arm that fails goes back to its checkpoint, the others untouched), and
+training from the dump, each rank reading its own batches' files, with the pool shut down (last: it stops the
+pool). The pool splits a batch in two shards (`shard_tokens`): what is written is the joined batch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from conftest import local_ray
 from safetensors.torch import load_file
 
 from eagle_ray import PackedBatch
+from eagle_ray.draft.export import load_draft
 from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.offline import (
     SHARD_FIELDS,
@@ -236,10 +238,8 @@ def _epoch_runs_config(first: int, **kw) -> DraftTrainConfig:
 
 
 @pytest.fixture(scope="module")
-def epoch_runs(pool, tmp_path_factory):
-    """The same two-epoch run (2 workers) all online, and with the epoch cache, stopped in epoch 2 and resumed."""
-    from eagle_ray.train import EpochCacheConfig
-
+def epoch_setup(tmp_path_factory):
+    """The two-epoch runs' data (48 records, reshuffled and repacked every epoch), batches per epoch, and arguments."""
     tmp = tmp_path_factory.mktemp("epochs")
     source = _chat_source(tmp)
     first = source.batches_per_epoch()
@@ -247,6 +247,15 @@ def epoch_runs(pool, tmp_path_factory):
         storage_path=tmp / "runs", num_workers=WORKERS, backend="gloo", resources_per_worker={"CPU": 1},
         vocab_batches=first, progress="off",
     )  # fmt: skip
+    return source, first, common
+
+
+@pytest.fixture(scope="module")
+def epoch_runs(pool, epoch_setup):
+    """The same two-epoch run (2 workers) all online, and with the epoch cache, stopped in epoch 2 and resumed."""
+    from eagle_ray.train import EpochCacheConfig
+
+    source, first, common = epoch_setup
     online = train_draft(pool, source, _epoch_runs_config(first), name="online", **common)
     stop = first // 2 + 2  # both ranks well into epoch 2
     cached = {"name": "cached", "cache": EpochCacheConfig(), **common}
@@ -321,6 +330,73 @@ def test_a_full_epoch_cache_falls_back_to_the_pool_and_says_so_once(pool, tmp_pa
         assert torch.equal(sup.input_ids.long(), batch.input_ids.long())
         torch.testing.assert_close(sup.aux_hidden_states, ref.aux_hidden_states, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sup.last_hidden_states, ref.last_hidden_states, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ a sweep (fan-out)
+
+# arm 0 is the epoch runs' own config: the online run is its "alone"; checkpoint_every changes no loss
+SWEEP = [{}, {"lr": 1e-2, "seed": 1}, {"lr": 1e-3, "ttt_steps": 3, "step_decay": 0.5}]
+
+
+def _arm_losses(result, arm: int) -> list[float | None]:
+    return [r["arms"][arm]["loss"] if "arms" in r else r["loss"] for r in result.history]
+
+
+@pytest.fixture(scope="module")
+def swept(pool, epoch_setup):
+    """The epoch runs' two epochs as a sweep of three arms, through the epoch cache, a checkpoint every 3 steps."""
+    from eagle_ray.train import EpochCacheConfig
+
+    source, first, common = epoch_setup
+    config = _epoch_runs_config(first, checkpoint_every=3)
+    return train_draft(pool, source, config, name="sweep", cache=EpochCacheConfig(), sweep=SWEEP, **common)
+
+
+def test_each_arm_of_a_sweep_trains_as_it_would_alone(pool, epoch_setup, epoch_runs, swept):
+    """Three arms, one stream: the target computed epoch 1 once for all three (epoch 2 from the cache), and each arm's
+    losses, checkpoints and export are those of the same config trained alone."""
+    (source, first, common), online = epoch_setup, epoch_runs[2]
+    h = swept.history
+    assert [r["step"] for r in h] == list(range(1, first + 1)) and h[-1]["arm_restarts"] == 0
+    epoch1 = sum(b.num_tokens for b in itertools.islice(source.batches_from(0), first))
+    assert sum(r["target_tokens"] for r in h) == epoch1 and swept.cache["complete"]
+    assert [r["loss"] for r in h] == _arm_losses(swept, 0)  # arm 0 at the top level, as a run of one draft reports
+    assert swept.exports == [swept.export_dir.parent / f"arm{k}" for k in range(3)] and swept.export_dir.name == "arm0"
+    alone = [online] + [
+        train_draft(pool, source, _epoch_runs_config(first, **over), name=f"alone{k}", **common)
+        for k, over in enumerate(SWEEP[1:], 1)
+    ]
+    for k, ref in enumerate(alone):
+        assert _arm_losses(swept, k) == pytest.approx(_arm_losses(ref, 0), rel=1e-5, abs=1e-6), k
+        mine, theirs = load_draft(swept.exports[k]).state_dict(), load_draft(ref.export_dir).state_dict()
+        assert mine.keys() == theirs.keys(), k
+        for name, t in mine.items():
+            torch.testing.assert_close(t, theirs[name], rtol=1e-5, atol=1e-6, msg=f"arm {k}: {name}")
+    assert len({tuple(_arm_losses(swept, k)) for k in range(3)}) == 3  # the arms really differ
+
+
+def test_an_arm_that_fails_goes_back_to_its_checkpoint_and_the_others_go_on(pool, epoch_setup, swept, tmp_path):
+    """Arm 1's forward raises on rank 0 in its 5th step (0-based step 4; the last checkpoint was after step 3): every
+    rank puts it back to that checkpoint, so it misses steps 3 and 4's updates; arms 0 and 2 train exactly as in the
+    clean sweep (which read epoch 2 from the cache; this run reads both epochs from the pool)."""
+    from eagle_ray.testing.faults import plan_arm_fault
+
+    source, first, common = epoch_setup
+    common = {**common, "storage_path": tmp_path}
+    plan_arm_fault(tmp_path / "faulty", 4, arm=1)
+    config = _epoch_runs_config(first, checkpoint_every=3)
+    run = train_draft(pool, source, config, name="faulty", sweep=SWEEP, **common)
+    assert (tmp_path / "faulty" / "injected_arm1_failure_step4").exists()
+    h = run.history
+    assert [r["step"] for r in h] == list(range(1, first + 1)) and h[-1]["arm_restarts"] == 1
+    assert [r["arms"][1]["restarts"] for r in h] == [0] * 4 + [1] * (first - 4)
+    assert h[4]["arms"][1]["failed"] and h[4]["arms"][1]["loss"] is None
+    for k in (0, 2):
+        assert _arm_losses(run, k) == pytest.approx(_arm_losses(swept, k), rel=1e-5, abs=1e-6), k
+    assert _arm_losses(run, 1)[:4] == pytest.approx(_arm_losses(swept, 1)[:4], rel=1e-5)
+    # step 5 trains from the step-3 weights again: the same batch as the clean run's step 5, other weights
+    assert _arm_losses(run, 1)[5] != pytest.approx(_arm_losses(swept, 1)[5], rel=1e-5)
+    assert run.steps == first and len(run.exports) == 3
 
 
 def test_training_from_the_dump_matches_training_from_the_pool(pool, tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from eagle_ray.job.config import ConfigError, load_job_config
 from eagle_ray.testing import faults
-from eagle_ray.train.config import DraftTrainConfig, OptimConfig
+from eagle_ray.train.config import DraftTrainConfig, OptimConfig, sweep_configs
 
 
 def test_the_job_defaults_are_the_trainers():
@@ -132,3 +132,68 @@ def test_replica_shard_fault_exits_only_on_the_poison_token():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and proc.stdout == "served\n", proc.stderr[-2000:]
     faults.replica_shard_fault(torch.tensor([7]))  # this process has no poison token: a no-op
+
+
+# ------------------------------------------------------------------------------------------ a sweep's arms
+
+SWEEP = [{"lr": 3e-3}, {"lr": 1e-2, "seed": 1}, {"lr": 1e-3, "ttt_steps": 3, "step_decay": 0.5}]
+
+
+def test_sweep_configs_apply_each_arms_overrides():
+    base = DraftTrainConfig(max_steps=6, ttt_steps=2, checkpoint_every=2)
+    assert sweep_configs(base, None) == [base]
+    arms = sweep_configs(base, SWEEP)
+    assert [a.lr for a in arms] == [3e-3, 1e-2, 1e-3] and [a.seed for a in arms] == [0, 1, 0]
+    assert arms[2].ttt_steps == 3 and arms[2].step_decay == 0.5 and arms[0].ttt_steps == 2
+    assert all(a.max_steps == 6 and a.checkpoint_every == 2 for a in arms)  # the run's, shared by the arms
+
+
+@pytest.mark.parametrize(
+    ("sweep", "error"),
+    [
+        ([], "sweep: an empty list"),
+        ({"lr": 1e-3}, "sweep: expected a list"),
+        (["lr"], r"sweep\[0\]: expected a mapping"),
+        ([{"lr": 1e-3}, {"max_steps": 9}], r"sweep\[1\].max_steps: not a per-arm field"),
+        ([{"learning_rate": 1e-3}], r"sweep\[0\].learning_rate: not a per-arm field"),
+        ([{"lr": -1.0}], r"sweep\[0\].lr: must be > 0"),
+        ([{"lr": "fast"}], r"sweep\[0\].lr: expected a number"),
+        ([{"ttt_steps": 0}], r"sweep\[0\].ttt_steps: must be >= 1"),
+        ([{"ttt_steps": 2.5}], r"sweep\[0\].ttt_steps: expected an int"),
+        ([{"seed": True}], r"sweep\[0\].seed: expected an int"),
+        ([{"attention": "magic"}], r"sweep\[0\].attention: must be one of"),
+    ],
+)
+def test_a_bad_sweep_is_refused_naming_the_arm_and_field(sweep, error):
+    with pytest.raises(ValueError, match=error):
+        sweep_configs(DraftTrainConfig(), sweep)
+
+
+def test_the_jobs_sweep_section_is_checked_at_load(tmp_path):
+    assert load_job_config().sweep is None and load_job_config().arm_configs() == [load_job_config().train_config()]
+    path = tmp_path / "job.yaml"
+    path.write_text("training:\n  lr: 1e-3\nsweep:\n  - {lr: 3e-4}\n  - {lr: 1e-3, seed: 2}\n")
+    c = load_job_config(path)
+    assert c.sweep == [{"lr": 3e-4}, {"lr": 1e-3, "seed": 2}]  # YAML 1.1's "3e-4" string read as a number
+    assert [a.lr for a in c.arm_configs()] == [3e-4, 1e-3] and c.arm_configs()[1].seed == 2
+    for bad, error in [
+        ("sweep=[]", "sweep: an empty list"),
+        ("sweep=[{momentum: 0.9}]", r"sweep\[0\].momentum: not a per-arm field"),
+        ("sweep=[{lr: 0}]", r"sweep\[0\].lr: must be > 0"),
+        ("sweep={lr: 1}", "sweep: expected a list"),
+    ]:
+        with pytest.raises(ConfigError, match=error):
+            load_job_config(overrides=[bad])
+
+
+def test_arm_fault_fires_once_for_its_arm_and_step(tmp_path):
+    assert faults.arm_step_fault(0, tmp_path) is None  # off unless planned
+    with pytest.raises(ValueError, match="mode"):
+        faults.plan_arm_fault(tmp_path, 3, arm=1, mode="exit")
+    faults.plan_arm_fault(tmp_path, 3, arm=1, mode="nan")
+    assert faults.arm_step_fault(1, tmp_path) is None  # rank 0 only
+    fire = faults.arm_step_fault(0, tmp_path)
+    assert not fire(3, 0) and not fire(2, 1) and fire(3, 1) and not fire(3, 1)  # once
+    faults.plan_arm_fault(tmp_path, 4, arm=0)
+    with pytest.raises(RuntimeError, match="arm 0 at step 4"):
+        faults.arm_step_fault(0, tmp_path)(4, 0)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from eagle_ray.train.config import DraftTrainConfig, EpochCacheConfig, OptimConfig
+from eagle_ray.train.config import SWEEP_FIELDS, DraftTrainConfig, EpochCacheConfig, OptimConfig, sweep_configs
 
 
 class ConfigError(ValueError):
@@ -165,6 +165,9 @@ class JobConfig:
     regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sweep: list[dict[str, Any]] | None = (
+        None  # K drafts from one target stream: a list of training overrides, one per arm
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,6 +187,10 @@ class JobConfig:
             log_every=self.logging.log_every,
             freeze_embeddings=self.draft.freeze_embeddings,
         )
+
+    def arm_configs(self, max_steps: int | None = None) -> list[DraftTrainConfig]:
+        """Each arm's config: `train_config` with the arm's `sweep:` overrides over it (one arm with no sweep)."""
+        return sweep_configs(self.train_config(max_steps), self.sweep)
 
 
 # ------------------------------------------------------------------------------------------ typing
@@ -277,6 +284,12 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -
             raise ConfigError(f"override {item!r}: expected section.key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     config = _build(JobConfig, data, "")
+    if config.sweep is not None:  # each override typed as its `training:` field is (YAML reads 3e-4 as a string)
+        hints = typing.get_type_hints(OptimConfig)
+        config.sweep = [
+            {k: _check(v, hints[k], f"sweep[{i}].{k}") if k in SWEEP_FIELDS else v for k, v in arm.items()}
+            for i, arm in enumerate(config.sweep)
+        ]
     _validate(config)
     return config
 
@@ -305,6 +318,10 @@ def _validate(c: JobConfig) -> None:
         raise ConfigError(f"{bad[0]}: out of range{hint}")
     if c.regenerate.enabled and (c.data.format == "pretokenized" or c.offline.mode == "from_dump"):
         raise ConfigError("regenerate.enabled: needs chat data (data.format sharegpt or messages) and a live target")
+    try:
+        c.arm_configs()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if c.target.release_after_cache and c.cache.mode == "off":
         raise ConfigError("target.release_after_cache: needs the epoch cache (cache.mode: auto)")
     if c.placement.mode == "colocated" and c.target.tp_size != 1:

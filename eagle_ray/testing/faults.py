@@ -14,6 +14,9 @@ Each hook is called from one place in production code, and does nothing by defau
   `plan_train_fault(run_dir, step, mode)` asked for (a file in the run dir), by `mode`; a marker file in the
   run dir keeps the restarted group from failing again. It fires once Ray Train has registered every checkpoint
   written so far, so the restart resumes where the test expects.
+- `arm_step_fault(rank, run_dir)`, in `train/arms.py` (a sweep's step): arm `arm` of a sweep fails once on rank 0 at
+  the step `plan_arm_fault(run_dir, step, arm, mode)` asked for: its forward raises ("raise") or its loss is
+  not finite ("nan"). A marker file in the run dir keeps it from failing again.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ FAIL_START_LOG_ENV = "EAGLE_RAY_FAIL_START_LOG"
 FAIL_STARTS_FILE_ENV = "EAGLE_RAY_FAIL_STARTS_FILE"
 FAIL_MODES = ("raise", "exit", "sigkill")
 TRAIN_FAULT_FILE = "inject_train_fault.json"  # in a run dir: `plan_train_fault` writes it, the worker loop reads it
+ARM_FAULT_FILE = "inject_arm_fault.json"  # in a run dir: `plan_arm_fault` writes it, a sweep's step reads it
+ARM_FAIL_MODES = ("raise", "nan")
 
 # read once, when the replica module imports this one in the actor: its runtime_env is set by then
 _CRASH_TOKEN = int(os.environ[CRASH_TOKEN_ENV]) if CRASH_TOKEN_ENV in os.environ else None
@@ -117,6 +122,35 @@ def train_step_fault(rank: int, run_dir: str | Path) -> Callable[[int], None] | 
         if fault["mode"] == "sigkill":  # as the OOM killer or a lost node would: no cleanup, no goodbye
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected train worker failure at step {step}")
+
+    return fire
+
+
+def plan_arm_fault(run_dir: str | Path, step: int, arm: int, mode: str = "raise") -> None:
+    """Make arm `arm` of the next sweep in `run_dir` fail once, on rank 0, at `step`: its forward raises
+    ("raise") or its loss is NaN ("nan"). In-process: the worker lives on, and so do the other arms."""
+    if mode not in ARM_FAIL_MODES:
+        raise ValueError(f"mode: must be one of {ARM_FAIL_MODES}, got {mode!r}")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / ARM_FAULT_FILE).write_text(json.dumps({"step": step, "arm": arm, "mode": mode}))
+
+
+def arm_step_fault(rank: int, run_dir: str | Path) -> Callable[[int, int], bool] | None:
+    """The arm fault planned for this worker, as a function of (step, arm) called before the arm's forward; it
+    raises, or returns True when the arm's loss is to be made NaN. None if none is planned."""
+    plan = Path(run_dir) / ARM_FAULT_FILE
+    if rank != 0 or not plan.exists():
+        return None
+    fault = json.loads(plan.read_text())
+    marker = Path(run_dir) / f"injected_arm{fault['arm']}_failure_step{fault['step']}"
+
+    def fire(step: int, arm: int) -> bool:
+        if step != fault["step"] or arm != fault["arm"] or marker.exists():
+            return False
+        marker.write_text(str(step))
+        if fault["mode"] == "raise":
+            raise RuntimeError(f"injected failure of sweep arm {arm} at step {step}")
+        return True
 
     return fire
 

@@ -14,7 +14,9 @@ Torch- and Ray-free, so the job's config (and `--help`) loads it in a fraction o
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -86,6 +88,77 @@ class DraftTrainConfig(OptimConfig):
     def from_optim(cls, optim: OptimConfig, **rest: Any) -> DraftTrainConfig:
         """`optim`'s optimisation fields (a job's `training:` section, say), then `rest` over them."""
         return cls(**{**optim.optim_fields(), **rest})
+
+
+# what one arm of a sweep may set: how its draft learns. Not max_steps or max_skipped_batches: the arms share one
+# stream of batches, step for step, so those are the run's, not an arm's
+SWEEP_FIELDS = (
+    "lr",
+    "warmup_steps",
+    "weight_decay",
+    "grad_clip",
+    "ttt_steps",
+    "step_decay",
+    "seed",
+    "attention",
+    "activation_checkpointing",
+)
+
+
+def sweep_configs(base: DraftTrainConfig, sweep: Sequence[Mapping[str, Any]] | None) -> list[DraftTrainConfig]:
+    """One config per arm: `base` with each of `sweep`'s overrides over it (`SWEEP_FIELDS` only); None: `[base]`.
+
+    Errors name the arm and the field (`sweep[1].lr: must be > 0, got -1.0`)."""
+    if sweep is None:
+        return [base]
+    if isinstance(sweep, str | bytes | Mapping) or not isinstance(sweep, Sequence):
+        raise ValueError(f"sweep: expected a list of override mappings (one per arm), got {sweep!r}")
+    if not sweep:
+        raise ValueError("sweep: an empty list trains nothing; leave it out (None) to train one draft")
+    arms = []
+    for k, over in enumerate(sweep):
+        if not isinstance(over, Mapping):
+            raise ValueError(f"sweep[{k}]: expected a mapping of overrides, got {over!r}")
+        unknown = sorted(set(over) - set(SWEEP_FIELDS))
+        if unknown:
+            raise ValueError(f"sweep[{k}].{unknown[0]}: not a per-arm field; an arm may set {list(SWEEP_FIELDS)}")
+        for name, value in over.items():
+            if not _fits(name, value):
+                raise ValueError(f"sweep[{k}].{name}: expected {_FIELD_TYPES[name]}, got {value!r}")
+        try:
+            arms.append(dataclasses.replace(base, **over))
+        except ValueError as e:  # OptimConfig's own checks: the message starts with the field
+            raise ValueError(f"sweep[{k}].{e}") from None
+    return arms
+
+
+_FIELD_TYPES = {
+    "lr": "a number",
+    "warmup_steps": "an int >= 0 or None",
+    "weight_decay": "a number >= 0",
+    "grad_clip": "a number >= 0 or None",
+    "ttt_steps": "an int",
+    "step_decay": "a number > 0",
+    "seed": "an int",
+    "attention": "a string",
+    "activation_checkpointing": "a bool",
+}
+
+
+def _fits(name: str, value: Any) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    return {
+        "lr": number,
+        "warmup_steps": value is None or (integer and value >= 0),
+        "weight_decay": number and value >= 0,
+        "grad_clip": value is None or (number and value >= 0),
+        "ttt_steps": integer,
+        "step_decay": number and value > 0,
+        "seed": integer,
+        "attention": isinstance(value, str),
+        "activation_checkpointing": isinstance(value, bool),
+    }[name]
 
 
 @dataclass

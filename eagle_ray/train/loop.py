@@ -3,7 +3,8 @@
 
 A checkpoint holds `draft/` (the export format, fp32), `training_state.pt` (optimizer, LR schedule,
 step, samples, tokens and skipped batches so far) and `rng_rank{r}.pt` for every rank. Resuming from it
-continues the same data order: each rank's batches start again at the checkpoint's step.
+continues the same data order: each rank's batches start again at the checkpoint's step. A sweep of K drafts
+(`arms.py`) trains every arm on each batch in turn, and its checkpoint holds that layout once per arm, in `arm{k}/`.
 
 A skipped (poison) batch's step still runs on its rank, on a small all-zero record whose loss counts zero:
 DDP needs every rank in every step's gradient all-reduce, so that step's update is the other ranks' alone.
@@ -15,7 +16,6 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -26,38 +26,17 @@ import torch
 import torch.distributed as dist
 
 from eagle_ray.contract import Supervision
-from eagle_ray.draft.export import load_draft, save_draft
 from eagle_ray.draft.model import Eagle3Draft, Eagle3DraftConfig
-from eagle_ray.draft.ttt import TTTObjective, TTTStats
+from eagle_ray.draft.ttt import TTTStats
 from eagle_ray.pool.shared import read_weights
 from eagle_ray.ray_init import quiet_known_warnings
-from eagle_ray.testing.faults import train_step_fault
+from eagle_ray.testing.faults import arm_step_fault, train_step_fault
+from eagle_ray.train.arms import build_arms, load_arms, save_arms, step_arms
 from eagle_ray.train.config import DraftTrainConfig
 from eagle_ray.train.epoch_cache import CachedSupply, EpochCache
 from eagle_ray.train.prefetch import device_batches
 from eagle_ray.train.reader import DumpSupply, PoolSupply, RankReader
 from eagle_ray.train.sample_audit import SampleLogWriter, audit_run, fingerprints
-
-
-def _save(path: Path, draft: Eagle3Draft, opt, sched, state: dict[str, Any], rank: int) -> None:
-    if rank == 0:
-        save_draft(draft, path / "draft")
-        torch.save(
-            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state}, path / "training_state.pt"
-        )
-    torch.save(torch.get_rng_state(), path / f"rng_rank{rank}.pt")
-
-
-def _load(path: Path, draft: Eagle3Draft, opt, sched, rank: int) -> dict[str, Any]:
-    saved = load_draft(path / "draft")
-    draft.load_state_dict(saved.state_dict())
-    ts = torch.load(path / "training_state.pt", weights_only=False)
-    opt.load_state_dict(ts.pop("optimizer"))
-    sched.load_state_dict(ts.pop("scheduler"))
-    rng = path / f"rng_rank{rank}.pt"
-    if rng.exists():  # a checkpoint from a run with fewer workers has no state for this rank
-        torch.set_rng_state(torch.load(rng))
-    return ts
 
 
 def _checksums(draft: Eagle3Draft, world: int) -> list[float]:
@@ -87,28 +66,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # the target weights object may be lost with its node: a live replica of the pool puts it again
     embeddings, lm_head = read_weights(config["weights"][0], config.get("weights_pool"))
     draft_ids = ray.get(config["weights"][1])
-    draft = Eagle3Draft.from_target(
-        Eagle3DraftConfig(**config["draft_config"]), embeddings, lm_head, draft_ids, cfg.freeze_embeddings, cfg.seed
-    ).to(device)
+    cfgs = [DraftTrainConfig(**c) for c in config.get("arms") or [config["train"]]]
+    arms = build_arms(cfgs, Eagle3DraftConfig(**config["draft_config"]), embeddings, lm_head, draft_ids, device, world)
     lm_head = lm_head.to(device)
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
     state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
         ckpt = ray.train.Checkpoint(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state.update(_load(Path(d), draft, opt, sched, rank))
-    objective = TTTObjective(
-        draft, cfg.ttt_steps, cfg.step_decay, attention=cfg.attention, checkpoint=cfg.activation_checkpointing
-    )
-    model = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+            state.update(load_arms(Path(d), arms, rank))
+    sweep = len(arms) > 1
+    if sweep:  # what a failed arm goes back to (one arm has no other to protect: the group restarts instead)
+        for arm in arms:
+            arm.take_snapshot()
     metrics_path = Path(config["metrics_path"]) if rank == 0 and config.get("metrics_path") else None
     sink = config.get("metrics_sink") if rank == 0 else None
 
-    window = None
+    windows: list[TTTStats | None] = [None] * len(arms)
     t_window, wait, step_tokens = time.monotonic(), 0.0, 0
     t_wait = time.monotonic()
     timeout = config.get("read_timeout_s", 600.0)
@@ -125,7 +100,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sample_log = SampleLogWriter(config["run_dir"], rank)
     sample_log.start(state["step"], reader.incarnation)
     fault = train_step_fault(rank, config["run_dir"])  # None unless a test planned one
+    arm_fault = arm_step_fault(rank, config["run_dir"]) if sweep else None
     served = cached = 0  # target tokens of this rank's supply, and tokens read from the epoch cache, so far
+    width = [3 * a.cfg.ttt_steps + 4 for a in arms]  # loss and TTTStats.flat() of each arm in the all-reduce
     for step, sup, meta in device_batches(reader, device):
         t_got = time.monotonic()
         step_wait = t_got - t_wait
@@ -133,30 +110,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if fault is not None:
             fault(step)
         skipped = sup is None
-        if skipped:
-            sup = _zero_record(draft, lm_head, cfg.ttt_steps)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.autocast_bf16):
-            loss, stats = model(sup, lm_head)
-        if skipped:
-            loss = loss * 0.0  # every parameter in the graph (DDP's all-reduce), nothing learnt from it
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not skipped or world > 1:
-            opt.step()
-        sched.step()
+        results = step_arms(
+            arms,
+            sup,
+            lm_head,
+            skipped,
+            step,
+            world,
+            cuda,
+            lambda ttt: _zero_record(arms[0].draft, lm_head, ttt),
+            arm_fault,
+        )
         if skipped:
             sample_log.skip(step, meta["batch"], meta["skipped"])
-            stats = TTTStats.from_flat(torch.zeros_like(stats.flat()))
         else:
             sample_log.step(step, meta["batch"], fingerprints(sup.input_ids, sup.loss_mask, sup.cu_seqlens))
-        # one all-reduce of a few floats: loss, step sums, samples, tokens, skipped batches, target tokens, cached
+        # one all-reduce of a few floats: each arm's loss and step sums (zeros for an arm put back), then samples,
+        # tokens, skipped batches, target tokens, cached tokens
+        parts = []
+        for res, n in zip(results, width, strict=True):
+            if res is None or skipped:
+                parts.append(torch.zeros(n, dtype=torch.float64))
+            else:
+                parts.append(torch.cat([res[0].detach().double().reshape(1).cpu(), res[1].flat().cpu()]))
+        failed = [r is None for r in results]  # the ranks agreed on these (step_arms): the same list on every rank
+        del results
         cached_now = getattr(reader.supply, "cached_tokens", 0)
         flat = torch.cat(
             [
-                loss.detach().double().reshape(1).cpu(),
-                stats.flat(),
+                *parts,
                 torch.tensor(
                     [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served, cached_now - cached],
                     dtype=torch.float64,
@@ -166,8 +148,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         served, cached = reader.supply.tokens, cached_now
         if world > 1:
             dist.all_reduce(flat)
-        step_loss = float(flat[0]) / max(world - int(flat[-3]), 1)
-        stats = TTTStats.from_flat(flat[1:-5])
+        per_arm, at = [], 0
+        for n in width:
+            loss = float(flat[at]) / max(world - int(flat[-3]), 1)
+            per_arm.append((loss, TTTStats.from_flat(flat[at + 1 : at + n])))
+            at += n
         state["step"], state["samples"], state["tokens"], state["skipped"] = (
             step + 1,
             state["samples"] + int(flat[-5]),
@@ -181,27 +166,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"{state['skipped']} poison batches skipped, more than max_skipped_batches={cfg.max_skipped_batches}: "
                 + "; ".join(f"batch {b}: {cause.splitlines()[0]}" for b, cause in sorted(skips.items()))
             )
-        window = stats if window is None else window + stats
+        windows = [st if w is None else w + st for w, (_, st) in zip(windows, per_arm, strict=True)]
         done = state["step"] >= cfg.max_steps or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step)
-        s = stats.summary()
+        rows = []
+        for arm, bad, (loss, st) in zip(arms, failed, per_arm, strict=True):
+            s = st.summary()
+            rows.append(
+                {
+                    "loss": None if bad else loss,
+                    "acc": s["acc"],
+                    "acceptance_chain": s["acceptance_chain"],
+                    "acceptance_product": s["acceptance_product"],
+                    "lr": arm.sched.get_last_lr()[0],
+                }
+            )
         row = {
             "step": state["step"],
-            "loss": step_loss,
-            "acc": s["acc"],
-            "acceptance_chain": s["acceptance_chain"],
-            "acceptance_product": s["acceptance_product"],
-            "lr": sched.get_last_lr()[0],
+            **rows[0],  # arm 0's at the top level: what a run of one draft reports
             "samples": state["samples"],
             "tokens": state["tokens"],
             "skipped": state["skipped"],
             "target_tokens": int(flat[-2]),  # what the target computed for this step's records (all ranks)
             "cached_tokens": int(flat[-1]),  # what the epoch cache served of this step's records (all ranks)
         }
+        if sweep:
+            for r, arm, bad in zip(rows, arms, failed, strict=True):
+                r["restarts"], r["failed"] = arm.restarts, bad
+            row["arms"] = rows
+            row["arm_restarts"] = sum(arm.restarts for arm in arms)
         ckpt_now = state["step"] % cfg.checkpoint_every == 0 or done
         if ckpt_now:
-            row["weight_checksums"] = sums = _checksums(draft, world)
-            if len(set(sums)) != 1:
-                raise RuntimeError(f"DDP ranks hold different weights at step {state['step']}: {sums}")
+            for arm, r in zip(arms, rows, strict=True):
+                r["weight_checksums"] = sums = _checksums(arm.draft, world)
+                if len(set(sums)) != 1:
+                    raise RuntimeError(
+                        f"DDP ranks hold different weights at step {state['step']} (arm {arm.index}): {sums}"
+                    )
+            row["weight_checksums"] = rows[0]["weight_checksums"]
         row["wait_s"], row["step_s"] = step_wait, time.monotonic() - t_wait
         if sink is not None:
             sink.push.remote(row)  # fire and forget: the driver's progress line
@@ -210,21 +211,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f.write(json.dumps(row) + "\n")
         if state["step"] % cfg.log_every == 0 or ckpt_now:
             elapsed = time.monotonic() - t_window
-            w = window.summary()
+            w = windows[0].summary()
             metrics = {
-                **{k: v for k, v in row.items() if k not in ("acc", "weight_checksums")},
+                **{k: v for k, v in row.items() if k not in ("acc", "weight_checksums", "arms")},
                 "acc_0": w["acc"][0],
                 "acc_last": w["acc"][-1],
                 "window_acceptance_chain": w["acceptance_chain"],
                 "trainer_tokens_per_s": step_tokens / max(elapsed, 1e-9),
                 "wait_fraction": wait / max(elapsed, 1e-9),
             }
-            window, t_window, wait, step_tokens = None, time.monotonic(), 0.0, 0
+            if sweep:
+                metrics["arms_window_acceptance_chain"] = [x.summary()["acceptance_chain"] for x in windows]
+                metrics["arms_loss"] = [r["loss"] for r in rows]
+            windows, t_window, wait, step_tokens = [None] * len(arms), time.monotonic(), 0.0, 0
             if ckpt_now:
                 with tempfile.TemporaryDirectory() as d:
                     saved = {k: state[k] for k in ("step", "samples", "tokens", "skipped")}
-                    _save(Path(d), draft, opt, sched, {**saved, "train": asdict(cfg)}, rank)
+                    save_arms(Path(d), arms, saved, rank)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                if sweep:
+                    for arm in arms:
+                        arm.take_snapshot()
             else:
                 ray.train.report(metrics)
         if done:

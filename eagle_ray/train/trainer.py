@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_toke
 from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.offline import OfflineSupervision, shard_name
 from eagle_ray.pool import PoolClient, PooledTargetModel
-from eagle_ray.train.config import DraftTrainConfig, EpochCacheConfig
+from eagle_ray.train.arms import arm_dir
+from eagle_ray.train.config import DraftTrainConfig, EpochCacheConfig, sweep_configs
 from eagle_ray.train.epoch_cache import finish_epoch_cache, init_epoch_cache
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
@@ -45,12 +46,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    export_dir: Path | None  # the SGLang-loadable draft, when training reached max_steps
+    export_dir: Path | None  # the SGLang-loadable draft, when training reached max_steps (a sweep's: arm 0's)
     checkpoint: Any  # ray.train.Checkpoint of the last report (None if none)
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics; a re-run step's latest
     vocab: DraftVocab | None = None
     cache: dict[str, Any] | None = None  # the epoch cache: dir, batches, tokens, bytes, bytes_per_token, complete...
+    exports: list[Path] = field(default_factory=list)  # one draft per arm of a sweep (`[export_dir]` for one draft)
+    arms: list[DraftTrainConfig] = field(default_factory=list)  # each arm's config (`[train]` for one draft)
 
     @property
     def skipped_batches(self) -> int:
@@ -84,6 +87,7 @@ def train_draft(
     tracker_config: dict[str, Any] | None = None,
     cache: EpochCacheConfig | None = None,
     release_after_cache: int | None = None,
+    sweep: Sequence[Mapping[str, Any]] | None = None,
 ) -> TrainResult:
     """Train a draft for `train.max_steps` steps of `num_workers` batches each.
 
@@ -104,12 +108,19 @@ def train_draft(
     and a run longer than one epoch, epoch 1's supervision is written to files as it trains and epochs 2..E read
     it back; `TrainResult.cache` says what it holds. `release_after_cache`: once the cache holds every first-epoch
     batch and every rank is past the reads that could still need the pool, scale the pool to that many replicas
-    (0 frees it all; None keeps it).
+    (0 frees it all; None keeps it). `sweep`: K overrides of `train`'s optimisation (`config.SWEEP_FIELDS`: lr,
+    ttt_steps, seed...), one per arm: every worker trains the K drafts on each batch it reads, so the target
+    computes each batch once for all K (`arms.py`). Each arm trains as it would alone; one whose step fails goes
+    back to its last checkpoint without stopping the others (`history` rows: `arms`, `arm_restarts`). The export
+    then writes `<export_dir>/arm{k}` per arm (`TrainResult.exports`). None: one draft, `train`.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if queue_depth < 1:
         raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
+    arms = sweep_configs(train, sweep)
+    if len(arms) == 1:
+        train = arms[0]  # a sweep of one is a plain run of that config
     supply, target_weights = _supply(target)
     source = rank_source(data)
     run_dir = Path(storage_path) / name
@@ -130,6 +141,8 @@ def train_draft(
     sink = MetricsSink.remote()
     if not isinstance(trackers, Trackers):  # opened before training starts: a tracker that fails leaves nothing to stop
         config = tracker_config if tracker_config is not None else {"train": asdict(train), "num_workers": num_workers}
+        if len(arms) > 1 and tracker_config is None:
+            config["sweep"] = list(sweep)
         trackers = open_trackers(trackers, run_dir, name, config)
     monitor = Progress(sink, train.max_steps, progress, progress_every_s, trackers)
     if progress != "off" or trackers:
@@ -139,6 +152,7 @@ def train_draft(
         train_loop_per_worker,
         train_loop_config={
             "train": asdict(train),
+            "arms": [asdict(a) for a in arms] if len(arms) > 1 else None,
             "draft_config": draft_config.as_dict(),
             "weights": weights,
             "supply": supply,
@@ -181,20 +195,24 @@ def train_draft(
     by_step.update((r["step"], r) for r in ray.get(sink.since.remote(0)))
     history = [by_step[k] for k in sorted(by_step)]
     steps = history[-1]["step"] if history else 0
-    exported = None
+    exports = []
     if result.checkpoint is not None and steps >= train.max_steps:
-        exported = Path(export_dir) if export_dir else run_dir / "draft"
+        root = Path(export_dir) if export_dir else run_dir / "draft"
         with result.checkpoint.as_directory() as d:
-            if export_dtype is None:
-                shutil.copytree(Path(d) / "draft", exported, dirs_exist_ok=True)
-            else:
-                from eagle_ray.draft.export import load_draft, save_draft
+            for k in range(len(arms)):
+                src, out = arm_dir(Path(d), k, len(arms)) / "draft", arm_dir(root, k, len(arms))
+                if export_dtype is None:
+                    shutil.copytree(src, out, dirs_exist_ok=True)
+                else:
+                    from eagle_ray.draft.export import load_draft, save_draft
 
-                save_draft(load_draft(Path(d) / "draft"), exported, dtype=export_dtype)
+                    save_draft(load_draft(src), out, dtype=export_dtype)
+                exports.append(out)
+    exported = exports[0] if exports else None
     held = finish_epoch_cache(cache_spec["dir"], cache_spec["epoch_batches"]) if cache_spec else None
     if held is not None and release is not None:
         held["released_at_step"] = release.at_step
-    return TrainResult(exported, result.checkpoint, steps, history, vocab, held)
+    return TrainResult(exported, result.checkpoint, steps, history, vocab, held, exports, arms)
 
 
 class _Release:
