@@ -165,9 +165,7 @@ class JobConfig:
     regenerate: RegenerateConfig = field(default_factory=RegenerateConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    sweep: list[dict[str, Any]] | None = (
-        None  # K drafts from one target stream: a list of training overrides, one per arm
-    )
+    sweep: list[dict[str, Any]] | None = None  # K drafts from one target stream: training overrides per arm
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

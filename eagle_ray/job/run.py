@@ -146,6 +146,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             cache=c.cache if live else None,
             # the end-of-run evaluation decodes on the target: keep one replica for it
             release_after_cache=(1 if c.eval.enabled else 0) if c.target.release_after_cache else None,
+            sweep=c.sweep,
         )
         if stop is not None:
             stop.install()  # Ray Train's fit() replaced our SIGINT handler, and leaves its own installed
@@ -162,6 +163,8 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             acceptance_chain=_mean(last, "acceptance_chain"),
             acceptance_product=_mean(last, "acceptance_product"),
             export=str(result.export_dir) if result.export_dir else None,
+            # a sweep's arms, one export each (`export` and the evaluation below: arm 0's)
+            **({"arms": _arms(result)} if len(result.arms) > 1 else {}),
             data=source.stats.summary(),  # what was read, skipped (by reason) and repaired so far
             data_counts=source.stats.to_dict(),
             data_task_processes=len(source.task_pids),  # 0: the data was prepared in the driver
@@ -189,6 +192,26 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             t_stop = time.monotonic()
             pool.shutdown()  # engines closed, replica actors killed, placement groups released
             log.info("target pool shut down in %.1f s", time.monotonic() - t_stop)
+
+
+def _arms(result: Any) -> list[dict[str, Any]]:
+    """A sweep's arms in the summary: each one's config overrides, last-10-step means, restarts and export."""
+    out = []
+    for k, cfg in enumerate(result.arms):
+        rows = [r["arms"][k] for r in result.history[-10:] if "arms" in r]
+        done = [r for r in rows if r["loss"] is not None]  # a failed step has no loss
+        out.append(
+            {
+                "lr": cfg.lr,
+                "ttt_steps": cfg.ttt_steps,
+                "seed": cfg.seed,
+                "loss": _mean(done, "loss") if done else None,
+                "acceptance_chain": _mean(done, "acceptance_chain") if done else None,
+                "restarts": rows[-1]["restarts"] if rows else 0,
+                "export": str(result.exports[k]) if k < len(result.exports) else None,
+            }
+        )
+    return out
 
 
 def _measure(pool_name: str, export_dir: str, prompts: list, max_new_tokens: int, draft_tokens: int) -> dict:

@@ -93,10 +93,10 @@ def build_arms(
         objective = TTTObjective(
             draft, cfg.ttt_steps, cfg.step_decay, attention=cfg.attention, checkpoint=cfg.activation_checkpointing
         )
-        # no buffer broadcast: the draft's buffers are its vocab maps, equal on every rank and never trained, and
-        # a forward with no collective in it is what lets one rank's failed arm be skipped by all (`step_arms`)
+        # no buffer sync in the forward: the draft's buffers are its vocab maps, equal on every rank and never
+        # trained, and a forward with no collective in it is what lets one rank's failed arm be skipped by all
         ddp = torch.nn.parallel.DistributedDataParallel
-        model = ddp(objective, broadcast_buffers=False) if world > 1 else objective
+        model = ddp(objective, forward_sync_buffers=False) if world > 1 else objective
         arms.append(Arm(k, cfg, draft, opt, sched, model, torch.get_rng_state()))
     return arms
 

@@ -1,0 +1,150 @@
+"""What a sweep saves: target work for K drafts of E epochs trained as one sweep through the epoch cache, against
+the same K drafts trained one after another without a cache, in one process.
+
+On one pool (real HF replicas on a local Ray, 2 Ray Train draft workers, pre-tokenized data that every epoch
+reshuffles and repacks):
+  sequential  K runs of one draft each (arm k's config), cache.mode=off: the target computes every epoch of every
+              draft, K x E passes over the data;
+  sweep       one run of the K arms (`train_draft(..., sweep=...)`), the epoch cache on, the pool scaled to 0
+              replicas once the cache holds epoch 1 (release_after_cache=0): one pass.
+Per run: target tokens computed (the workers' own count), tokens trained on (per draft), replica-seconds (live
+replicas sampled every 0.25 s over the training calls), and both per (draft, epoch). The issue's goal: the sweep's
+replica-seconds per (draft, epoch) at most 1.1/(K·E) of the sequential runs'. Each arm's last loss is reported
+next to the same config's sequential run (they train on the same batches from the same seeds).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/fanout.py            # writes benchmarks/results/fanout.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from epoch_cache import _data, _ReplicaSeconds  # noqa: E402  (this folder is no package)
+
+ARMS = [{"lr": 3e-3}, {"lr": 1e-2, "seed": 1}, {"lr": 1e-3, "seed": 2}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arms", type=int, default=3, help="K: the first K of three learning-rate/seed arms")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--records", type=int, default=64)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "results" / "fanout.json"))
+    args = p.parse_args(argv)
+    arms = ARMS[: args.arms]
+
+    import ray
+
+    from eagle_ray.data import make_batch_source
+    from eagle_ray.pool import serve_pool
+    from eagle_ray.ray_init import init_ray
+    from eagle_ray.tiny import build_tiny_target
+    from eagle_ray.train import DraftTrainConfig, EpochCacheConfig, train_draft
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="fanout_bench_"))
+    target = str(build_tiny_target(tmp / "target", "llama"))
+    data = _data(tmp / "data.jsonl", args.records)
+    source = make_batch_source(
+        "pretokenized", data, None, max_length=64, batch_tokens=256, shuffle_buffer=32, seed=0, workers=0
+    )[0]
+    workers = 2
+    init_ray("local", num_cpus=6, object_store_memory=256 * 2**20, dashboard=False)
+    rows = []
+    try:
+        first = source.batches_per_epoch()
+        steps = args.epochs * first // workers
+        config = DraftTrainConfig(max_steps=steps, lr=3e-3, warmup_steps=2, ttt_steps=3, checkpoint_every=steps)
+        common = dict(
+            storage_path=tmp / "runs", num_workers=workers, backend="gloo", resources_per_worker={"CPU": 1},
+            progress="off",
+        )  # fmt: skip
+        with serve_pool("fanout-bench", target, engine="hf", replicas=args.replicas) as pool:
+            while sum(r["state"] == "ready" for r in pool.stats()["replicas"]) < args.replicas:
+                time.sleep(0.5)
+            runs = [(f"sequential{k}", [arm], None, None) for k, arm in enumerate(arms)]
+            runs.append(("sweep", arms, EpochCacheConfig(), 0))  # last: it leaves the pool with no replica
+            for name, sweep, cache, release in runs:
+                t0 = time.monotonic()
+                with _ReplicaSeconds(pool) as rs:
+                    result = train_draft(
+                        pool, source, config, name=name, cache=cache, release_after_cache=release, sweep=sweep,
+                        **common,
+                    )  # fmt: skip
+                h = result.history
+                last = h[-1].get("arms") or [h[-1]]
+                rows.append(
+                    {
+                        "name": name,
+                        "drafts": len(sweep),
+                        "steps": result.steps,
+                        "trained_tokens_per_draft": h[-1]["tokens"],
+                        "target_tokens": sum(r["target_tokens"] for r in h),
+                        "cached_tokens": sum(r.get("cached_tokens", 0) for r in h),
+                        "replica_seconds": round(rs.total, 1),
+                        "wall_s": round(time.monotonic() - t0, 1),
+                        "loss_last": [a["loss"] for a in last],
+                        "released_at_step": (result.cache or {}).get("released_at_step"),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        ray.shutdown()
+    k, e = len(arms), args.epochs
+    seq = [r for r in rows if r["name"].startswith("sequential")]
+    sweep = rows[-1]
+    baseline = {
+        "replica_seconds": sum(r["replica_seconds"] for r in seq),
+        "target_tokens": sum(r["target_tokens"] for r in seq),
+        "wall_s": sum(r["wall_s"] for r in seq),
+    }
+    per = lambda x: x / (k * e)  # noqa: E731  (per draft and epoch)
+    out = {
+        "benchmark": "fanout",
+        "command": "PYTHONPATH=. .venv/bin/python benchmarks/fanout.py " + " ".join(argv or sys.argv[1:]),
+        "setup": {
+            "arms": arms,
+            "epochs": e,
+            "batches_per_epoch": first,
+            "workers": workers,
+            "replicas": args.replicas,
+            "engine": "hf",
+            "target": "tiny llama (H=64, fp32), random init",
+            "machine": "2 shared CPU cores, no GPU",
+        },
+        "runs": rows,
+        "baseline_sequential_no_cache": baseline,
+        "per_draft_epoch": {
+            "sequential_replica_seconds": per(baseline["replica_seconds"]),
+            "sweep_replica_seconds": per(sweep["replica_seconds"]),
+            "sequential_target_tokens": per(baseline["target_tokens"]),
+            "sweep_target_tokens": per(sweep["target_tokens"]),
+        },
+        "replica_seconds_ratio": sweep["replica_seconds"] / baseline["replica_seconds"],
+        "target_tokens_ratio": sweep["target_tokens"] / baseline["target_tokens"],
+        "wall_ratio": sweep["wall_s"] / baseline["wall_s"],
+        "goal_ratio": 1.1 / (k * e),
+        "ideal_ratio": 1 / (k * e),
+        "same_losses_as_sequential": [
+            abs(sweep["loss_last"][i] - seq[i]["loss_last"][0]) <= 1e-5 * abs(seq[i]["loss_last"][0]) for i in range(k)
+        ],
+    }
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({key: out[key] for key in ("replica_seconds_ratio", "target_tokens_ratio", "goal_ratio")}))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
