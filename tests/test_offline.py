@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -338,7 +339,7 @@ def test_a_full_epoch_cache_falls_back_to_the_pool_and_says_so_once(pool, tmp_pa
 SWEEP = [{}, {"lr": 1e-2, "seed": 1}, {"lr": 1e-3, "ttt_steps": 3, "step_decay": 0.5}]
 
 
-def _arm_losses(result, arm: int) -> list[float | None]:
+def _arm_losses(result, arm: int) -> list[float]:
     return [r["arms"][arm]["loss"] if "arms" in r else r["loss"] for r in result.history]
 
 
@@ -390,7 +391,7 @@ def test_an_arm_that_fails_goes_back_to_its_checkpoint_and_the_others_go_on(pool
     h = run.history
     assert [r["step"] for r in h] == list(range(1, first + 1)) and h[-1]["arm_restarts"] == 1
     assert [r["arms"][1]["restarts"] for r in h] == [0] * 4 + [1] * (first - 4)
-    assert h[4]["arms"][1]["failed"] and h[4]["arms"][1]["loss"] is None
+    assert h[4]["arms"][1]["failed"] and math.isnan(h[4]["arms"][1]["loss"])
     for k in (0, 2):
         assert _arm_losses(run, k) == pytest.approx(_arm_losses(swept, k), rel=1e-5, abs=1e-6), k
     assert _arm_losses(run, 1)[:4] == pytest.approx(_arm_losses(swept, 1)[:4], rel=1e-5)

@@ -199,7 +199,7 @@ def _arms(result: Any) -> list[dict[str, Any]]:
     out = []
     for k, cfg in enumerate(result.arms):
         rows = [r["arms"][k] for r in result.history[-10:] if "arms" in r]
-        done = [r for r in rows if r["loss"] is not None]  # a failed step has no loss
+        done = [r for r in rows if not r["failed"]]  # a failed step has no loss (NaN)
         out.append(
             {
                 "lr": cfg.lr,

@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             s = st.summary()
             rows.append(
                 {
-                    "loss": None if bad else loss,
+                    "loss": float("nan") if bad else loss,  # NaN, not None: the progress line and trackers format it
                     "acc": s["acc"],
                     "acceptance_chain": s["acceptance_chain"],
                     "acceptance_product": s["acceptance_product"],
