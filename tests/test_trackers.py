@@ -61,6 +61,16 @@ def test_row_metrics_names_scalars_train_and_acc_per_ttt_step():
     assert all(type(v) is float for v in metrics.values())
 
 
+def test_a_sweeps_arms_are_series_of_their_own():
+    row = {
+        **_row(2),
+        "arms": [{"loss": 5.0, "acc": [0.5], "restarts": 0, "failed": False}, {"loss": 4.0, "restarts": 1}],
+    }
+    metrics = row_metrics(row)
+    assert metrics["arm0/loss"] == 5.0 and metrics["arm1/loss"] == 4.0 and metrics["arm1/restarts"] == 1.0
+    assert "arm0/failed" not in metrics and "arm0/acc" not in metrics and metrics["train/loss"] == 5.0
+
+
 def test_fan_out_reaches_every_tracker_when_one_fails(caplog):
     seen: list[tuple[str, int]] = []
 

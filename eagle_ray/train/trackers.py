@@ -60,7 +60,8 @@ class Trackers:
 
 
 def row_metrics(row: Mapping[str, Any]) -> dict[str, float]:
-    """A training row as tracker metrics: numeric scalars as `train/<key>`, the per-TTT-step `acc` as `acc/step<k>`.
+    """A training row as tracker metrics: numeric scalars as `train/<key>`, the per-TTT-step `acc` as `acc/step<k>`,
+    a sweep's arms as `arm<k>/<key>`.
 
     Other lists (`weight_checksums`, one per DDP rank) and non-numbers are not metrics.
     """
@@ -70,6 +71,13 @@ def row_metrics(row: Mapping[str, Any]) -> dict[str, float]:
             continue
         if key == "acc":
             metrics.update((f"acc/step{k}", float(a)) for k, a in enumerate(value))
+        elif key == "arms":  # a sweep's: each arm's numbers as its own series
+            for k, arm in enumerate(value):
+                metrics.update(
+                    (f"arm{k}/{name}", float(v))
+                    for name, v in arm.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                )
         elif isinstance(value, int | float) and not isinstance(value, bool):
             metrics[f"train/{key}"] = float(value)
     return metrics
