@@ -72,7 +72,7 @@ def test_arms_step_as_they_would_alone_and_a_failed_one_goes_back_alone(tmp_path
         assert [row[k] for row in swept] == pytest.approx([row[0] for row in alone], rel=1e-6), k
     arms, lm_head = _arms(SWEEP)
     for arm in arms:
-        arm.take_snapshot()  # as at the start of a run
+        arm.take_snapshot(0)  # as at the start of a run
     plan_arm_fault(tmp_path, 2, arm=1, mode="nan")
     faulty = _train(arms, lm_head, batches, arm_step_fault(0, tmp_path))
     assert [a.restarts for a in arms] == [0, 1, 0] and math.isnan(faulty[2][1])

@@ -8,11 +8,13 @@ An arm is independent of the others: its draft is initialised from its own seed 
 for its step alone, so arm k of a sweep trains as the same config trained alone (same data, same seeds).
 
 An arm whose step fails in-process (its forward raises, or its loss or gradient norm is not finite) is put back to
-its last checkpoint (kept in host memory) and counted in `restarts`; the others go on untouched. It does not replay
-the steps it missed: it resumes with the next batch, that many updates behind the others. With DDP the ranks agree
-on which arms failed (one all-reduce of K flags) before any arm's backward, so all ranks skip the same arms. With
-one arm there is nothing to isolate: a failure stops the group, and Ray Train restarts it from the checkpoint,
-replaying the missed steps exactly.
+its last checkpoint (kept in host memory) and counted in `restarts`; the others go on untouched. It then catches up
+(`catch_up`): the steps it lost are replayed for it alone from the epoch cache, so it is where the others are, as
+if it had not failed. Without the cache (or with a lost batch not in it on some rank) it resumes with the next
+batch, that many updates behind the others. With DDP the ranks agree on which arms failed (one all-reduce of a
+flag per arm) before any arm's backward, so all ranks skip, and replay, the same arms. With one arm there is
+nothing to isolate: a failure stops the group, and Ray Train restarts it from the checkpoint, replaying the missed
+steps exactly.
 """
 
 from __future__ import annotations
@@ -47,15 +49,22 @@ class Arm:
     model: torch.nn.Module  # the TTT objective, DDP-wrapped with several ranks
     rng: torch.Tensor  # this arm's CPU RNG state, swapped in for its step
     restarts: int = 0
+    replayed: int = 0  # steps replayed from the epoch cache to catch up after failures
     snapshot: dict[str, Any] | None = field(default=None, repr=False)  # the last checkpoint, in host memory
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.draft.parameters() if p.requires_grad]
 
-    def take_snapshot(self) -> None:
-        """What a failure puts back: the state just checkpointed (or the start)."""
+    @property
+    def snapshot_step(self) -> int:
+        """The run's step the snapshot was taken at: the first step a put-back arm has to train again."""
+        return self.snapshot["step"]
+
+    def take_snapshot(self, step: int) -> None:
+        """What a failure puts back: the state just checkpointed (or the start), at the run's `step`."""
         self.snapshot = {
+            "step": step,
             "draft": _host(self.draft.state_dict()),
             "opt": _host(self.opt.state_dict()),
             "sched": self.sched.state_dict(),
@@ -161,10 +170,12 @@ def step_arms(
     autocast: bool,
     zero_record: Callable[[int], Supervision],
     fault: Callable[[int, int], bool] | None = None,
+    isolate: bool | None = None,
 ) -> list[tuple[torch.Tensor, TTTStats] | None]:
     """One optimizer step of every arm on this batch's supervision: (loss, stats) per arm, None for an arm that
-    failed and was put back to its last checkpoint."""
-    isolate = len(arms) > 1
+    failed and was put back to its last checkpoint. `isolate` (default: with more than one arm) catches a failed
+    arm instead of raising."""
+    isolate = len(arms) > 1 if isolate is None else isolate
     out: list[tuple[torch.Tensor, TTTStats] | None] = []
     for arm in arms:
         torch.set_rng_state(arm.rng)
@@ -208,6 +219,42 @@ def step_arms(
             arm.restore()
             out.append(None)
     return out
+
+
+def catch_up(
+    arm: Arm,
+    step: int,
+    cache: Any,
+    source: Any,
+    rank: int,
+    world: int,
+    train_step: Callable[[Arm, Supervision | None, int], bool],
+) -> int:
+    """Replay a put-back arm's lost steps (its snapshot's step through `step`) from the epoch cache, so it is where
+    the other arms are; the number of steps replayed, 0 when it could not (no cache, or some rank's batch not in
+    it: the arm then goes on from its checkpoint, that many updates behind). With DDP every rank replays or none
+    does (one all-reduce), then they step the arm together. `train_step(arm, sup, t)`: one step of the arm alone
+    (`sup` None: a zero record, as a skipped batch), False if it failed again."""
+    if cache is None or not hasattr(source, "epoch_origins"):
+        return 0
+    plan = []
+    for t in range(arm.snapshot_step, step + 1):
+        batch = next(iter(source.rank_batches(rank, world, t)))
+        plan.append((t, batch, source.epoch_origins(t * world + rank)[1]))
+    ready = torch.tensor([float(all(cache.has(origins) for _, _, origins in plan))], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(ready, op=dist.ReduceOp.MIN)
+    if not float(ready):
+        log.warning("sweep arm %d: steps %d-%d not all in the epoch cache; it goes on from its checkpoint", arm.index,
+                    arm.snapshot_step, step)  # fmt: skip
+        return 0
+    for t, batch, origins in plan:
+        # a file torn since `has`: this rank's part of the step is a zero record, so DDP's ranks still step together
+        if not train_step(arm, cache.get(batch, origins), t):
+            return 0
+    arm.replayed += len(plan)
+    log.warning("sweep arm %d: replayed steps %d-%d from the epoch cache", arm.index, plan[0][0], step)
+    return len(plan)
 
 
 def _host(obj: Any) -> Any:

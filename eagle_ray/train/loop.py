@@ -31,7 +31,7 @@ from eagle_ray.draft.ttt import TTTStats
 from eagle_ray.pool.shared import read_weights
 from eagle_ray.ray_init import quiet_known_warnings
 from eagle_ray.testing.faults import arm_step_fault, train_step_fault
-from eagle_ray.train.arms import build_arms, load_arms, save_arms, step_arms
+from eagle_ray.train.arms import build_arms, catch_up, load_arms, save_arms, step_arms
 from eagle_ray.train.config import DraftTrainConfig
 from eagle_ray.train.epoch_cache import CachedSupply, EpochCache
 from eagle_ray.train.prefetch import device_batches
@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sweep = len(arms) > 1
     if sweep:  # what a failed arm goes back to (one arm has no other to protect: the group restarts instead)
         for arm in arms:
-            arm.take_snapshot()
+            arm.take_snapshot(state["step"])
     metrics_path = Path(config["metrics_path"]) if rank == 0 and config.get("metrics_path") else None
     sink = config.get("metrics_sink") if rank == 0 else None
 
@@ -102,7 +102,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fault = train_step_fault(rank, config["run_dir"])  # None unless a test planned one
     arm_fault = arm_step_fault(rank, config["run_dir"]) if sweep else None
     served = cached = 0  # target tokens of this rank's supply, and tokens read from the epoch cache, so far
-    width = [3 * a.cfg.ttt_steps + 4 for a in arms]  # loss and TTTStats.flat() of each arm in the all-reduce
+    width = [3 * a.cfg.ttt_steps + 4 for a in arms]
+
+    def replay(arm: Any, sup: Supervision | None, t: int) -> bool:
+        rec = None if sup is None else next(iter(device_batches([(t, sup, {})], device)))[1]
+        zero = lambda ttt: _zero_record(arms[0].draft, lm_head, ttt)  # noqa: E731
+        return step_arms([arm], rec, lm_head, rec is None, t, world, cuda, zero, None, isolate=True)[0] is not None
+
+    # loss and TTTStats.flat() of each arm in the all-reduce
     for step, sup, meta in device_batches(reader, device):
         t_got = time.monotonic()
         step_wait = t_got - t_wait
@@ -121,6 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lambda ttt: _zero_record(arms[0].draft, lm_head, ttt),
             arm_fault,
         )
+        for arm, res in zip(arms, results, strict=True):
+            if res is None:  # put back to its checkpoint: replay what it lost, if the epoch cache holds it
+                catch_up(arm, step, getattr(reader.supply, "cache", None), config["source"], rank, world, replay)
         if skipped:
             sample_log.skip(step, meta["batch"], meta["skipped"])
         else:
@@ -191,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if sweep:
             for r, arm, bad in zip(rows, arms, failed, strict=True):
-                r["restarts"], r["failed"] = arm.restarts, bad
+                r["restarts"], r["failed"], r["replayed"] = arm.restarts, bad, arm.replayed
             row["arms"] = rows
             row["arm_restarts"] = sum(arm.restarts for arm in arms)
         ckpt_now = state["step"] % cfg.checkpoint_every == 0 or done
@@ -231,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 if sweep:
                     for arm in arms:
-                        arm.take_snapshot()
+                        arm.take_snapshot(state["step"])
             else:
                 ray.train.report(metrics)
         if done:

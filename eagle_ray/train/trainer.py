@@ -111,8 +111,9 @@ def train_draft(
     (0 frees it all; None keeps it). `sweep`: K overrides of `train`'s optimisation (`config.SWEEP_FIELDS`: lr,
     ttt_steps, seed...), one per arm: every worker trains the K drafts on each batch it reads, so the target
     computes each batch once for all K (`arms.py`). Each arm trains as it would alone; one whose step fails goes
-    back to its last checkpoint without stopping the others (`history` rows: `arms`, `arm_restarts`). The export
-    then writes `<export_dir>/arm{k}` per arm (`TrainResult.exports`). None: one draft, `train`.
+    back to its last checkpoint without stopping the others, and replays what it lost from the epoch cache
+    (`history` rows: `arms`, `arm_restarts`). The export then writes `<export_dir>/arm{k}` per arm
+    (`TrainResult.exports`). None: one draft, `train`.
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
