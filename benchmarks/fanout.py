@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--records", type=int, default=64)
     p.add_argument("--replicas", type=int, default=2)
+    p.add_argument(
+        "--sweep-replicas", type=int, default=None, help="scale the pool to this many for the sweep (default: the same)"
+    )
     p.add_argument("--out", default=str(HERE / "results" / "fanout.json"))
     args = p.parse_args(argv)
     arms = ARMS[: args.arms]
@@ -76,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             runs = [(f"sequential{k}", [arm], None, None) for k, arm in enumerate(arms)]
             runs.append(("sweep", arms, EpochCacheConfig(), 0))  # last: it leaves the pool with no replica
             for name, sweep, cache, release in runs:
+                if name == "sweep" and args.sweep_replicas not in (None, args.replicas):
+                    # a sweep consumes batches about K times slower: a pool sized to it needs fewer replicas
+                    pool.scale(args.sweep_replicas)
+                    deadline = time.monotonic() + 120
+                    while sum(r["state"] != "dead" for r in pool.stats()["replicas"]) != args.sweep_replicas:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"the pool did not scale to {args.sweep_replicas} replicas")
+                        time.sleep(0.5)
                 t0 = time.monotonic()
                 with _ReplicaSeconds(pool) as rs:
                     result = train_draft(
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "batches_per_epoch": first,
             "workers": workers,
             "replicas": args.replicas,
+            "sweep_replicas": args.sweep_replicas or args.replicas,
             "engine": "hf",
             "target": "tiny llama (H=64, fp32), random init",
             "machine": "2 shared CPU cores, no GPU",
