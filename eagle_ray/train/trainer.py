@@ -37,7 +37,7 @@ from eagle_ray.train.config import DraftTrainConfig, EpochCacheConfig
 from eagle_ray.train.epoch_cache import finish_epoch_cache, init_epoch_cache
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
-from eagle_ray.train.reader import rank_source
+from eagle_ray.train.reader import lookahead, rank_source
 from eagle_ray.train.trackers import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,7 @@ class _Release:
 
     def __init__(self, pool: PoolClient, sink: Any, spec: dict[str, Any], world: int, depth: int, keep: int):
         self.pool, self.sink, self.spec, self.world, self.keep = pool, sink, spec, world, keep
-        per_replica = pool.dispatch_settings()["max_inflight_per_replica"]
-        self.margin = depth + 2 + -(-per_replica * max(len(pool.replicas()), 1) // world)  # steps
+        self.margin = lookahead(pool, depth, world) + 1  # steps: a rank may have dispatched that far past the cache
         self.at_step: int | None = None  # when it scaled the pool down
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eagle-ray-release-after-cache", daemon=True)
