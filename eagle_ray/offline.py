@@ -119,13 +119,13 @@ def _commit(tmp: Path, final: Path, fsync: bool) -> None:
         _fsync_dir(final.parent)
 
 
-def _write_json(path: Path, obj: Any, fsync: bool) -> None:
+def write_json(path: Path, obj: Any, fsync: bool) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     _commit(tmp, path, fsync)
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest(root: Path) -> dict[str, Any]:
     path = root / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"{root}: no manifest.json (not a supervision dump, or its first write crashed)")
@@ -151,7 +151,7 @@ def _entry_from_header(path: Path) -> dict[str, Any]:
     }
 
 
-def _entries_matching_disk(root: Path, manifest: dict[str, Any], strict: bool) -> dict[int, dict[str, Any]]:
+def entries_matching_disk(root: Path, manifest: dict[str, Any], strict: bool) -> dict[int, dict[str, Any]]:
     """Per-batch entries agreeing with the shard files on disk (the files are the truth).
 
     A shard missing from the manifest (a crash between its rename and the manifest update) is
@@ -206,13 +206,13 @@ def _target_facts(pool: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor
     return facts, embed, head
 
 
-def _init_or_check(root: Path, pool: Any, fsync: bool) -> dict[str, Any]:
+def init_or_check(root: Path, pool: Any, fsync: bool) -> dict[str, Any]:
     """Start a dump (target files, then the manifest) or check that `pool` serves the dumped target."""
     info = _info_to_json(pool.info)
     facts, embed, head = _target_facts(pool)
     src = Path(pool.model_path) / "config.json"
     if (root / "manifest.json").exists():
-        manifest = _read_manifest(root)
+        manifest = read_manifest(root)
         config = json.loads((root / "target" / "config.json").read_text())
         mine = {k: info[k] for k in _IDENTITY}, facts["weights_sha256"]
         theirs = {k: manifest["info"][k] for k in _IDENTITY}, manifest["target"]["weights_sha256"]
@@ -242,11 +242,11 @@ def _init_or_check(root: Path, pool: Any, fsync: bool) -> dict[str, Any]:
         "target": {**facts, "config": json.loads((root / "target" / "config.json").read_text())},
         "batches": [],
     }
-    _write_json(root / "manifest.json", manifest, fsync)  # last: its presence means "initialised"
+    write_json(root / "manifest.json", manifest, fsync)  # last: its presence means "initialised"
     return manifest
 
 
-def _write_shard(root: Path, index: int, sup: Supervision, digest: str, fsync: bool) -> dict[str, Any]:
+def write_shard(root: Path, index: int, sup: Supervision, digest: str, fsync: bool) -> dict[str, Any]:
     final = root / shard_name(index)
     if final.exists():  # the resume filter skips existing shards; reaching here is a bug, never overwrite
         raise RuntimeError(f"internal error: {final} exists already")
@@ -264,7 +264,7 @@ def _write_shard(root: Path, index: int, sup: Supervision, digest: str, fsync: b
     return _entry_from_header(final)
 
 
-def _summarise(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def summarise(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """The manifest to write: the dump's fixed facts, run facts (`extra`) and every batch, by index."""
     rows = [entries[i] for i in sorted(entries)]
     return {
@@ -315,8 +315,8 @@ def dump_supervision(
     with _exclusive(root):
         for stale in [*root.glob("*.tmp"), *(root / "target").glob("*.tmp")]:  # a crash mid-write: never real
             stale.unlink()
-        manifest = _init_or_check(root, pool, fsync)
-        done = {i: e["content_hash"] for i, e in _entries_matching_disk(root, manifest, strict=False).items()}
+        manifest = init_or_check(root, pool, fsync)
+        done = {i: e["content_hash"] for i, e in entries_matching_disk(root, manifest, strict=False).items()}
         t0 = time.monotonic()
         # no CPU reserved: a writer mostly waits on the pool, and a cluster whose CPUs the replicas (and trainers)
         # hold would otherwise never start it
@@ -332,16 +332,16 @@ def dump_supervision(
                 ray.cancel(ref)
             raise
         finally:
-            entries = _entries_matching_disk(root, manifest, strict=False)  # what the writers committed
+            entries = entries_matching_disk(root, manifest, strict=False)  # what the writers committed
             complete = all(i in entries for i in range(num_batches))
-            _write_json(root / "manifest.json", _summarise(manifest, entries, complete=complete), fsync)
+            write_json(root / "manifest.json", summarise(manifest, entries, complete=complete), fsync)
         run = {k: sum(r[k] for r in runs) for k in runs[0]}
         run["seconds"] = round(time.monotonic() - t0, 3)
         if progress:
             progress(_progress_line(run, len(entries), num_batches, run["seconds"], done=True))
-        final = _summarise(manifest, entries, complete=complete, requested_batches=num_batches)
+        final = summarise(manifest, entries, complete=complete, requested_batches=num_batches)
         final["last_run"] = run
-        _write_json(root / "manifest.json", final, fsync)
+        write_json(root / "manifest.json", final, fsync)
         return final
 
 
@@ -386,7 +386,7 @@ def _write_share(
                 raise RuntimeError(f"batch {index}: the pool gave up on it: {s.error}")
             if not (torch.equal(s.sup.input_ids, s.batch.input_ids.long()) and s.sup.num_tokens == s.batch.num_tokens):
                 raise RuntimeError(f"batch {index}: the pool returned supervision of other tokens")
-            entry = _write_shard(out, index, s.sup, digest, fsync)
+            entry = write_shard(out, index, s.sup, digest, fsync)
             run["written"] += 1
             run["bytes_written"] += entry["bytes"]
             run["tokens_written"] += s.batch.num_tokens
@@ -415,10 +415,10 @@ class OfflineSupervision:
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
-        self.manifest = _read_manifest(self.root)
+        self.manifest = read_manifest(self.root)
         self.info: ModelInfo = _info_from_json(self.manifest["info"])
         self.model_path = str(self.root / "target")  # holds the target's config.json
-        self.entries = _entries_matching_disk(self.root, self.manifest, strict=True)
+        self.entries = entries_matching_disk(self.root, self.manifest, strict=True)
         self._by_hash: dict[str, dict[str, Any]] = {}
         for e in self.entries.values():
             self._by_hash.setdefault(e["content_hash"], e)  # equal content, equal supervision: either will do
