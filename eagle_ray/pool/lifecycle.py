@@ -12,9 +12,11 @@ from typing import Any
 
 import ray
 from ray.util import placement_group_table
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.contract import ModelInfo
 from eagle_ray.pool import placement as pl
+from eagle_ray.pool.replica import forget_marker
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class Lifecycle:
                 r.state = "draining"
             self._changed = True
         now = time.monotonic()
+        self._forget_markers(now)
         for r in list(self._replicas.values()):
             if r.state == "draining" and not r.inflight:
                 self._remove(r)
@@ -152,6 +155,18 @@ class Lifecycle:
         r.state = "dead"
         del self._replicas[r.replica_id]
         self._changed = True
+        if r.desc is not None:  # its marker outlives it, for the clients that read it after a death: for a while
+            keep = max(60.0, 3 * self._shard_timeout_s)  # past any client's verdict timeout (`Dispatch._awaiting`)
+            self._markers.append((time.monotonic() + keep, r.desc["node_id"], r.desc["marker"]))
+
+    def _forget_markers(self, now: float = math.inf) -> list:
+        """Delete the marker files kept past their replicas' deaths, once no client may read them any more."""
+        due = [m for m in self._markers if m[0] <= now]
+        self._markers = [m for m in self._markers if m[0] > now]
+        return [
+            forget_marker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(path)
+            for _, node, path in due
+        ]
 
     def _stop_replicas(self, timeout_s: float = 30.0) -> None:
         """Shut every replica down at once (its engine's close, then its actor and group), each given `timeout_s`
@@ -165,6 +180,8 @@ class Lifecycle:
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         for r in list(self._replicas.values()):
             self._remove(r)
+        if gone := self._forget_markers():
+            ray.wait(gone, num_returns=len(gone), timeout=5.0)  # a lost node's files go with it
 
     def _on_ready(self, r: _Replica, fut: Any) -> None:
         if self._replicas.get(r.replica_id) is not r:

@@ -102,6 +102,7 @@ class PooledTargetModel(Pool, Lifecycle):
         self._target_replicas = replicas
         self._min_replicas = replicas if min_replicas is None else min_replicas  # None: all (a job's default: 1)
         self._backoff: dict[str | None, Any] = {}  # node id (None: unknown) -> its failed starts' backoff
+        self._markers: list[tuple[float, str, str]] = []  # dead replicas' marker files: (delete after, node, path)
         self._start_timeout_s = start_timeout_s
         if self._max_inflight_bytes is None:
             store = ray.cluster_resources().get("object_store_memory", 2**31)
