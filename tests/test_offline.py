@@ -291,6 +291,29 @@ def test_a_run_stopped_in_epoch_two_resumes_exactly(epoch_runs):
     assert resumed.history[stop]["loss"] == pytest.approx(online.history[stop]["loss"], rel=1e-5)
 
 
+def test_the_cache_budget_defaults_to_most_of_the_free_disk_and_says_what_epoch_one_needs(pool, tmp_path, caplog):
+    """No `max_bytes`: 80% of the free space where the cache lives (a run's disk also holds its checkpoints). The
+    start-up line gives an upper bound of epoch 1's size; a budget below it warns with the share it holds."""
+    import logging
+    import shutil
+
+    from eagle_ray.train import EpochCacheConfig
+    from eagle_ray.train.trainer import _epoch_cache
+
+    source = _chat_source(tmp_path)
+    first = source.batches_per_epoch()
+    need = first * source.batch_tokens * pool.info.bytes_per_token
+    with caplog.at_level(logging.INFO, logger="eagle_ray.train.trainer"):
+        spec = _epoch_cache(EpochCacheConfig(), pool, source, 2 * first, tmp_path / "default")
+        free = shutil.disk_usage(spec["dir"]).free
+        assert 0.75 * free < spec["max_bytes"] < 0.85 * free
+        assert f"at most {need / 1e9:.2f} GB" in caplog.text and "80% of the free space" in caplog.text
+        assert "the pool serves the rest" not in caplog.text or spec["max_bytes"] < need
+        spec = _epoch_cache(EpochCacheConfig(max_bytes=need // 4), pool, source, 2 * first, tmp_path / "small")
+    assert spec["max_bytes"] == need // 4 and "its budget holds about 25% of epoch 1" in caplog.text
+    assert _epoch_cache(EpochCacheConfig(), pool, source, first, tmp_path / "one") is None  # one epoch: no cache
+
+
 def test_a_full_epoch_cache_falls_back_to_the_pool_and_says_so_once(pool, tmp_path, caplog):
     """A rank whose share of `max_bytes` fills up caches no more; the later epoch's batches that need what it did
     not cache come from the pool, equal to what the pool computes for them."""

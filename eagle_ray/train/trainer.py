@@ -33,7 +33,7 @@ from eagle_ray.draft.vocab import DraftVocab, build_draft_vocab, count_loss_toke
 from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.offline import OfflineSupervision, shard_name
 from eagle_ray.pool import PoolClient, PooledTargetModel
-from eagle_ray.train.config import DraftTrainConfig, EpochCacheConfig
+from eagle_ray.train.config import CACHE_DISK_SHARE, DraftTrainConfig, EpochCacheConfig
 from eagle_ray.train.epoch_cache import finish_epoch_cache, init_epoch_cache
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
@@ -255,8 +255,24 @@ def _epoch_cache(
     if batches <= epoch_batches:
         return None  # one epoch (or less): nothing is read twice
     root = init_epoch_cache(Path(cache.dir).expanduser() if cache.dir else run_dir / "epoch_cache", target)
-    log.info("epoch cache: %d first-epoch batches to %s, read back in later epochs", epoch_batches, root)
-    return {"dir": str(root), "epoch_batches": epoch_batches, "max_bytes": cache.max_bytes}
+    budget = cache.max_bytes
+    if budget is None:  # the checkpoints and the export share that disk: leave them room
+        budget = int(CACHE_DISK_SHARE * shutil.disk_usage(root).free)
+    batch_tokens = getattr(source, "batch_tokens", None)
+    need = epoch_batches * batch_tokens * target.info.bytes_per_token if batch_tokens else None
+    log.info(
+        "epoch cache: %d first-epoch batches (%s) to %s, budget %.2f GB (cache.max_bytes%s); read back in later epochs",
+        epoch_batches,
+        "size unknown" if need is None else f"at most {need / 1e9:.2f} GB",
+        root,
+        budget / 1e9,
+        "" if cache.max_bytes else f": {CACHE_DISK_SHARE:.0%} of the free space there",
+    )
+    if need is not None and need > budget:
+        log.warning(
+            "epoch cache: its budget holds about %d%% of epoch 1; the pool serves the rest", 100 * budget // need
+        )
+    return {"dir": str(root), "epoch_batches": epoch_batches, "max_bytes": budget}
 
 
 def _supply(target: Any) -> tuple[dict[str, Any], ray.ObjectRef]:
