@@ -346,6 +346,40 @@ def test_a_full_epoch_cache_falls_back_to_the_pool_and_says_so_once(pool, tmp_pa
         torch.testing.assert_close(sup.last_hidden_states, ref.last_hidden_states, rtol=1e-5, atol=1e-5)
 
 
+def test_an_fp8_epoch_cache_holds_a_quarter_of_the_bytes_and_reads_back_within_fp8s_precision(pool, tmp_path):
+    """`cache.fp8`: the hidden states as e4m3 with a float32 scale per token. A later epoch reads every batch from
+    the files, each value within e4m3's rounding (3 mantissa bits: half an ulp is 1/16 of the value) of the pool's,
+    or of the token's own scale for values near zero; ids and masks exact. The cache is still a dump: from_dump
+    reads it, decoded the same way."""
+    from eagle_ray.train.epoch_cache import CachedSupply, EpochCache, finish_epoch_cache, init_epoch_cache
+    from eagle_ray.train.reader import PoolSupply, RankReader
+
+    def within_fp8(got: torch.Tensor, want: torch.Tensor) -> bool:
+        floor = want.abs().amax(dim=-1, keepdim=True) / 448 * 2**-9  # e4m3's smallest step at the token's scale
+        return bool(((got - want).abs() <= want.abs() / 16 + floor).all()) and not torch.equal(got, want)
+
+    source = _chat_source(tmp_path).for_ranks()
+    first = source.batches_per_epoch()
+    batches = list(itertools.islice(source.rank_batches(0, 1), 2 * first))
+    root = init_epoch_cache(tmp_path / "cache", pool)
+    supply = CachedSupply(PoolSupply(pool), EpochCache(root, first, None, 0, 1, fp8=True), source, 0, 1, 0)
+    served = [sup for _, sup, _ in RankReader(supply, iter(batches))]
+    assert supply.missed == 0 and supply.cached_tokens == sum(b.num_tokens for b in batches[first:])
+    tokens = sum(b.num_tokens for b in batches[:first])
+    on_disk = sum(p.stat().st_size for p in root.glob("batch_*.safetensors"))
+    fp32 = tokens * pool.info.bytes_per_token
+    assert on_disk < 0.35 * fp32, (on_disk, fp32)  # 4H bytes + 2 scales + ids and masks a token, vs 16H bytes
+    dump = OfflineSupervision(finish_epoch_cache(root, first)["dir"])
+    for sup, batch in zip(served[first:], batches[first:], strict=True):
+        ref = pool.forward_packed(batch)
+        assert torch.equal(sup.input_ids.long(), batch.input_ids.long())
+        assert within_fp8(sup.aux_hidden_states, ref.aux_hidden_states)  # rounded (not equal), within e4m3's step
+        assert within_fp8(sup.last_hidden_states, ref.last_hidden_states)
+    for batch in batches[:first]:
+        ref, got = pool.forward_packed(batch), dump.load(batch)
+        assert within_fp8(got.aux_hidden_states, ref.aux_hidden_states) and got.aux_hidden_states.dtype == torch.float32
+
+
 def test_training_from_the_dump_matches_training_from_the_pool(pool, tmp_path):
     batches = _batches(STEPS * WORKERS)
     config = DraftTrainConfig(max_steps=STEPS, lr=3e-3, warmup_steps=2, checkpoint_every=STEPS, log_every=4)

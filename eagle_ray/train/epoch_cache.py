@@ -42,6 +42,7 @@ from eagle_ray.offline import (
     SHARD_FIELDS,
     DumpMismatchError,
     content_hash,
+    decoded,
     entries_matching_disk,
     init_or_check,
     read_manifest,
@@ -65,9 +66,17 @@ class EpochCache:
     """One rank's view of the cache directory: `put` a first-epoch batch's supervision, `get` a later one's."""
 
     def __init__(
-        self, root: str | Path, epoch_batches: int, max_bytes: int | None, rank: int, world: int, wait_s: float = WAIT_S
+        self,
+        root: str | Path,
+        epoch_batches: int,
+        max_bytes: int | None,
+        rank: int,
+        world: int,
+        wait_s: float = WAIT_S,
+        fp8: bool = False,
     ):
         self.root, self.epoch_batches, self.rank, self.world = Path(root), epoch_batches, rank, world
+        self.fp8 = fp8
         self.share = None if max_bytes is None else max_bytes // world
         self.wait_s = wait_s
         marker = _full_marker(self.root, rank)
@@ -108,7 +117,7 @@ class EpochCache:
             )
             return False
         # no fsync: a cache, not a record; a file a crash tore is unreadable, so served by the pool (`get`)
-        entry = write_shard(self.root, index, sup, digest, fsync=False)
+        entry = write_shard(self.root, index, sup, digest, fsync=False, fp8=self.fp8)
         self.used += entry["bytes"]
         self.written_bytes += entry["bytes"]
         self.written_tokens += batch.num_tokens
@@ -131,8 +140,10 @@ class EpochCache:
                 cus = {b: f.get_tensor("cu_seqlens") for b, f in opened.items()}
                 for b, pos in origins:
                     lo, hi = int(cus[b][pos]), int(cus[b][pos + 1])
+                    f = opened[b]
+                    rows = decoded({k: f.get_slice(k)[lo:hi] for k in f.keys() if k != "cu_seqlens"}, f.metadata())
                     for k in parts:
-                        parts[k].append(opened[b].get_slice(k)[lo:hi])
+                        parts[k].append(rows[k])
         except Exception as e:  # a torn or unreadable file: the pool serves the batch
             log.warning("epoch cache: a file of batches %s is unreadable (%s); the pool serves this batch", files, e)
             return None

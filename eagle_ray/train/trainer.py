@@ -272,7 +272,7 @@ def _epoch_cache(
         log.warning(
             "epoch cache: its budget holds about %d%% of epoch 1; the pool serves the rest", 100 * budget // need
         )
-    return {"dir": str(root), "epoch_batches": epoch_batches, "max_bytes": budget}
+    return {"dir": str(root), "epoch_batches": epoch_batches, "max_bytes": budget, "fp8": cache.fp8}
 
 
 def _supply(target: Any) -> tuple[dict[str, Any], ray.ObjectRef]:
