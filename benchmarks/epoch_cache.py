@@ -80,22 +80,21 @@ def render(doc: dict) -> str:
             f"| {r['name']} | {r['target_tokens']} | {r['target_tokens_ratio']:.3f} | {r['replica_seconds']:.0f} | "
             f"{r['replica_seconds_ratio']:.2f} | {r['cached_tokens']} |"
         )
-    return (
-        "\n".join(lines)
-        + (
-            f"\n\n({st['epochs']} epochs of {st['batches_per_epoch']} batches, {st['workers']} workers, {st['replicas']} "
-            f"{st['engine']} replicas of a {st['target']}, {st['machine']}; the cache held "
-            f"{doc['cache_bytes_per_token']:.0f} bytes per token; `{doc['command']}`)"
-        )
-        + (
-            f"\n\nStored as fp8 (`cache.fp8: true`), the cache held {f['bytes_per_token']:.0f} bytes per token "
-            f"({f['bytes_ratio']:.2f} of the exact cache's); over epochs 2..{st['epochs']}, which read those values back, "
-            f"the loss differed from the exact cache's run by {f['loss_rel_gap_mean']:.2%} on average and "
-            f"{f['loss_rel_gap_max']:.2%} at most (last loss {f['loss_last'][0]:.3f} exact, {f['loss_last'][1]:.3f} fp8)."
-            if (f := doc.get("fp8"))
-            else ""
-        )
+    lines.append(
+        f"\n({st['epochs']} epochs of {st['batches_per_epoch']} batches, {st['workers']} workers, "
+        f"{st['replicas']} {st['engine']} replicas of a {st['target']}, {st['machine']}; the cache held "
+        f"{doc['cache_bytes_per_token']:.0f} bytes per token; `{doc['command']}`)"
     )
+    f = doc.get("fp8")
+    if f:
+        lines.append(
+            f"\nStored as fp8 (`cache.fp8: true`), the cache held {f['bytes_per_token']:.0f} bytes per token "
+            f"({f['bytes_ratio']:.2f} of the exact cache's). Over epochs 2..{st['epochs']}, which read those values "
+            f"back, the loss differed from the exact cache's run by {f['loss_rel_gap_mean']:.2%} on average and "
+            f"{f['loss_rel_gap_max']:.2%} at most (last loss {f['loss_last'][0]:.3f} exact, "
+            f"{f['loss_last'][1]:.3f} fp8)."
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
