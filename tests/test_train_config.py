@@ -47,8 +47,8 @@ def test_the_ttt_defaults_are_the_objectives():
         ("training.max_steps=0", "training.max_steps: must be >= 1, got 0"),
         ("training.lr=0", "training.lr: must be > 0"),
         ("training.ttt_steps=0", "training.ttt_steps: must be >= 1"),
-        ("checkpoint.every=0", "checkpoint.every: out of range"),
-        ("logging.log_every=0", "logging.log_every: out of range"),
+        ("checkpoint.every=0", "checkpoint.every: must be >= 1, got 0"),
+        ("logging.log_every=0", "logging.log_every: must be >= 1, got 0"),
     ],
 )
 def test_out_of_range_values_name_the_job_key(override, message):
