@@ -90,9 +90,9 @@ def render(doc: dict) -> str:
         lines.append(
             f"\nStored as fp8 (`cache.fp8: true`), the cache held {f['bytes_per_token']:.0f} bytes per token "
             f"({f['bytes_ratio']:.2f} of the exact cache's). Over epochs 2..{st['epochs']}, which read those values "
-            f"back, the loss differed from the exact cache's run by {f['loss_rel_gap_mean']:.2%} on average and "
-            f"{f['loss_rel_gap_max']:.2%} at most (last loss {f['loss_last'][0]:.3f} exact, "
-            f"{f['loss_last'][1]:.3f} fp8)."
+            f"back, the loss differed from the exact cache's run by {f['loss_rel_gap_mean']:.1e} of itself on average "
+            f"and {f['loss_rel_gap_max']:.1e} at most (last loss {f['loss_last'][0]:.4f} exact, "
+            f"{f['loss_last'][1]:.4f} fp8)."
         )
     return "\n".join(lines)
 
