@@ -4,7 +4,10 @@ Three runs of the same E-epoch training (real Ray Train, 2 draft workers, a real
 pre-tokenized data that every epoch reshuffles and repacks:
   online   cache.mode=off: the target computes every epoch;
   cache    cache.mode=auto: epoch 1 from the pool, written to the cache; epochs 2..E read from it;
-  release  the same, and the pool scaled to 0 replicas once the cache is complete (release_after_cache).
+  fp8      the same cache, its hidden states stored as float8 with a per-token scale (cache.fp8): its bytes per
+           token, and its loss curve against `cache`'s, step by step (epoch 1 trains on the pool's exact values in
+           both, so the curves part only where epoch 2 reads the rounded values back);
+  release  the same as `cache`, and the pool scaled to 0 replicas once the cache is complete (release_after_cache).
 Per run: target tokens computed (the workers' own count, summed over the steps), tokens trained on, tokens read
 from the cache, the cache's bytes and bytes per token, and replica-seconds (live replicas sampled every 0.25 s
 over the training call, a replica counted from its start until it is gone). Ratios are against `online`, measured
@@ -77,11 +80,21 @@ def render(doc: dict) -> str:
             f"| {r['name']} | {r['target_tokens']} | {r['target_tokens_ratio']:.3f} | {r['replica_seconds']:.0f} | "
             f"{r['replica_seconds_ratio']:.2f} | {r['cached_tokens']} |"
         )
-    return "\n".join(lines) + (
-        f"\n\n({st['epochs']} epochs of {st['batches_per_epoch']} batches, {st['workers']} workers, {st['replicas']} "
-        f"{st['engine']} replicas of a {st['target']}, {st['machine']}; the cache held "
+    lines.append(
+        f"\n({st['epochs']} epochs of {st['batches_per_epoch']} batches, {st['workers']} workers, "
+        f"{st['replicas']} {st['engine']} replicas of a {st['target']}, {st['machine']}; the cache held "
         f"{doc['cache_bytes_per_token']:.0f} bytes per token; `{doc['command']}`)"
     )
+    f = doc.get("fp8")
+    if f:
+        lines.append(
+            f"\nStored as fp8 (`cache.fp8: true`), the cache held {f['bytes_per_token']:.0f} bytes per token "
+            f"({f['bytes_ratio']:.2f} of the exact cache's). Over epochs 2..{st['epochs']}, which read those values "
+            f"back, the loss differed from the exact cache's run by {f['loss_rel_gap_mean']:.1e} of itself on average "
+            f"and {f['loss_rel_gap_max']:.1e} at most (last loss {f['loss_last'][0]:.4f} exact, "
+            f"{f['loss_last'][1]:.4f} fp8)."
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         with serve_pool("epoch-cache-bench", target, engine=args.engine, replicas=args.replicas) as pool:
             while sum(r["state"] == "ready" for r in pool.stats()["replicas"]) < args.replicas:
                 time.sleep(0.5)
-            runs = [("online", None, None), ("cache", EpochCacheConfig(), None), ("release", EpochCacheConfig(), 0)]
+            runs = [("online", None, None), ("cache", EpochCacheConfig(), None)]
+            runs += [("fp8", EpochCacheConfig(fp8=True), None), ("release", EpochCacheConfig(), 0)]
             for name, cache, release in runs:  # release last: it leaves the pool with no replica
                 t0 = time.monotonic()
                 with _ReplicaSeconds(pool) as rs:
@@ -140,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                         "replica_seconds": round(rs.total, 1),
                         "wall_s": round(time.monotonic() - t0, 1),
                         "loss_last": h[-1]["loss"],
+                        "losses": [r["loss"] for r in h],
                         "cache": result.cache,
                     }
                 )
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "cache"}), flush=True)
+                print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("cache", "losses")}), flush=True)
     finally:
         ray.shutdown()
     base = rows[0]
@@ -151,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         r["target_tokens_ratio"] = r["target_tokens"] / base["target_tokens"]
         r["replica_seconds_ratio"] = r["replica_seconds"] / base["replica_seconds"]
     cache = rows[1]["cache"]
+    exact, fp8 = rows[1], rows[2]
+    later = range(first // workers, len(exact["losses"]))  # the steps of epochs 2..E: where fp8 values are read
+    gaps = [abs(fp8["losses"][i] - exact["losses"][i]) / exact["losses"][i] for i in later]
     out = {
         "benchmark": "epoch_cache",
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/epoch_cache.py",
@@ -167,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         "cache_bytes": cache["bytes"],
         "cache_bytes_per_token": cache["bytes_per_token"],
         "expected_target_tokens_ratio": 1 / args.epochs,
+        "fp8": {
+            "bytes_per_token": fp8["cache"]["bytes_per_token"],
+            "bytes_ratio": fp8["cache"]["bytes_per_token"] / cache["bytes_per_token"],
+            "loss_rel_gap_max": max(gaps),
+            "loss_rel_gap_mean": sum(gaps) / len(gaps),
+            "loss_last": [exact["loss_last"], fp8["loss_last"]],
+        },
     }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 FORMAT = "eagle_ray.offline_supervision"
 VERSION = 1
 SHARD_FIELDS = ("input_ids", "loss_mask", "cu_seqlens", "aux_hidden_states", "last_hidden_states")
+HIDDEN = ("aux_hidden_states", "last_hidden_states")  # what fp8 storage quantises; ids and masks stay exact
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value: each token's largest magnitude is scaled to it
 # fields that name the model rather than the replica shape it ran on (those may differ between runs)
 _IDENTITY = ("hidden_size", "vocab_size", "num_layers", "aux_layer_ids", "dtype")
 
@@ -119,13 +121,13 @@ def _commit(tmp: Path, final: Path, fsync: bool) -> None:
         _fsync_dir(final.parent)
 
 
-def _write_json(path: Path, obj: Any, fsync: bool) -> None:
+def write_json(path: Path, obj: Any, fsync: bool) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     _commit(tmp, path, fsync)
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest(root: Path) -> dict[str, Any]:
     path = root / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"{root}: no manifest.json (not a supervision dump, or its first write crashed)")
@@ -151,7 +153,7 @@ def _entry_from_header(path: Path) -> dict[str, Any]:
     }
 
 
-def _entries_matching_disk(root: Path, manifest: dict[str, Any], strict: bool) -> dict[int, dict[str, Any]]:
+def entries_matching_disk(root: Path, manifest: dict[str, Any], strict: bool) -> dict[int, dict[str, Any]]:
     """Per-batch entries agreeing with the shard files on disk (the files are the truth).
 
     A shard missing from the manifest (a crash between its rename and the manifest update) is
@@ -206,13 +208,13 @@ def _target_facts(pool: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor
     return facts, embed, head
 
 
-def _init_or_check(root: Path, pool: Any, fsync: bool) -> dict[str, Any]:
+def init_or_check(root: Path, pool: Any, fsync: bool) -> dict[str, Any]:
     """Start a dump (target files, then the manifest) or check that `pool` serves the dumped target."""
     info = _info_to_json(pool.info)
     facts, embed, head = _target_facts(pool)
     src = Path(pool.model_path) / "config.json"
     if (root / "manifest.json").exists():
-        manifest = _read_manifest(root)
+        manifest = read_manifest(root)
         config = json.loads((root / "target" / "config.json").read_text())
         mine = {k: info[k] for k in _IDENTITY}, facts["weights_sha256"]
         theirs = {k: manifest["info"][k] for k in _IDENTITY}, manifest["target"]["weights_sha256"]
@@ -242,11 +244,15 @@ def _init_or_check(root: Path, pool: Any, fsync: bool) -> dict[str, Any]:
         "target": {**facts, "config": json.loads((root / "target" / "config.json").read_text())},
         "batches": [],
     }
-    _write_json(root / "manifest.json", manifest, fsync)  # last: its presence means "initialised"
+    write_json(root / "manifest.json", manifest, fsync)  # last: its presence means "initialised"
     return manifest
 
 
-def _write_shard(root: Path, index: int, sup: Supervision, digest: str, fsync: bool) -> dict[str, Any]:
+def write_shard(
+    root: Path, index: int, sup: Supervision, digest: str, fsync: bool, fp8: bool = False
+) -> dict[str, Any]:
+    """One batch's file. `fp8`: the hidden states as float8 (e4m3) with a float32 scale per token (`<field>_scale`),
+    a quarter of fp32's bytes and half of bf16's; `decoded` turns them back into the target's dtype."""
     final = root / shard_name(index)
     if final.exists():  # the resume filter skips existing shards; reaching here is a bug, never overwrite
         raise RuntimeError(f"internal error: {final} exists already")
@@ -258,13 +264,30 @@ def _write_shard(root: Path, index: int, sup: Supervision, digest: str, fsync: b
         "content_hash": digest,
         "dtype": str(sup.aux_hidden_states.dtype).removeprefix("torch."),
     }
+    tensors = {k: getattr(sup, k).contiguous() for k in SHARD_FIELDS}
+    if fp8:
+        for k in HIDDEN:
+            x = tensors[k].float()
+            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / FP8_MAX
+            tensors[k], tensors[f"{k}_scale"] = (x / scale).to(torch.float8_e4m3fn), scale
     tmp = final.with_name(final.name + ".tmp")
-    save_file({k: getattr(sup, k).contiguous() for k in SHARD_FIELDS}, tmp, metadata=meta)
+    save_file(tensors, tmp, metadata=meta)
     _commit(tmp, final, fsync)
     return _entry_from_header(final)
 
 
-def _summarise(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def decoded(fields: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A shard's tensors (or the same rows of each) as the target computed them: fp8 fields scaled back to the
+    dtype its header names (`write_shard`); a file without scales is returned as it is."""
+    dtype = getattr(torch, meta["dtype"])
+    for k in HIDDEN:
+        scale = fields.pop(f"{k}_scale", None)
+        if scale is not None:
+            fields[k] = (fields[k].float() * scale).to(dtype)
+    return fields
+
+
+def summarise(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """The manifest to write: the dump's fixed facts, run facts (`extra`) and every batch, by index."""
     rows = [entries[i] for i in sorted(entries)]
     return {
@@ -315,8 +338,8 @@ def dump_supervision(
     with _exclusive(root):
         for stale in [*root.glob("*.tmp"), *(root / "target").glob("*.tmp")]:  # a crash mid-write: never real
             stale.unlink()
-        manifest = _init_or_check(root, pool, fsync)
-        done = {i: e["content_hash"] for i, e in _entries_matching_disk(root, manifest, strict=False).items()}
+        manifest = init_or_check(root, pool, fsync)
+        done = {i: e["content_hash"] for i, e in entries_matching_disk(root, manifest, strict=False).items()}
         t0 = time.monotonic()
         # no CPU reserved: a writer mostly waits on the pool, and a cluster whose CPUs the replicas (and trainers)
         # hold would otherwise never start it
@@ -332,16 +355,16 @@ def dump_supervision(
                 ray.cancel(ref)
             raise
         finally:
-            entries = _entries_matching_disk(root, manifest, strict=False)  # what the writers committed
+            entries = entries_matching_disk(root, manifest, strict=False)  # what the writers committed
             complete = all(i in entries for i in range(num_batches))
-            _write_json(root / "manifest.json", _summarise(manifest, entries, complete=complete), fsync)
+            write_json(root / "manifest.json", summarise(manifest, entries, complete=complete), fsync)
         run = {k: sum(r[k] for r in runs) for k in runs[0]}
         run["seconds"] = round(time.monotonic() - t0, 3)
         if progress:
             progress(_progress_line(run, len(entries), num_batches, run["seconds"], done=True))
-        final = _summarise(manifest, entries, complete=complete, requested_batches=num_batches)
+        final = summarise(manifest, entries, complete=complete, requested_batches=num_batches)
         final["last_run"] = run
-        _write_json(root / "manifest.json", final, fsync)
+        write_json(root / "manifest.json", final, fsync)
         return final
 
 
@@ -386,7 +409,7 @@ def _write_share(
                 raise RuntimeError(f"batch {index}: the pool gave up on it: {s.error}")
             if not (torch.equal(s.sup.input_ids, s.batch.input_ids.long()) and s.sup.num_tokens == s.batch.num_tokens):
                 raise RuntimeError(f"batch {index}: the pool returned supervision of other tokens")
-            entry = _write_shard(out, index, s.sup, digest, fsync)
+            entry = write_shard(out, index, s.sup, digest, fsync)
             run["written"] += 1
             run["bytes_written"] += entry["bytes"]
             run["tokens_written"] += s.batch.num_tokens
@@ -415,10 +438,10 @@ class OfflineSupervision:
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
-        self.manifest = _read_manifest(self.root)
+        self.manifest = read_manifest(self.root)
         self.info: ModelInfo = _info_from_json(self.manifest["info"])
         self.model_path = str(self.root / "target")  # holds the target's config.json
-        self.entries = _entries_matching_disk(self.root, self.manifest, strict=True)
+        self.entries = entries_matching_disk(self.root, self.manifest, strict=True)
         self._by_hash: dict[str, dict[str, Any]] = {}
         for e in self.entries.values():
             self._by_hash.setdefault(e["content_hash"], e)  # equal content, equal supervision: either will do
@@ -444,7 +467,8 @@ class OfflineSupervision:
                 f"{digest[:12]}) is not in the dump at {self.root} ({len(self)} batches"
                 f"{'' if self.manifest.get('complete') else ', incomplete'}); dump it first"
             )
-        t = load_file(self.root / entry["file"])
+        with safe_open(self.root / entry["file"], "pt") as f:
+            t = decoded({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
         if not all(torch.equal(t[k], getattr(batch, k)) for k in ("input_ids", "loss_mask", "cu_seqlens")):
             raise DumpMismatchError(f"{self.root / entry['file']} does not hold that batch despite its hash")
         return Supervision(**{k: t[k] for k in SHARD_FIELDS})

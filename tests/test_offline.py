@@ -301,6 +301,29 @@ def test_a_run_stopped_in_epoch_two_resumes_exactly(epoch_runs):
     assert resumed.history[stop]["loss"] == pytest.approx(online.history[stop]["loss"], rel=1e-5)
 
 
+def test_the_cache_budget_defaults_to_most_of_the_free_disk_and_says_what_epoch_one_needs(pool, tmp_path, caplog):
+    """No `max_bytes`: 80% of the free space where the cache lives (a run's disk also holds its checkpoints). The
+    start-up line gives an upper bound of epoch 1's size; a budget below it warns with the share it holds."""
+    import logging
+    import shutil
+
+    from eagle_ray.train import EpochCacheConfig
+    from eagle_ray.train.trainer import _epoch_cache
+
+    source = _chat_source(tmp_path)
+    first = source.batches_per_epoch()
+    need = first * source.batch_tokens * pool.info.bytes_per_token
+    with caplog.at_level(logging.INFO, logger="eagle_ray.train.trainer"):
+        spec = _epoch_cache(EpochCacheConfig(), pool, source, 2 * first, tmp_path / "default")
+        free = shutil.disk_usage(spec["dir"]).free
+        assert 0.75 * free < spec["max_bytes"] < 0.85 * free
+        assert f"at most {need / 1e9:.2f} GB" in caplog.text and "80% of the free space" in caplog.text
+        assert "the pool serves the rest" not in caplog.text or spec["max_bytes"] < need
+        spec = _epoch_cache(EpochCacheConfig(max_bytes=need // 4), pool, source, 2 * first, tmp_path / "small")
+    assert spec["max_bytes"] == need // 4 and "its budget holds about 25% of epoch 1" in caplog.text
+    assert _epoch_cache(EpochCacheConfig(), pool, source, first, tmp_path / "one") is None  # one epoch: no cache
+
+
 def test_a_full_epoch_cache_falls_back_to_the_pool_and_says_so_once(pool, tmp_path, caplog):
     """A rank whose share of `max_bytes` fills up caches no more; the later epoch's batches that need what it did
     not cache come from the pool, equal to what the pool computes for them."""
@@ -402,6 +425,40 @@ def test_an_arm_that_fails_catches_up_from_the_epoch_cache_and_the_others_go_on(
     mine, theirs = load_draft(run.exports[1]).state_dict(), load_draft(swept.exports[1]).state_dict()
     for name, t in mine.items():
         torch.testing.assert_close(t, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_fp8_epoch_cache_holds_a_quarter_of_the_bytes_and_reads_back_within_fp8s_precision(pool, tmp_path):
+    """`cache.fp8`: the hidden states as e4m3 with a float32 scale per token. A later epoch reads every batch from
+    the files, each value within e4m3's rounding (3 mantissa bits: half an ulp is 1/16 of the value) of the pool's,
+    or of the token's own scale for values near zero; ids and masks exact. The cache is still a dump: from_dump
+    reads it, decoded the same way."""
+    from eagle_ray.train.epoch_cache import CachedSupply, EpochCache, finish_epoch_cache, init_epoch_cache
+    from eagle_ray.train.reader import PoolSupply, RankReader
+
+    def within_fp8(got: torch.Tensor, want: torch.Tensor) -> bool:
+        floor = want.abs().amax(dim=-1, keepdim=True) / 448 * 2**-9  # e4m3's smallest step at the token's scale
+        return bool(((got - want).abs() <= want.abs() / 16 + floor).all()) and not torch.equal(got, want)
+
+    source = _chat_source(tmp_path).for_ranks()
+    first = source.batches_per_epoch()
+    batches = list(itertools.islice(source.rank_batches(0, 1), 2 * first))
+    root = init_epoch_cache(tmp_path / "cache", pool)
+    supply = CachedSupply(PoolSupply(pool), EpochCache(root, first, None, 0, 1, fp8=True), source, 0, 1, 0)
+    served = [sup for _, sup, _ in RankReader(supply, iter(batches))]
+    assert supply.missed == 0 and supply.cached_tokens == sum(b.num_tokens for b in batches[first:])
+    tokens = sum(b.num_tokens for b in batches[:first])
+    on_disk = sum(p.stat().st_size for p in root.glob("batch_*.safetensors"))
+    fp32 = tokens * pool.info.bytes_per_token
+    assert on_disk < 0.35 * fp32, (on_disk, fp32)  # 4H bytes + 2 scales + ids and masks a token, vs 16H bytes
+    dump = OfflineSupervision(finish_epoch_cache(root, first)["dir"])
+    for sup, batch in zip(served[first:], batches[first:], strict=True):
+        ref = pool.forward_packed(batch)
+        assert torch.equal(sup.input_ids.long(), batch.input_ids.long())
+        assert within_fp8(sup.aux_hidden_states, ref.aux_hidden_states)  # rounded (not equal), within e4m3's step
+        assert within_fp8(sup.last_hidden_states, ref.last_hidden_states)
+    for batch in batches[:first]:
+        ref, got = pool.forward_packed(batch), dump.load(batch)
+        assert within_fp8(got.aux_hidden_states, ref.aux_hidden_states) and got.aux_hidden_states.dtype == torch.float32
 
 
 def test_training_from_the_dump_matches_training_from_the_pool(pool, tmp_path):

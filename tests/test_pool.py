@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -644,6 +645,32 @@ def test_the_relay_killed_mid_stream_restarts_and_its_clients_resume(cluster, ti
             break
         assert time.monotonic() < deadline, "the closed pool's relay lives on"
         time.sleep(0.2)
+
+
+def test_a_shared_pool_scaled_down_mid_stream_drains_its_clients_shards_first(cluster, tiny_paths, reference, caplog):
+    """The host scales its pool down while a client streams: the surplus replica gets no more shards, and it is
+    stopped only once the client's shards on it are done (the board says so). The client sees no replica die,
+    nothing re-runs, every batch comes once."""
+    from eagle_ray.pool import serve_pool
+
+    owner = serve_pool("drain", tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1)
+    try:
+        ready(owner, 2)
+        inputs, got = batches(16, seed=70), []
+        with caplog.at_level(logging.WARNING, logger="eagle_ray.pool"):
+            for r in owner.stream(inputs):
+                got.append(r)
+                if len(got) == 4:
+                    owner.scale(1)
+        check_complete(gather(got), inputs, reference)
+        assert [m for m in caplog.messages if " lost" in m] == []  # no replica died under a shard of the client
+        assert owner.stats()["replicas_replaced"] == 0 and owner.stats()["shards_delivered"] == len(got)
+        deadline = time.monotonic() + 60
+        while len(owner.pool_stats()["replicas"]) != 1:
+            assert time.monotonic() < deadline, owner.pool_stats()
+            time.sleep(0.5)
+    finally:
+        owner.close()
 
 
 def test_clients_split_the_pools_byte_budget(cluster, tiny_paths):

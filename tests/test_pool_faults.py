@@ -155,7 +155,7 @@ def test_a_replica_killed_under_a_shard_does_not_count_against_the_shard(cluster
         tiny_paths["llama"], engine="hf", replicas=2, use_gpu=True, max_shard_failures=1, max_inflight_per_replica=1
     ) as pool:
         inputs = [random_batch([20, 30, 25], seed=40 + i) for i in range(10)]
-        results, killed = [], 0
+        results, killed, markers = [], 0, []
         for r in pool.stream(inputs):
             results.append(r)
             busy = [x for x in pool.stats()["replicas"] if x["state"] == "ready" and x["inflight_shards"]]
@@ -163,10 +163,14 @@ def test_a_replica_killed_under_a_shard_does_not_count_against_the_shard(cluster
                 victim = next(d for d in pool.replicas() if d["replica_id"] == busy[0]["replica_id"])
                 os.kill(victim["pid"], signal.SIGKILL)  # the OOM killer: no goodbye
                 killed += 1
+                markers.append(victim["marker"])
         deadline = time.monotonic() + 60
         while pool.stats()["replicas_replaced"] < killed and time.monotonic() < deadline:
             time.sleep(0.2)
         stats = pool.stats()
+        markers += [d["marker"] for d in pool.replicas()]
+    # the dead replicas' marker files outlive them (their clients read them), and go with the pool
+    assert [m for m in markers if os.path.exists(m)] == []
     assert killed >= 1 and stats["replicas_replaced"] == killed
     assert [r.error for r in results if r.error] == [] and stats["shards_quarantined"] == 0
     assert sum(r.num_tokens for r in results) == sum(b.num_tokens for b in inputs)

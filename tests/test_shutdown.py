@@ -329,40 +329,38 @@ def _ray_cli(args: list[str], timeout_s: float = 120) -> subprocess.CompletedPro
     return subprocess.run(["ray", *args], cwd=ROOT, env=_ray_env(), capture_output=True, text=True, timeout=timeout_s)
 
 
+def _submit(head: dict, storage: Path, name: str, flags: list[str], overrides: list[str], timeout_s: float = 120):
+    """`ray job submit` of the tiny config to the head; returns (process, its output). Right after `ray start` the
+    head's dashboard and job agent may not be up yet: tried again for up to 3 minutes until accepted."""
+    args = [
+        "job",
+        "submit",
+        f"--address={head['api']}",
+        *flags,
+        "--working-dir=.",
+        "--runtime-env=cluster/runtime_env.yaml",
+    ]
+    args += ["--", "python", "jobs/train_eagle3.py", "--config", "configs/tiny.yaml"]
+    args += [f"checkpoint.storage_path={storage}", f"checkpoint.name={name}", *overrides]
+    deadline = time.monotonic() + 180
+    while True:
+        proc = _ray_cli(args, timeout_s)
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 0 or "submitted successfully" in out or time.monotonic() > deadline:
+            return proc, out
+        time.sleep(2)
+
+
 # ----------------------------------------------------------------------------------------------- 3. ray job submit
 
 
 def test_ray_job_submit_of_the_tiny_config(ray_head, tmp_path):
     from test_job import SMALL
 
-    submit = [
-        "job",
-        "submit",
-        f"--address={ray_head['api']}",
-        "--working-dir=.",
-        "--runtime-env=cluster/runtime_env.yaml",
-        "--",
-        "python",
-        "jobs/train_eagle3.py",
-        "--config",
-        "configs/tiny.yaml",
-        f"checkpoint.storage_path={tmp_path}",
-        "checkpoint.name=submitted",
-        "target.replicas=1",
-        *SMALL,
-        # what the local run (test_job.py) already checks, left out here: the cluster path is the point
-        "eval.enabled=false",
-        "logging.plot=false",
-        "draft.vocab_batches=4",
-    ]
     t0 = time.monotonic()
-    deadline = t0 + 180
-    while True:  # right after `ray start` the head's dashboard and job agent may not be up yet: not accepted
-        proc = _ray_cli(submit, timeout_s=1500)
-        out = proc.stdout + proc.stderr
-        if proc.returncode == 0 or "submitted successfully" in out or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    # what the local run (test_job.py) already checks is left out here (eval, plot): the cluster path is the point
+    small = ["target.replicas=1", *SMALL, "eval.enabled=false", "logging.plot=false", "draft.vocab_batches=4"]
+    proc, out = _submit(ray_head, tmp_path, "submitted", [], small, timeout_s=1500)
     assert proc.returncode == 0, out[-5000:]
     assert "succeeded" in out.lower() and "draft training done" in out
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
@@ -400,30 +398,7 @@ def _ask(probe: subprocess.Popen, what: str) -> list[str] | None:
 def test_ray_job_stop_leaves_no_engine_process_or_placement_group(ray_head, tmp_path):
     watch: ProcessWatch = ray_head["watch"]()
     job_id = f"er-shutdown-{os.getpid()}-{int(time.time())}"
-    submit = [
-        "job",
-        "submit",
-        f"--address={ray_head['api']}",
-        f"--submission-id={job_id}",
-        "--no-wait",
-        "--working-dir=.",
-        "--runtime-env=cluster/runtime_env.yaml",
-        "--",
-        "python",
-        "jobs/train_eagle3.py",
-        "--config",
-        "configs/tiny.yaml",
-        f"checkpoint.storage_path={tmp_path}",
-        "checkpoint.name=stopped",
-        *LONG_RUN,
-    ]
-    deadline = time.monotonic() + 120
-    while True:  # the fresh head's dashboard and job agent take a while to come up
-        proc = _ray_cli(submit)
-        out = proc.stdout + proc.stderr
-        if proc.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    proc, out = _submit(ray_head, tmp_path, "stopped", [f"--submission-id={job_id}", "--no-wait"], LONG_RUN)
     assert proc.returncode == 0, out[-4000:]
 
     def logs() -> str:

@@ -19,14 +19,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import ray
-import torch
+from typing import TYPE_CHECKING, Any
 
 from eagle_ray.job.config import ConfigError, JobConfig, describe, load_job_config
 from eagle_ray.job.inputs import end_tokens, held_out_prompts, job_batch_source, resolve_engine, tokenizer_spec
 from eagle_ray.job.signals import StopSignals
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("eagle_ray.job")
 
@@ -62,6 +62,9 @@ def _init_ray(c: JobConfig) -> None:
 
 def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
     """The job; `stop`: the signal handlers `main` installed, re-installed after whoever replaces them."""
+    import ray
+    import torch
+
     from eagle_ray.data import load_tokenizer
     from eagle_ray.job.plot import plot_history
     from eagle_ray.tiny import default_target
@@ -216,6 +219,8 @@ def _arms(result: Any) -> list[dict[str, Any]]:
 
 def _measure(pool_name: str, export_dir: str, prompts: list, max_new_tokens: int, draft_tokens: int) -> dict:
     """Speculative greedy decoding of `prompts` with the export against the pool's target: its summary."""
+    import torch
+
     from eagle_ray.draft import load_draft, speculative_greedy
     from eagle_ray.pool import connect_pool
 
@@ -359,11 +364,14 @@ def configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    config, args = parse_args(argv)
+    config, args = parse_args(argv)  # before Ray, torch and transformers load: --help and a bad key answer at once
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    configure_logging()
+    import ray  # loaded here, before the signal handlers below, as the module's imports were
+    import torch  # noqa: F401
+
     with StopSignals() as stop:
         try:
             summary = run(config, stop)
@@ -373,8 +381,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise  # a failure, not an interruption (Ray is shut down at exit, as always)
             return _interrupted(stop, e)
     (config.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    import ray
-
     if ray.is_initialized():
         ray.shutdown()  # first: Ray forwards its workers' output (SGLang's lines) late, and none may follow the summary
     print_summary(summary)
@@ -386,6 +392,8 @@ def _interrupted(stop: StopSignals, err: BaseException) -> int:
 
     Returns the exit code, 128 + the first signal's number (130 for Ctrl-C, 143 for SIGTERM).
     """
+    import ray
+
     from eagle_ray.pool.placement import live_groups
 
     received = stop.signals() or [signal.SIGINT]  # an interruption with no signal seen: Ctrl-C's

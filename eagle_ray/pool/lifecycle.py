@@ -12,14 +12,20 @@ from typing import Any
 
 import ray
 from ray.util import placement_group_table
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.contract import ModelInfo
 from eagle_ray.pool import placement as pl
+from eagle_ray.pool.replica import forget_marker
 
 log = logging.getLogger(__name__)
 
 BACKOFF_S = (1.0, 60.0)  # a failed start's wait before the next try on its node: the first, and the most
 GIVE_UP_ROUNDS = 3  # start-up fails early once every node that fits a replica failed this many rounds, none ready
+# a shared pool's draining replica is stopped once the clients' board, heard this long after the drain began (their
+# view of it, their last shards on it and their load reports take that), shows none of theirs on it; or at the latest
+# after DRAIN_WAIT_S (a client that went quiet counts for nothing on the board after 5 s anyway)
+BOARD_LAG_S, DRAIN_WAIT_S = 1.5, 120.0
 
 
 @dataclass
@@ -45,6 +51,7 @@ class _Replica:
     actor: Any  # None until launched: a start after a failure waits for its backoff
     pg: Any
     state: str = "starting"  # starting | ready | draining | dead
+    drain_since: float | None = None
     ready_ref: Any = None
     watch_ref: Any = None  # resolves only when the actor dies (an error) or a TP rank of its own did
     started_at: float = field(default_factory=time.monotonic)  # launched (actor created) at
@@ -101,15 +108,16 @@ class Lifecycle:
         for _ in range(self._target_replicas - len(live)):
             self._start_replica()
         surplus = len(live) - self._target_replicas
+        now = time.monotonic()
         if surplus > 0:
             # drain starting replicas first, then the least busy ready ones
-            order = sorted(live, key=lambda r: (r.state != "starting", r.inflight_tokens))
+            order = sorted(live, key=lambda r: (r.state != "starting", r.inflight_tokens + r.others_tokens))
             for r in order[:surplus]:
-                r.state = "draining"
+                r.state, r.drain_since = "draining", now
             self._changed = True
-        now = time.monotonic()
+        self._forget_markers(now)
         for r in list(self._replicas.values()):
-            if r.state == "draining" and not r.inflight:
+            if r.state == "draining" and not r.inflight and self._clients_done(r, now):
                 self._remove(r)
             elif r.state != "starting":
                 continue
@@ -120,6 +128,14 @@ class Lifecycle:
                 self._start_failed(r, f"replica {r.replica_id} not ready after {waited}")
             elif r.avoid_until is not None and now >= r.avoid_until:
                 self._replace(r)
+
+    def _clients_done(self, r: _Replica, now: float) -> bool:
+        """No shard of a shared pool's clients is left on the draining `r` either, as far as the board says."""
+        if self._board_at is None or r.desc is None:  # not shared, or never ready: nobody else sent it anything
+            return True
+        if now - r.drain_since > DRAIN_WAIT_S:
+            return True
+        return r.others_tokens == 0 and self._board_at > r.drain_since + BOARD_LAG_S
 
     def _replace(self, r: _Replica) -> None:
         """The nodes its group was kept off may be tried again: a group still waiting for room elsewhere starts
@@ -152,6 +168,18 @@ class Lifecycle:
         r.state = "dead"
         del self._replicas[r.replica_id]
         self._changed = True
+        if r.desc is not None:  # its marker outlives it, for the clients that read it after a death: for a while
+            keep = max(60.0, 3 * self._shard_timeout_s)  # past any client's verdict timeout (`Dispatch._awaiting`)
+            self._markers.append((time.monotonic() + keep, r.desc["node_id"], r.desc["marker"]))
+
+    def _forget_markers(self, now: float = math.inf) -> list:
+        """Delete the marker files kept past their replicas' deaths, once no client may read them any more."""
+        due = [m for m in self._markers if m[0] <= now]
+        self._markers = [m for m in self._markers if m[0] > now]
+        return [
+            forget_marker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(path)
+            for _, node, path in due
+        ]
 
     def _stop_replicas(self, timeout_s: float = 30.0) -> None:
         """Shut every replica down at once (its engine's close, then its actor and group), each given `timeout_s`
@@ -165,6 +193,8 @@ class Lifecycle:
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         for r in list(self._replicas.values()):
             self._remove(r)
+        if gone := self._forget_markers():
+            ray.wait(gone, num_returns=len(gone), timeout=5.0)  # a lost node's files go with it
 
     def _on_ready(self, r: _Replica, fut: Any) -> None:
         if self._replicas.get(r.replica_id) is not r:

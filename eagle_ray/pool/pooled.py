@@ -102,6 +102,8 @@ class PooledTargetModel(Pool, Lifecycle):
         self._target_replicas = replicas
         self._min_replicas = replicas if min_replicas is None else min_replicas  # None: all (a job's default: 1)
         self._backoff: dict[str | None, Any] = {}  # node id (None: unknown) -> its failed starts' backoff
+        self._board_at: float | None = None  # a shared pool's: when its clients' loads were last heard
+        self._markers: list[tuple[float, str, str]] = []  # dead replicas' marker files: (delete after, node, path)
         self._start_timeout_s = start_timeout_s
         if self._max_inflight_bytes is None:
             store = ray.cluster_resources().get("object_store_memory", 2**31)
@@ -153,6 +155,16 @@ class PooledTargetModel(Pool, Lifecycle):
         r = self._replicas.get(replica_id)
         if r is not None and r.state in ("ready", "draining"):
             self._on_replica_death(r, RuntimeError(reason))
+
+    def heard_loads(self, totals: dict[int, int], at: float) -> None:
+        """A shared pool's board (its clients' tokens in flight per replica) as of `at` (monotonic): dispatch counts
+        them, and a draining replica is stopped once none of theirs is left on it (`Lifecycle._clients_done`)."""
+        self._owner.call(self._heard_loads, totals, at)
+
+    def _heard_loads(self, totals: dict[int, int], at: float) -> None:
+        self._board_at = at
+        for r in self._replicas.values():
+            r.others_tokens = totals.get(r.replica_id, 0)
 
     def pool_stats(self) -> dict[str, Any]:
         """The stats of whoever owns the replicas: this pool's own (a shared pool's client asks its owner)."""

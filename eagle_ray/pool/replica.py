@@ -17,6 +17,7 @@ whose rank died even when no shard reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -162,6 +163,13 @@ def running_at_death(marker: str) -> str:
     """The tag of the shard a dead replica was running ("" for none), read on its node (`TargetReplica`)."""
     with open(marker, "rb") as f:
         return f.read(_TAG_BYTES).decode().strip()
+
+
+@ray.remote(num_cpus=0)
+def forget_marker(marker: str) -> None:
+    """Delete a dead replica's marker file, on its node, once no client will read it (`pool/lifecycle.py`)."""
+    with contextlib.suppress(FileNotFoundError):  # a replica shut down cleanly deletes its own
+        os.unlink(marker)
 
 
 def _first_to_exit(ranks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -258,6 +258,8 @@ class _Host:
             self.pool.retire(rid, f"a client reported it: {reason}")
         if scale is not None:
             self.pool.scale(scale)
+        at = time.monotonic()
+        self.pool.heard_loads(ray.get(self.server.board.remote(), timeout=60)[0], at)
         return missing
 
     def _sync_loop(self) -> None:

@@ -168,7 +168,8 @@ class EpochCacheConfig:
 
     mode: str | bool = "auto"  # off (YAML false too) or auto: cache epoch 1 when a pool serves 2+ epochs
     dir: str | None = None  # None: <storage_path>/<name>/epoch_cache (shared storage: a restarted group finds it)
-    max_bytes: int | None = None  # disk budget, shared evenly by the ranks; past it the pool serves; None: no limit
+    max_bytes: int | None = None  # disk budget, shared evenly by the ranks; past it the pool serves; None: 80% of free
+    fp8: bool = False  # hidden states as float8 (e4m3) with a per-token scale: 1/4 of fp32's bytes, 1/2 of bf16's
 
     def __post_init__(self) -> None:
         if self.mode is False:  # YAML 1.1 reads a bare `off` as false
@@ -182,3 +183,4 @@ class EpochCacheConfig:
 
 
 CACHE_MODES = ("off", "auto")
+CACHE_DISK_SHARE = 0.8  # cache.max_bytes None: this share of the free space where the cache lives, at the start

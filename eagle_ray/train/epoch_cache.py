@@ -8,7 +8,7 @@ epoch-1 batches held, and a worker group restarted on other nodes must find them
 spilling: an object dies with the process that owns it, so a restarted worker group, or a resumed run, would find
 nothing; and the object store's memory is the pool's working space.
 
-The format is the dump's (`eagle_ray/offline.py`, written by its own `_write_shard`): one safetensors file per
+The format is the dump's (`eagle_ray/offline.py`, written by its own `write_shard`): one safetensors file per
 first-epoch batch, named by the batch's global index, its header holding the batch's content hash; the driver
 writes the target's files and the manifest (`init_epoch_cache`, `finish_epoch_cache`), so the cache is also a
 dump that `OfflineSupervision` (and `offline.mode=from_dump`) reads.
@@ -41,14 +41,15 @@ from eagle_ray.contract import PackedBatch, Supervision
 from eagle_ray.offline import (
     SHARD_FIELDS,
     DumpMismatchError,
-    _entries_matching_disk,
-    _init_or_check,
-    _read_manifest,
-    _summarise,
-    _write_json,
-    _write_shard,
     content_hash,
+    decoded,
+    entries_matching_disk,
+    init_or_check,
+    read_manifest,
     shard_name,
+    summarise,
+    write_json,
+    write_shard,
 )
 from eagle_ray.train.reader import PoolSupply, Served
 
@@ -65,9 +66,17 @@ class EpochCache:
     """One rank's view of the cache directory: `put` a first-epoch batch's supervision, `get` a later one's."""
 
     def __init__(
-        self, root: str | Path, epoch_batches: int, max_bytes: int | None, rank: int, world: int, wait_s: float = WAIT_S
+        self,
+        root: str | Path,
+        epoch_batches: int,
+        max_bytes: int | None,
+        rank: int,
+        world: int,
+        wait_s: float = WAIT_S,
+        fp8: bool = False,
     ):
         self.root, self.epoch_batches, self.rank, self.world = Path(root), epoch_batches, rank, world
+        self.fp8 = fp8
         self.share = None if max_bytes is None else max_bytes // world
         self.wait_s = wait_s
         marker = _full_marker(self.root, rank)
@@ -97,7 +106,7 @@ class EpochCache:
             return False
         if self.share is not None and self.used + sup.nbytes > self.share:
             self.full_from = index
-            _write_json(_full_marker(self.root, self.rank), {"first_uncached": index, "bytes": self.used}, False)
+            write_json(_full_marker(self.root, self.rank), {"first_uncached": index, "bytes": self.used}, False)
             log.warning(
                 "epoch cache full: rank %d's share of cache.max_bytes (%d of %d bytes) is used; batch %d and this "
                 "rank's later first-epoch batches are not cached, and later epochs read them from the pool",
@@ -108,7 +117,7 @@ class EpochCache:
             )
             return False
         # no fsync: a cache, not a record; a file a crash tore is unreadable, so served by the pool (`get`)
-        entry = _write_shard(self.root, index, sup, digest, fsync=False)
+        entry = write_shard(self.root, index, sup, digest, fsync=False, fp8=self.fp8)
         self.used += entry["bytes"]
         self.written_bytes += entry["bytes"]
         self.written_tokens += batch.num_tokens
@@ -131,8 +140,10 @@ class EpochCache:
                 cus = {b: f.get_tensor("cu_seqlens") for b, f in opened.items()}
                 for b, pos in origins:
                     lo, hi = int(cus[b][pos]), int(cus[b][pos + 1])
+                    f = opened[b]
+                    rows = decoded({k: f.get_slice(k)[lo:hi] for k in f.keys() if k != "cu_seqlens"}, f.metadata())
                     for k in parts:
-                        parts[k].append(opened[b].get_slice(k)[lo:hi])
+                        parts[k].append(rows[k])
         except Exception as e:  # a torn or unreadable file: the pool serves the batch
             log.warning("epoch cache: a file of batches %s is unreadable (%s); the pool serves this batch", files, e)
             return None
@@ -245,7 +256,7 @@ def init_epoch_cache(root: str | Path, pool: Any) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*root.glob("*.tmp"), *(root / "target").glob("*.tmp")]:  # no rank is writing yet
         stale.unlink()
-    _init_or_check(root, pool, fsync=True)
+    init_or_check(root, pool, fsync=True)
     return root
 
 
@@ -253,11 +264,11 @@ def finish_epoch_cache(root: str | Path, epoch_batches: int) -> dict[str, Any]:
     """Write the cache's manifest from its files (as a dump's) and return what it holds: batches, tokens, bytes,
     bytes per token, whether it has every first-epoch batch, and where a full share stopped caching."""
     root = Path(root)
-    manifest = _read_manifest(root)
-    entries = _entries_matching_disk(root, manifest, strict=False)
+    manifest = read_manifest(root)
+    entries = entries_matching_disk(root, manifest, strict=False)
     complete = all(i in entries for i in range(epoch_batches))
-    summary = _summarise(manifest, entries, complete=complete, requested_batches=epoch_batches)
-    _write_json(root / "manifest.json", summary, True)
+    summary = summarise(manifest, entries, complete=complete, requested_batches=epoch_batches)
+    write_json(root / "manifest.json", summary, True)
     full = sorted(json.loads(p.read_text())["first_uncached"] for p in root.glob("full_rank*.json"))
     return {
         "dir": str(root),

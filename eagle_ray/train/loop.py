@@ -269,7 +269,7 @@ def _supply(
     cache = spec.get("cache")
     if cache is None:
         return pool
-    store = EpochCache(cache["dir"], cache["epoch_batches"], cache["max_bytes"], rank, world)
+    store = EpochCache(cache["dir"], cache["epoch_batches"], cache["max_bytes"], rank, world, fp8=cache["fp8"])
     return CachedSupply(pool, store, source, rank, world, start_step)
 
 

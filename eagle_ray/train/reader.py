@@ -46,6 +46,14 @@ class Served:
     error: str | None = None
 
 
+def lookahead(client: Any, depth: int, world: int) -> int:
+    """Shards a rank keeps dispatched ahead of its consumer: what it will read next (`depth`), plus its share of
+    the replicas' queues (`max_inflight_per_replica` each, shared by the `world` ranks), so the replicas stay
+    busy without a queue of every client's shards on every replica (a batch would wait behind all of them)."""
+    per_replica = client.dispatch_settings()["max_inflight_per_replica"]
+    return depth + 1 + -(-per_replica * max(len(client.replicas()), 1) // world)
+
+
 class PoolSupply:
     """Supervision from a pool client (`connect_pool(name)`), streamed by this process. `node_id`: serve only
     from replicas on this node while it has any (`stream`'s rule), for colocated placement, where the rank's
@@ -89,12 +97,7 @@ class PoolSupply:
             stream.close()
 
     def _ahead(self, depth: int, world: int) -> int:
-        """Shards kept dispatched ahead of the consumer: what it will read next, plus this rank's share of the
-        replicas' queues (`max_inflight_per_replica` each, shared by the `world` ranks), so the replicas stay
-        busy without a queue of every client's shards on every replica (a batch would wait behind all of them).
-        Counted from the replicas when the stream starts."""
-        per_replica = self.client.dispatch_settings()["max_inflight_per_replica"]
-        return depth + 1 + -(-per_replica * max(len(self.client.replicas()), 1) // world)
+        return lookahead(self.client, depth, world)  # counted from the replicas when the stream starts
 
     def _read(self, batch: PackedBatch, got: list) -> Supervision:
         try:

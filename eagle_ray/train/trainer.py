@@ -34,11 +34,11 @@ from eagle_ray.hf_checkpoint import load_config
 from eagle_ray.offline import OfflineSupervision, shard_name
 from eagle_ray.pool import PoolClient, PooledTargetModel
 from eagle_ray.train.arms import arm_dir
-from eagle_ray.train.config import DraftTrainConfig, EpochCacheConfig, sweep_configs
+from eagle_ray.train.config import CACHE_DISK_SHARE, DraftTrainConfig, EpochCacheConfig, sweep_configs
 from eagle_ray.train.epoch_cache import finish_epoch_cache, init_epoch_cache
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
-from eagle_ray.train.reader import rank_source
+from eagle_ray.train.reader import lookahead, rank_source
 from eagle_ray.train.trackers import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,7 @@ class _Release:
 
     def __init__(self, pool: PoolClient, sink: Any, spec: dict[str, Any], world: int, depth: int, keep: int):
         self.pool, self.sink, self.spec, self.world, self.keep = pool, sink, spec, world, keep
-        per_replica = pool.dispatch_settings()["max_inflight_per_replica"]
-        self.margin = depth + 2 + -(-per_replica * max(len(pool.replicas()), 1) // world)  # steps
+        self.margin = lookahead(pool, depth, world) + 1  # steps: a rank may have dispatched that far past the cache
         self.at_step: int | None = None  # when it scaled the pool down
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eagle-ray-release-after-cache", daemon=True)
@@ -275,8 +274,24 @@ def _epoch_cache(
     if batches <= epoch_batches:
         return None  # one epoch (or less): nothing is read twice
     root = init_epoch_cache(Path(cache.dir).expanduser() if cache.dir else run_dir / "epoch_cache", target)
-    log.info("epoch cache: %d first-epoch batches to %s, read back in later epochs", epoch_batches, root)
-    return {"dir": str(root), "epoch_batches": epoch_batches, "max_bytes": cache.max_bytes}
+    budget = cache.max_bytes
+    if budget is None:  # the checkpoints and the export share that disk: leave them room
+        budget = int(CACHE_DISK_SHARE * shutil.disk_usage(root).free)
+    batch_tokens = getattr(source, "batch_tokens", None)
+    need = epoch_batches * batch_tokens * target.info.bytes_per_token if batch_tokens else None
+    log.info(
+        "epoch cache: %d first-epoch batches (%s) to %s, budget %.2f GB (cache.max_bytes%s); read back in later epochs",
+        epoch_batches,
+        "size unknown" if need is None else f"at most {need / 1e9:.2f} GB",
+        root,
+        budget / 1e9,
+        "" if cache.max_bytes else f": {CACHE_DISK_SHARE:.0%} of the free space there",
+    )
+    if need is not None and need > budget:
+        log.warning(
+            "epoch cache: its budget holds about %d%% of epoch 1; the pool serves the rest", 100 * budget // need
+        )
+    return {"dir": str(root), "epoch_batches": epoch_batches, "max_bytes": budget, "fp8": cache.fp8}
 
 
 def _supply(target: Any) -> tuple[dict[str, Any], ray.ObjectRef]:
