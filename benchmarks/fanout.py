@@ -34,6 +34,27 @@ from epoch_cache import _data, _ReplicaSeconds  # noqa: E402  (this folder is no
 ARMS = [{"lr": 3e-3}, {"lr": 1e-2, "seed": 1}, {"lr": 1e-3, "seed": 2}]
 
 
+def render(doc: dict) -> str:
+    """The docs' table of `doc` (this benchmark's JSON)."""
+    st, per = doc["setup"], doc["per_draft_epoch"]
+    k, e = len(st["arms"]), st["epochs"]
+    return "\n".join(
+        [
+            "| per (draft, epoch) | K runs one after another, no cache | one sweep, epoch cache, released | ratio |",
+            "|---|---|---|---|",
+            f"| target tokens computed | {per['sequential_target_tokens']:.0f} | {per['sweep_target_tokens']:.0f} | "
+            f"{doc['target_tokens_ratio']:.3f} |",
+            f"| replica-seconds | {per['sequential_replica_seconds']:.1f} | {per['sweep_replica_seconds']:.1f} | "
+            f"{doc['replica_seconds_ratio']:.3f} |",
+            "",
+            f"(K={k} arms, E={e} epochs of {st['batches_per_epoch']} batches, {st['workers']} workers, "
+            f"{st['replicas']} {st['engine']} replicas of a {st['target']}, {st['machine']}. The ideal ratio is "
+            f"1/(K·E) = {doc['ideal_ratio']:.3f}, the issue's goal {doc['goal_ratio']:.3f}. Each arm's losses equal "
+            f"its sequential run's: {all(doc['same_losses_as_sequential'])}. `{doc['command'].strip()}`)",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", type=int, default=3, help="K: the first K of three learning-rate/seed arms")

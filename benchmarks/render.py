@@ -36,6 +36,7 @@ BLOCKS = {
     "suite": ("suite", "suite.json"),
     "driver_cpu": ("driver_cpu", "driver_cpu.json"),
     "epoch_cache": ("epoch_cache", "epoch_cache.json"),
+    "fanout": ("fanout", "fanout.json"),
 }
 _BLOCK = re.compile(r"(<!-- render:(\w+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 
