@@ -217,11 +217,13 @@ def test_supervision_lost_with_its_node_before_it_was_read_is_rerun_once(cluster
         ray.get(reader.start.remote("lost-node", inputs, doomed))
         got = [ray.get(reader.next.remote())]
         deadline = time.time() + 240  # a loaded machine took over 60 s
-        # steps 1-2 read into the reader's queue, 3 read and waiting to go in (the stream pulls no more batches
-        # meanwhile: it pulls in the reader's thread); what was pulled after them delivered, unread
-        while ray.get(reader.delivered.remote()) < 6 and time.time() < deadline:
+        # steps 1-2 fetched into the reader's queue, 3 fetched and waiting to go in (the stream pulls no more
+        # batches meanwhile: it pulls in the reader's thread); what was pulled after them is delivered, unfetched, on
+        # the doomed node. How many the stream had pulled when the reader blocked depends on timing: 2 on a quiet
+        # machine, 1 on a loaded CI run (delivered stayed at 5 for 240 s). One is what the test needs (reruns below)
+        while ray.get(reader.delivered.remote()) < 5 and time.time() < deadline:
             time.sleep(0.1)
-        assert ray.get(reader.delivered.remote()) >= 6
+        assert ray.get(reader.delivered.remote()) >= 5
         for node in [n for n in c.list_all_nodes() if n.node_id == doomed]:
             c.remove_node(node)
         _add_node(c)  # room for the replacements
