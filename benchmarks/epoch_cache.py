@@ -1,6 +1,6 @@
 """What the epoch cache saves: target work for an E-epoch run with the cache against without, in one process.
 
-Three runs of the same E-epoch training (real Ray Train, 2 draft workers, a real pool on a local Ray) on
+Four runs of the same E-epoch training (real Ray Train, 2 draft workers, a real pool on a local Ray) on
 pre-tokenized data that every epoch reshuffles and repacks:
   online   cache.mode=off: the target computes every epoch;
   cache    cache.mode=auto: epoch 1 from the pool, written to the cache; epochs 2..E read from it;
@@ -38,6 +38,41 @@ def _data(path: Path, records: int) -> Path:
             n = s.numel()
             f.write(json.dumps({"input_ids": s.tolist(), "loss_mask": [0] * 4 + [1] * (n - 4)}) + "\n")
     return path
+
+
+WORKERS = 2
+
+
+def setup(prefix: str, records: int, epochs: int) -> tuple:
+    """What this benchmark and `fanout.py` share: the tiny target, the data's batch source (reshuffled and repacked
+    every epoch), a local Ray, the E-epoch config and `train_draft`'s arguments. Returns (target path, source,
+    batches per epoch, config, arguments)."""
+    from eagle_ray.data import make_batch_source
+    from eagle_ray.ray_init import init_ray
+    from eagle_ray.tiny import build_tiny_target
+    from eagle_ray.train import DraftTrainConfig
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    target = str(build_tiny_target(tmp / "target", "llama"))
+    data = _data(tmp / "data.jsonl", records)
+    source = make_batch_source(
+        "pretokenized", data, None, max_length=64, batch_tokens=256, shuffle_buffer=32, seed=0, workers=0
+    )[0]
+    init_ray("local", num_cpus=6, object_store_memory=256 * 2**20, dashboard=False)
+    first = source.batches_per_epoch()
+    steps = epochs * first // WORKERS
+    config = DraftTrainConfig(max_steps=steps, lr=3e-3, warmup_steps=2, ttt_steps=3, checkpoint_every=steps)
+    common = dict(
+        storage_path=tmp / "runs", num_workers=WORKERS, backend="gloo", resources_per_worker={"CPU": 1},
+        progress="off",
+    )  # fmt: skip
+    return target, source, first, config, common
+
+
+def wait_ready(pool, replicas: int) -> None:
+    while sum(r["state"] == "ready" for r in pool.stats()["replicas"]) < replicas:
+        time.sleep(0.5)
 
 
 class _ReplicaSeconds:
@@ -108,33 +143,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from eagle_ray.data import make_batch_source
     from eagle_ray.pool import serve_pool
-    from eagle_ray.ray_init import init_ray
-    from eagle_ray.tiny import build_tiny_target
-    from eagle_ray.train import DraftTrainConfig, EpochCacheConfig, train_draft
+    from eagle_ray.train import EpochCacheConfig, train_draft
 
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp(prefix="epoch_cache_bench_"))
-    target = str(build_tiny_target(tmp / "target", "llama"))
-    data = _data(tmp / "data.jsonl", args.records)
-    source = make_batch_source(
-        "pretokenized", data, None, max_length=64, batch_tokens=256, shuffle_buffer=32, seed=0, workers=0
-    )[0]
-    workers = 2
-    init_ray("local", num_cpus=6, object_store_memory=256 * 2**20, dashboard=False)
+    target, source, first, config, common = setup("epoch_cache_bench_", args.records, args.epochs)
     rows = []
     try:
-        first = source.batches_per_epoch()
-        steps = args.epochs * first // workers
-        config = DraftTrainConfig(max_steps=steps, lr=3e-3, warmup_steps=2, ttt_steps=3, checkpoint_every=steps)
-        common = dict(
-            storage_path=tmp / "runs", num_workers=workers, backend="gloo", resources_per_worker={"CPU": 1},
-            progress="off",
-        )  # fmt: skip
         with serve_pool("epoch-cache-bench", target, engine=args.engine, replicas=args.replicas) as pool:
-            while sum(r["state"] == "ready" for r in pool.stats()["replicas"]) < args.replicas:
-                time.sleep(0.5)
+            wait_ready(pool, args.replicas)
             runs = [("online", None, None), ("cache", EpochCacheConfig(), None)]
             runs += [("fp8", EpochCacheConfig(fp8=True), None), ("release", EpochCacheConfig(), 0)]
             for name, cache, release in runs:  # release last: it leaves the pool with no replica
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         r["replica_seconds_ratio"] = r["replica_seconds"] / base["replica_seconds"]
     cache = rows[1]["cache"]
     exact, fp8 = rows[1], rows[2]
-    later = range(first // workers, len(exact["losses"]))  # the steps of epochs 2..E: where fp8 values are read
+    later = range(first // WORKERS, len(exact["losses"]))  # the steps of epochs 2..E: where fp8 values are read
     gaps = [abs(fp8["losses"][i] - exact["losses"][i]) / exact["losses"][i] for i in later]
     out = {
         "benchmark": "epoch_cache",
@@ -175,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {
             "epochs": args.epochs,
             "batches_per_epoch": first,
-            "workers": workers,
+            "workers": WORKERS,
             "replicas": args.replicas,
             "engine": args.engine,
             "target": "tiny llama (H=64, fp32), random init",

@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from epoch_cache import _data, _ReplicaSeconds  # noqa: E402  (this folder is no package)
+from epoch_cache import WORKERS, _ReplicaSeconds, setup, wait_ready  # noqa: E402  (this folder is no package)
 
 ARMS = [{"lr": 3e-3}, {"lr": 1e-2, "seed": 1}, {"lr": 1e-3, "seed": 2}]
 
@@ -70,33 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from eagle_ray.data import make_batch_source
     from eagle_ray.pool import serve_pool
-    from eagle_ray.ray_init import init_ray
-    from eagle_ray.tiny import build_tiny_target
-    from eagle_ray.train import DraftTrainConfig, EpochCacheConfig, train_draft
+    from eagle_ray.train import EpochCacheConfig, train_draft
 
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp(prefix="fanout_bench_"))
-    target = str(build_tiny_target(tmp / "target", "llama"))
-    data = _data(tmp / "data.jsonl", args.records)
-    source = make_batch_source(
-        "pretokenized", data, None, max_length=64, batch_tokens=256, shuffle_buffer=32, seed=0, workers=0
-    )[0]
-    workers = 2
-    init_ray("local", num_cpus=6, object_store_memory=256 * 2**20, dashboard=False)
+    target, source, first, config, common = setup("fanout_bench_", args.records, args.epochs)
     rows = []
     try:
-        first = source.batches_per_epoch()
-        steps = args.epochs * first // workers
-        config = DraftTrainConfig(max_steps=steps, lr=3e-3, warmup_steps=2, ttt_steps=3, checkpoint_every=steps)
-        common = dict(
-            storage_path=tmp / "runs", num_workers=workers, backend="gloo", resources_per_worker={"CPU": 1},
-            progress="off",
-        )  # fmt: skip
         with serve_pool("fanout-bench", target, engine="hf", replicas=args.replicas) as pool:
-            while sum(r["state"] == "ready" for r in pool.stats()["replicas"]) < args.replicas:
-                time.sleep(0.5)
+            wait_ready(pool, args.replicas)
             runs = [(f"sequential{k}", [arm], None, None) for k, arm in enumerate(arms)]
             runs.append(("sweep", arms, EpochCacheConfig(), 0))  # last: it leaves the pool with no replica
             for name, sweep, cache, release in runs:
@@ -149,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             "arms": arms,
             "epochs": e,
             "batches_per_epoch": first,
-            "workers": workers,
+            "workers": WORKERS,
             "replicas": args.replicas,
             "sweep_replicas": args.sweep_replicas or args.replicas,
             "engine": "hf",
