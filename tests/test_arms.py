@@ -109,3 +109,12 @@ def test_a_checkpoint_of_k_arms_restores_all_k(tmp_path):
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["draft", "rng_rank0.pt", "training_state.pt"]
     with pytest.raises(ValueError, match="holds 1 draft"):
         load_arms(tmp_path / "one", _arms(SWEEP)[0], 0)
+
+
+@pytest.mark.parametrize("ttt_steps", [1, 3, 7])
+def test_the_stats_vector_length_is_what_the_loop_reserves_for_it(ttt_steps):
+    """The worker loop lays each arm's stats out in one all-reduce vector by `TTTStats.flat_size`."""
+    from eagle_ray.draft.ttt import TTTStats
+
+    z = torch.zeros(ttt_steps)
+    assert TTTStats(z, z, z, torch.zeros(())).flat().numel() == TTTStats.flat_size(ttt_steps)

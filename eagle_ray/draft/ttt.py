@@ -106,6 +106,11 @@ class TTTStats:
         return torch.cat([t.double().reshape(-1) for t in self.as_tensor()])
 
     @staticmethod
+    def flat_size(ttt_steps: int) -> int:
+        """The length of `flat()` for a `ttt_steps` unroll: three [K] vectors and three scalars."""
+        return 3 * ttt_steps + 3
+
+    @staticmethod
     def from_flat(v: torch.Tensor) -> TTTStats:
         k = (v.numel() - 3) // 3
         return TTTStats(v[:k], v[k : 2 * k], v[2 * k : 3 * k], v[3 * k], v[3 * k + 1], v[3 * k + 2])

@@ -102,7 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fault = train_step_fault(rank, config["run_dir"])  # None unless a test planned one
     arm_fault = arm_step_fault(rank, config["run_dir"]) if sweep else None
     served = cached = 0  # target tokens of this rank's supply, and tokens read from the epoch cache, so far
-    width = [3 * a.cfg.ttt_steps + 4 for a in arms]
+    width = [1 + TTTStats.flat_size(a.cfg.ttt_steps) for a in arms]  # per arm in the all-reduce: loss, stats
 
     def replay(arm: Any, sup: Supervision | None, t: int) -> bool:
         rec = None if sup is None else next(iter(device_batches([(t, sup, {})], device)))[1]
