@@ -1,5 +1,6 @@
-"""Draft training on real Ray Train (2 DDP workers, gloo), each worker a client of a real shared pool (one
-SGLang replica) streaming its own batches (step * W + rank) to it; nothing per batch on the driver.
+"""Draft training on real Ray Train (2 DDP workers, gloo), each worker a client of a real shared pool (one HF
+replica: training from SGLang replicas is the job's, in test_job.py and test_shutdown.py) streaming its own batches
+(step * W + rank) to it; nothing per batch on the driver.
 
 One uninterrupted reference run; a second run is stopped half-way, resumed from its checkpoint
 and, in the resumed part, loses a worker to an injected failure (Ray Train restarts the group from
@@ -41,7 +42,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def pool(cluster, markov_target):
-    with serve_pool("train", markov_target, engine="sglang", replicas=1, cpus_per_replica=1) as p:
+    with serve_pool("train", markov_target, engine="hf", replicas=1, cpus_per_replica=1) as p:
         yield p
 
 
