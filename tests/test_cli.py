@@ -33,7 +33,7 @@ HELP = {
 }
 
 
-def eagle_ray(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def eagle_ray(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     assert SCRIPT.is_file(), f"{SCRIPT} missing: pip install -e . (it installs [project.scripts])"
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
@@ -47,7 +47,7 @@ def helps() -> dict[str, tuple[int, str, str]]:
     """`eagle-ray COMMAND --help` for every command, run side by side (each imports torch, most Ray)."""
     assert SCRIPT.is_file(), f"{SCRIPT} missing: pip install -e . (it installs [project.scripts])"
     procs = {c: subprocess.Popen([str(SCRIPT), c, "--help"], stdout=PIPE, stderr=PIPE, text=True) for c in HELP}
-    outs = {c: p.communicate(timeout=120) for c, p in procs.items()}  # all started before any is read
+    outs = {c: p.communicate(timeout=600) for c, p in procs.items()}  # all started before any is read
     return {c: (procs[c].returncode, *outs[c]) for c in procs}
 
 

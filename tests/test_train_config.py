@@ -129,7 +129,7 @@ def test_replica_shard_fault_exits_only_on_the_poison_token():
         "f(torch.tensor([1, 2])); print('served', flush=True); f(torch.tensor([5, 7]))"
     )
     env = {"EAGLE_RAY_CHAOS_CRASH_TOKEN": "7", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 3 and proc.stdout == "served\n", proc.stderr[-2000:]
     faults.replica_shard_fault(torch.tensor([7]))  # this process has no poison token: a no-op
 
