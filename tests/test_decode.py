@@ -113,7 +113,7 @@ def test_speculative_sampling_has_the_target_distribution(small_vocab):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        prompt, temperature, n = [1, 4, 2], 0.8, 1500
+        prompt, temperature, n = [1, 4, 2], 0.8, 600
         params = SpecParams(topk=2, num_steps=2, num_draft_tokens=4, temperature=temperature)
         r = speculative_decode(engine, draft, [prompt] * n, params, max_new_tokens=3, seed=10, check=False)
         # the exact law of tokens 2 and 3 (both come out of verification; token 1 from the prefill)
@@ -136,6 +136,8 @@ def test_speculative_sampling_has_the_target_distribution(small_vocab):
             hot = target_probs(model(three).logits[:, -1], 2.0).view(8, 8, 8)
             p1h = target_probs(model(torch.tensor([prompt])).logits[0, -1:], 2.0)[0]
             p2h = target_probs(model(two).logits[:, -1], 2.0)
-        assert _chi2_pvalue(counts, (p1h[:, None, None] * p2h[:, :, None] * hot).sum(0).flatten()) < 1e-6
+        control = _chi2_pvalue(counts, (p1h[:, None, None] * p2h[:, :, None] * hot).sum(0).flatten())
+        print(f"control (T=2.0): p = {control:.2e}")  # 600 samples: 1.6e-146 (1500 took 2.5x as long)
+        assert control < 1e-6
     finally:
         torch.set_num_threads(threads)
