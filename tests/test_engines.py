@@ -205,12 +205,13 @@ def test_sglang_tp2_matches_tp1(tiny_paths, sglang_target):
     """tp_size=2 runs a second rank process over gloo; rank 0 returns the same supervision."""
     batch = random_batch(LENGTHS, seed=6)
     one = sglang_target(tiny_paths["llama"]).forward_packed(batch, return_logits=True)
-    two_target = sglang_target(tiny_paths["llama"], tp_size=2)
+    head = sglang_target(tiny_paths["llama"]).get_lm_head_weight().clone()  # before the TP-2 engine replaces it
+    two_target = sglang_target(tiny_paths["llama"], tp_size=2)  # left open: the next test's engine
     two = two_target.forward_packed(batch, return_logits=True)
     diffs = max_diff(one, two)
     print(f"SGLang tp_size=2 vs tp_size=1 max abs diff: {diffs}")
     assert all(d <= 1e-5 for d in diffs.values()), diffs
-    assert torch.equal(two_target.get_lm_head_weight(), sglang_target(tiny_paths["llama"]).get_lm_head_weight())
+    assert torch.equal(two_target.get_lm_head_weight(), head)
 
 
 def test_rendezvous_port_is_held_not_guessed():
