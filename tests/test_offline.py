@@ -39,7 +39,7 @@ from eagle_ray.train.loop import DraftTrainConfig
 from eagle_ray.train.trainer import train_draft
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, WORKERS = 8, 2
+WORKERS = 2
 
 
 def _batches(n: int, per_batch: int = 4, seed: int = 5) -> list[PackedBatch]:
@@ -359,7 +359,7 @@ def test_a_full_epoch_cache_falls_back_to_the_pool_and_says_so_once(pool, tmp_pa
 # ------------------------------------------------------------------------------------------ a sweep (fan-out)
 
 # arm 0 is the epoch runs' own config: the online run is its "alone"; checkpoint_every changes no loss
-SWEEP = [{}, {"lr": 1e-2, "seed": 1}, {"lr": 1e-3, "ttt_steps": 3, "step_decay": 0.5}]
+SWEEP = [{}, {"lr": 1e-2, "seed": 1}, {"lr": 1e-3, "seed": 2, "ttt_steps": 3, "step_decay": 0.5}]
 
 
 def _arm_losses(result, arm: int) -> list[float]:
@@ -377,8 +377,10 @@ def swept(pool, epoch_setup):
 
 
 def test_each_arm_of_a_sweep_trains_as_it_would_alone(pool, epoch_setup, epoch_runs, swept):
-    """Three arms, one stream: the target computed epoch 1 once for all three (epoch 2 from the cache), and each arm's
-    losses, checkpoints and export are those of the same config trained alone."""
+    """Three arms, one stream: the target computed epoch 1 once for all three (epoch 2 from the cache), and an arm's
+    losses, checkpoints and export are those of the same config trained alone: arm 0 (the online run) and arm 2,
+    which differs from it in every kind of key (lr, seed, ttt_steps, step_decay; a third run alone, for arm 1, would
+    add a Ray Train run and no kind of key)."""
     (source, first, common), online = epoch_setup, epoch_runs[2]
     h = swept.history
     assert [r["step"] for r in h] == list(range(1, first + 1)) and h[-1]["arm_restarts"] == 0
@@ -386,11 +388,8 @@ def test_each_arm_of_a_sweep_trains_as_it_would_alone(pool, epoch_setup, epoch_r
     assert sum(r["target_tokens"] for r in h) == epoch1 and swept.cache["complete"]
     assert [r["loss"] for r in h] == _arm_losses(swept, 0)  # arm 0 at the top level, as a run of one draft reports
     assert swept.exports == [swept.export_dir.parent / f"arm{k}" for k in range(3)] and swept.export_dir.name == "arm0"
-    alone = [online] + [
-        train_draft(pool, source, _epoch_runs_config(first, **over), name=f"alone{k}", **common)
-        for k, over in enumerate(SWEEP[1:], 1)
-    ]
-    for k, ref in enumerate(alone):
+    alone = {0: online, 2: train_draft(pool, source, _epoch_runs_config(first, **SWEEP[2]), name="alone2", **common)}
+    for k, ref in alone.items():
         assert _arm_losses(swept, k) == pytest.approx(_arm_losses(ref, 0), rel=1e-5, abs=1e-6), k
         mine, theirs = load_draft(swept.exports[k]).state_dict(), load_draft(ref.export_dir).state_dict()
         assert mine.keys() == theirs.keys(), k
@@ -461,18 +460,21 @@ def test_an_fp8_epoch_cache_holds_a_quarter_of_the_bytes_and_reads_back_within_f
         assert within_fp8(got.aux_hidden_states, ref.aux_hidden_states) and got.aux_hidden_states.dtype == torch.float32
 
 
-def test_training_from_the_dump_matches_training_from_the_pool(pool, tmp_path):
-    batches = _batches(STEPS * WORKERS)
-    config = DraftTrainConfig(max_steps=STEPS, lr=3e-3, warmup_steps=2, checkpoint_every=STEPS, log_every=4)
-    common = dict(storage_path=tmp_path / "runs", num_workers=WORKERS, backend="gloo", resources_per_worker={"CPU": 1})
-    live = train_draft(pool, batches, config, name="live", **common)
-    dump_supervision(pool, batches, tmp_path / "dump")
+def test_training_from_the_dump_matches_training_from_the_pool(pool, epoch_setup, epoch_runs, tmp_path):
+    """The online epoch run's two epochs of batches dumped, the pool shut down, and the same run trained again from
+    the dump, each rank reading its own batches' files: the same losses, step for step."""
+    source, first, common = epoch_setup
+    online = epoch_runs[2]
+    dump_supervision(pool, list(itertools.islice(source.batches_from(0), 2 * first)), tmp_path / "dump")
     pool.shutdown()  # from here on no target runs anywhere
     assert pool.stats()["replicas"] == []
-    offline = train_draft(OfflineSupervision(tmp_path / "dump"), batches, config, name="offline", **common)
-    assert [r["step"] for r in offline.history] == list(range(1, STEPS + 1))
-    for mine, ref in zip(offline.history, live.history, strict=True):
+    common = {**common, "storage_path": tmp_path / "runs"}
+    offline = train_draft(
+        OfflineSupervision(tmp_path / "dump"), source, _epoch_runs_config(first), name="offline", **common
+    )
+    assert [r["step"] for r in offline.history] == list(range(1, first + 1))
+    for mine, ref in zip(offline.history, online.history, strict=True):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-6), mine["step"]
         assert mine["samples"] == ref["samples"]
-    assert offline.history[-1]["samples"] == live.history[-1]["samples"] == sum(b.num_sequences for b in batches)
+    assert offline.history[-1]["samples"] == online.history[-1]["samples"] > 0
     assert offline.export_dir is not None and (offline.export_dir / "config.json").exists()
