@@ -23,8 +23,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from eagle_ray.data.records import KINDS
 
 
@@ -94,6 +92,8 @@ def _modes(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_export(path: str) -> Any:
     """The draft at `path`, or an InputError naming the path and what is wrong with it."""
+    import torch
+
     from eagle_ray.draft import load_draft
     from eagle_ray.draft.export import WEIGHTS
 
@@ -156,6 +156,8 @@ def _prompt_sets(args: argparse.Namespace, tokenizer: Any) -> dict[str, list[tup
 def _simulated(target: Any, draft: Any, convs: list[tuple[list[int], list[int]]], steps: int) -> dict[str, float]:
     """The training metrics on `convs`' answers over `steps` TTT steps: acceptance walked in verify rounds (what a
     greedy server sees on that text), per slot (chain) and with independent steps (product)."""
+    import torch
+
     from eagle_ray.contract import PackedBatch
     from eagle_ray.draft.ttt import ttt_loss
 
@@ -166,6 +168,8 @@ def _simulated(target: Any, draft: Any, convs: list[tuple[list[int], list[int]]]
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch  # here, not at the top: `--help` and a usage error come without it
+
     from eagle_ray.data import load_tokenizer
     from eagle_ray.draft.decode import speculative_decode
     from eagle_ray.job.inputs import end_tokens, prompt_length, tokenizer_spec
