@@ -80,7 +80,7 @@ def done_marker(root: str | Path, rank: int) -> Path:
 
 
 class EpochCache:
-    """One rank's view of the cache directory: `put` a first-epoch batch's supervision, `get` a later one's."""
+    """One rank's view of the cache directory: `put` a first-epoch batch's supervision, `get` any epoch's batch's."""
 
     def __init__(
         self,
@@ -131,7 +131,8 @@ class EpochCache:
             write_json(_full_marker(self.root, self.rank), {"first_uncached": index, "bytes": self.used}, False)
             log.warning(
                 "epoch cache full: rank %d's share of cache.max_bytes (%d of %d bytes) is used; batch %d and this "
-                "rank's later first-epoch batches are not cached, and later epochs read them from the pool",
+                "rank's later first-epoch batches are not cached: they go through memory, and later epochs read them "
+                "from the pool",
                 self.rank,
                 self.used,
                 self.share,
@@ -149,7 +150,7 @@ class EpochCache:
         return all((self.root / shard_name(b)).exists() for b in {b for b, _ in origins})
 
     def get(self, batch: PackedBatch, origins: list[tuple[int, int]]) -> Supervision | None:
-        """The supervision of a later epoch's `batch`, whose sequences are `origins` (first-epoch batch, position),
+        """The supervision of `batch` (of any epoch), whose sequences are `origins` (first-epoch batch, position),
         from the cached files; None when one of them is not cached (the pool serves it)."""
         files = sorted({b for b, _ in origins})
         for b in files:
