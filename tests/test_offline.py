@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,39 @@ def test_the_cache_budget_defaults_to_most_of_the_free_disk_and_says_what_epoch_
     assert _epoch_cache(EpochCacheConfig(), pool, source, first, tmp_path / "one") is None  # one epoch: no cache
 
 
+def test_the_first_epoch_is_written_ahead_of_training(pool, tmp_path):
+    """While training holds its first batch, the rank's writer puts its whole first epoch through the pool into the
+    cache: every file is there, the writer says it is through (`done_rank0.json`), and no result is held in memory
+    (the client's byte budget is free). Training then reads both epochs from the files, each batch once, as the
+    pool computes it; the target computed epoch 1 once."""
+    from eagle_ray.train.epoch_cache import CachedSupply, EpochCache, done_marker, init_epoch_cache
+    from eagle_ray.train.reader import PoolSupply, RankReader
+
+    source = _chat_source(tmp_path).for_ranks()
+    first = source.batches_per_epoch()
+    batches = list(itertools.islice(source.rank_batches(0, 1), 2 * first))
+    root = init_epoch_cache(tmp_path / "cache", pool)
+    supply = CachedSupply(PoolSupply(pool), EpochCache(root, first, None, 0, 1), source, 0, 1, 0)
+    served = []
+    for step, sup, _ in RankReader(supply, iter(batches)):
+        deadline = time.monotonic() + 120
+        while step == 0 and not (done_marker(root, 0).exists() and pool.stats()["held_bytes"] == 0):
+            assert time.monotonic() < deadline, "the first epoch was not written ahead of training"
+            time.sleep(0.05)
+        if step == 0:
+            assert sorted(root.glob("batch_*.safetensors")) == [root / shard_name(i) for i in range(first)]
+        served.append((step, sup))
+    assert [s for s, _ in served] == list(range(2 * first))
+    epoch1 = sum(b.num_tokens for b in batches[:first])
+    assert supply.tokens == epoch1 and supply.missed == 0
+    assert supply.cached_tokens == sum(b.num_tokens for b in batches[first:])
+    for (_, sup), batch in zip(served, batches, strict=True):
+        ref = pool.forward_packed(batch)
+        assert torch.equal(sup.input_ids.long(), batch.input_ids.long())
+        torch.testing.assert_close(sup.aux_hidden_states, ref.aux_hidden_states, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sup.last_hidden_states, ref.last_hidden_states, rtol=1e-5, atol=1e-5)
+
+
 def test_a_full_epoch_cache_falls_back_to_the_pool_and_says_so_once(pool, tmp_path, caplog):
     """A rank whose share of `max_bytes` fills up caches no more; the later epoch's batches that need what it did
     not cache come from the pool, equal to what the pool computes for them."""
@@ -368,12 +402,14 @@ def _arm_losses(result, arm: int) -> list[float]:
 
 @pytest.fixture(scope="module")
 def swept(pool, epoch_setup):
-    """The epoch runs' two epochs as a sweep of three arms, through the epoch cache, a checkpoint every 3 steps."""
+    """The epoch runs' two epochs as a sweep of three arms, through the epoch cache, a checkpoint every 3 steps; the
+    pool "released" to its one replica once the cache is complete (it stays: the other tests use it)."""
     from eagle_ray.train import EpochCacheConfig
 
     source, first, common = epoch_setup
     config = _epoch_runs_config(first, checkpoint_every=3)
-    return train_draft(pool, source, config, name="sweep", cache=EpochCacheConfig(), sweep=SWEEP, **common)
+    cache = EpochCacheConfig()
+    return train_draft(pool, source, config, name="sweep", cache=cache, sweep=SWEEP, release_after_cache=1, **common)
 
 
 def test_each_arm_of_a_sweep_trains_as_it_would_alone(pool, epoch_setup, epoch_runs, swept):
@@ -396,6 +432,20 @@ def test_each_arm_of_a_sweep_trains_as_it_would_alone(pool, epoch_setup, epoch_r
         for name, t in mine.items():
             torch.testing.assert_close(t, theirs[name], rtol=1e-5, atol=1e-6, msg=f"arm {k}: {name}")
     assert len({tuple(_arm_losses(swept, k)) for k in range(3)}) == 3  # the arms really differ
+
+
+def test_a_sweep_releases_the_pool_before_it_trains_through_epoch_one(epoch_setup, epoch_runs, swept):
+    """Three arms a step: training is slower than the pool, whose results of epoch 1 are all written while training
+    is still in it; the release comes then, not after epoch 1. Every sample once, as in the online run."""
+    from eagle_ray.train.sample_audit import audit_run
+
+    _, first, _ = epoch_setup
+    online = epoch_runs[2]
+    released = swept.cache["released_at_step"]
+    assert released is not None and released < -(-first // WORKERS), (released, first)
+    run, ref = audit_run(swept.export_dir.parent.parent, WORKERS), audit_run(online.export_dir.parent, WORKERS)
+    assert run.ok and run.samples == ref.samples, run.problems
+    assert _arm_losses(swept, 0) == pytest.approx(_arm_losses(online, 0), rel=1e-5, abs=1e-6)
 
 
 def test_an_arm_that_fails_catches_up_from_the_epoch_cache_and_the_others_go_on(pool, epoch_setup, swept, tmp_path):

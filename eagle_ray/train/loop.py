@@ -196,7 +196,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples": state["samples"],
             "tokens": state["tokens"],
             "skipped": state["skipped"],
-            "target_tokens": int(flat[-2]),  # what the target computed for this step's records (all ranks)
+            # what the target computed since the last step (all ranks): for this step's records, or, written ahead by
+            # the epoch cache, for later ones
+            "target_tokens": int(flat[-2]),
             "cached_tokens": int(flat[-1]),  # what the epoch cache served of this step's records (all ranks)
         }
         if sweep:

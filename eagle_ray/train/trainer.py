@@ -35,10 +35,10 @@ from eagle_ray.offline import OfflineSupervision, shard_name
 from eagle_ray.pool import PoolClient, PooledTargetModel
 from eagle_ray.train.arms import arm_dir
 from eagle_ray.train.config import CACHE_DISK_SHARE, DraftTrainConfig, EpochCacheConfig, sweep_configs
-from eagle_ray.train.epoch_cache import finish_epoch_cache, init_epoch_cache
+from eagle_ray.train.epoch_cache import done_marker, finish_epoch_cache, init_epoch_cache
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
-from eagle_ray.train.reader import lookahead, rank_source
+from eagle_ray.train.reader import rank_source
 from eagle_ray.train.trackers import Trackers, open_trackers
 
 log = logging.getLogger(__name__)
@@ -104,15 +104,15 @@ def train_draft(
     "lines", "auto" (bar on a terminal) or "off". `trackers`: experiment trackers fed every step's metrics, by
     name ("tensorboard" writes `<storage_path>/<name>/tensorboard`; "wandb", "mlflow": see `trackers.py`) or
     opened `Trackers`, closed at the end either way; `tracker_config` is what they record as the run's config
-    (default: `train` and the worker count). `cache`: the epoch cache (`epoch_cache.py`; None: off): with a pool
-    and a run longer than one epoch, epoch 1's supervision is written to files as it trains and epochs 2..E read
-    it back; `TrainResult.cache` says what it holds. `release_after_cache`: once the cache holds every first-epoch
-    batch and every rank is past the reads that could still need the pool, scale the pool to that many replicas
-    (0 frees it all; None keeps it). `sweep`: K overrides of `train`'s optimisation (`config.SWEEP_FIELDS`: lr,
-    ttt_steps, seed...), one per arm: every worker trains the K drafts on each batch it reads, so the target
-    computes each batch once for all K (`arms.py`). Each arm trains as it would alone; one whose step fails goes
-    back to its last checkpoint without stopping the others, and replays what it lost from the epoch cache
-    (`history` rows: `arms`, `arm_restarts`). The export then writes `<export_dir>/arm{k}` per arm
+    (default: `train` and the worker count). `cache`: the epoch cache (`epoch_cache.py`; None: off): with a pool and
+    a run longer than one epoch, each rank's epoch-1 supervision is written to files as fast as the pool serves it,
+    and every epoch reads it back; `TrainResult.cache` says what it holds. `release_after_cache`: once every rank's
+    writer is through epoch 1 and the cache holds all of it (possibly long before training is), scale the pool to
+    that many replicas (0 frees it all; None keeps it). `sweep`: K overrides of `train`'s optimisation
+    (`config.SWEEP_FIELDS`: lr, ttt_steps, seed...), one per arm: every worker trains the K drafts on each batch it
+    reads, so the target computes each batch once for all K (`arms.py`). Each arm trains as it would alone; one
+    whose step fails goes back to its last checkpoint without stopping the others, and replays what it lost from the
+    epoch cache (`history` rows: `arms`, `arm_restarts`). The export then writes `<export_dir>/arm{k}` per arm
     (`TrainResult.exports`). None: one draft, `train`.
     """
     if num_workers < 1:
@@ -183,7 +183,7 @@ def train_draft(
     )
     release = None
     if cache_spec is not None and release_after_cache is not None:
-        release = _Release(target, sink, cache_spec, num_workers, queue_depth, release_after_cache).start()
+        release = _Release(target, sink, cache_spec, num_workers, release_after_cache).start()
     try:
         result = trainer.fit()
     finally:
@@ -217,13 +217,13 @@ def train_draft(
 
 
 class _Release:
-    """A driver thread: shrinks the pool to `keep` replicas once the epoch cache is complete and every rank's reader
-    is past the batches it may have sent to the pool before then (its look-ahead: `queue_depth` records plus the
-    shards it keeps dispatched)."""
+    """A driver thread: shrinks the pool to `keep` replicas once every rank has said its first epoch is written
+    (`done_rank{r}.json`, by its cache writer once its stream is over) and every first-epoch batch's file is there.
+    From then on no reader asks the pool for anything: a later batch goes to the pool only for a file that is not
+    there. `at_step`: the last step the driver had heard of when it did."""
 
-    def __init__(self, pool: PoolClient, sink: Any, spec: dict[str, Any], world: int, depth: int, keep: int):
+    def __init__(self, pool: PoolClient, sink: Any, spec: dict[str, Any], world: int, keep: int):
         self.pool, self.sink, self.spec, self.world, self.keep = pool, sink, spec, world, keep
-        self.margin = lookahead(pool, depth, world) + 1  # steps: a rank may have dispatched that far past the cache
         self.at_step: int | None = None  # when it scaled the pool down
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eagle-ray-release-after-cache", daemon=True)
@@ -238,30 +238,28 @@ class _Release:
 
     def _run(self) -> None:
         root, first = Path(self.spec["dir"]), self.spec["epoch_batches"]
-        seen, step, complete_at, missing = 0, 0, None, 0  # missing: the first batch not seen in the cache
-        while not self._stop.wait(1.0):
+        seen, step, missing = 0, 0, 0  # missing: the first batch not seen in the cache
+        while not self._stop.wait(0.5):
             try:
                 rows = ray.get(self.sink.since.remote(seen), timeout=30)
             except Exception:  # the sink is busy or gone: try again, or stop with the run
                 continue
             seen += len(rows)
             step = max([step, *(r["step"] for r in rows)])
-            if complete_at is None:
-                # every rank is into epoch 2, and every first-epoch batch is in the cache
-                while missing < first and (root / shard_name(missing)).exists():
-                    missing += 1
-                if step * self.world >= first and missing == first:
-                    complete_at = step
+            if not all(done_marker(root, r).exists() for r in range(self.world)):
                 continue
-            if step >= complete_at + self.margin:
-                log.info(
-                    "epoch cache complete: target pool scaled to %d replica(s) at step %d (target.release_after_cache)",
-                    self.keep,
-                    step,
-                )
-                self.pool.scale(self.keep)
-                self.at_step = step
-                return
+            while missing < first and (root / shard_name(missing)).exists():
+                missing += 1
+            if missing < first:
+                continue  # a rank's share was full: some later batches still need the pool
+            log.info(
+                "epoch cache complete: target pool scaled to %d replica(s) at step %d (target.release_after_cache)",
+                self.keep,
+                step,
+            )
+            self.pool.scale(self.keep)
+            self.at_step = step
+            return
 
 
 def _epoch_cache(
