@@ -6,6 +6,7 @@ SGLang targets come from `sglang_target(...)`, which closes the previous one fir
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -37,6 +38,7 @@ def starting(start):
     traceback: a raylet that registered later would join as a node no test counts on), and it starts again, up to
     3 times.
     """
+    leave_shared_ray()  # one Ray per process: a module's own Ray or cluster ends the shared one
     for attempt in range(3):
         try:
             return start()
@@ -52,13 +54,53 @@ def starting(start):
                 tb = tb.tb_next
 
 
+# The one local Ray of the modules that can share one (`shared_ray`): logical CPUs for the most any module runs at once
+# (8 target families' replicas, or 3 replicas and 2 draft workers), 4 fake GPU ids for placement, and this directory on
+# every process's path (Ray tasks unpickle test modules' helpers).
+SHARED_RAY = {"num_cpus": 12, "num_gpus": 4, "store_mb": 256, "env": {"PYTHONPATH": os.path.dirname(__file__)}}
+_shared = {"up": False}
+
+
+def leave_shared_ray() -> None:
+    """End the shared local Ray, if it is up: before a Ray of one's own (one Ray per process), and at the end."""
+    if _shared["up"]:
+        ray.shutdown()
+        _shared["up"] = False
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """A module's Ray: the session's one shared local Ray, started at the first module that asks (a start-up and
+    shutdown cost ~10 s; ten modules share one). Those modules run last (`pytest_collection_modifyitems`), so no
+    module with a Ray of its own comes after them; it ends with the session."""
+    if not (_shared["up"] and ray.is_initialized()):
+        _start_local_ray(**SHARED_RAY)
+        _shared["up"] = True
+    yield
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The modules on the shared Ray after all others (stable otherwise): one start-up for all of them."""
+    shared = {item.nodeid.split("::")[0] for item in items if "shared_ray" in item.fixturenames}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] in shared)
+
+
 @contextmanager
 def local_ray(num_cpus: int, num_gpus: int | None = None, store_mb: int = 256, env: dict | None = None):
-    """A private local Ray for one test module: the pool's system config, zero-copy tensors, no dashboard.
+    """A private local Ray for one test module (`shared_ray` is the default; this is for a module whose tests depend on
+    the Ray's own size, e.g. its object store): the pool's system config, zero-copy tensors, no dashboard.
 
-    `num_cpus` is logical (replicas and workers mostly wait); `num_gpus` gives fake GPU ids. Started again if it
-    missed Ray's registration deadline on a loaded machine (`starting`).
+    `num_cpus` is logical (replicas and workers mostly wait); `num_gpus` gives fake GPU ids.
     """
+    _start_local_ray(num_cpus, num_gpus, store_mb, env)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _start_local_ray(num_cpus: int, num_gpus: int | None, store_mb: int, env: dict | None) -> None:
+    """Started again if it missed Ray's registration deadline on a loaded machine (`starting`)."""
 
     def start() -> None:
         try:  # a private local Ray, never one another process left running (RAY_ADDRESS would join one)
@@ -71,10 +113,6 @@ def local_ray(num_cpus: int, num_gpus: int | None = None, store_mb: int = 256, e
             raise
 
     starting(start)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +228,6 @@ def pytest_unconfigure(config) -> None:
     frame: a native library's destructor, with SGLang, NeMo's imports and Ray all loaded in one process),
     which would fail a green run. The exit status stays pytest's own.
     """
-    import os
     import sys
 
     status = getattr(config, "_eagle_ray_exitstatus", None)
@@ -202,4 +239,5 @@ def pytest_unconfigure(config) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
+    leave_shared_ray()
     session.config._eagle_ray_exitstatus = int(exitstatus)

@@ -14,17 +14,15 @@ from itertools import islice
 
 import pytest
 import torch
-from conftest import local_ray
 from test_data import BAD_ROWS, WORDS, CountingTokenizer, seqs, sharegpt, write_jsonl
 
 from eagle_ray.data import DataError, load_tokenizer, make_batch_source
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    # the tasks unpickle CountingTokenizer from this directory's test_data module
-    with local_ray(num_cpus=2, store_mb=128, env={"PYTHONPATH": os.path.dirname(__file__)}):
-        yield
+def ray_cluster(shared_ray):
+    # the tasks unpickle CountingTokenizer from this directory's test_data module (on the shared Ray's path)
+    yield
 
 
 @pytest.fixture(scope="module")

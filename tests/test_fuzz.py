@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 import ray
 import torch
-from conftest import local_ray, random_batch
+from conftest import random_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,9 +53,8 @@ def fuzz(max_examples: int):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with local_ray(num_cpus=4):
-        yield
+def cluster(shared_ray):
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,8 @@ def test_no_argument_run_prints_a_short_log_of_its_own(tmp_path):
     assert progress and progress[-1].startswith("[eagle_ray] step 4/4 ")
     run_dir = tmp_path / "eagle3-tiny"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["samples"] > 0
+    assert summary["steps"] == 4 and summary["samples"] > 0 and summary["tokens"] > 0
+    assert summary["target_tokens_per_s"] > 0 and summary["skipped_batches"] == 0  # the workers' clients' target rate
     assert summary["engine"] == "sglang"  # installed here, so `auto` picks it
     assert len(summary["acc"]) == 7 and 0 < summary["loss"] < 2 * math.log(8192)  # a weighted mean, not a sum
     assert (Path(summary["export"]) / "config.json").exists()
@@ -109,10 +110,15 @@ def test_a_local_rays_processes_drop_ray_trains_autoscaling_request_warnings_onl
             logger.removeHandler(handler)
         return seen
 
+    @ray.remote(num_cpus=0)
+    def address() -> str | None:  # what Ray's state API (Ray Train's cleaner asks it) joins: this Ray, never another
+        return os.environ.get("RAY_ADDRESS")
+
     expected = [f"anything else from {name}" for name in QUIET_ON_LOCAL_RAY]
     with local_ray(num_cpus=1):
         assert ray.get(logged.remote()) == expected
         assert ray.get(logged.options(runtime_env={"env_vars": {"EAGLE_RAY_ANY": "1"}}).remote()) == expected
+        assert ray.get(address.remote()) == ray.get_runtime_context().gcs_address
 
 
 def test_the_errors_a_user_must_see_still_show(tmp_path):

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import local_ray
 from ray import cloudpickle
 
 from eagle_ray.pool.shared import serve_pool
@@ -196,14 +195,13 @@ class Rank:
             client.close()
 
 
-def test_two_ranks_share_one_pool_and_each_equals_nemo_reference(markov_target, model, reference):
-    with local_ray(num_cpus=4, num_gpus=2):
-        owner = serve_pool("nemo-ranks", markov_target, engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1)
-        try:
-            ranks = [Rank.remote() for _ in range(2)]
-            results = ray.get([r.train.remote("nemo-ranks", model.config.to_dict()) for r in ranks], timeout=600)
-        finally:
-            owner.close()
+def test_two_ranks_share_one_pool_and_each_equals_nemo_reference(markov_target, model, reference, shared_ray):
+    owner = serve_pool("nemo-ranks", markov_target, engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1)
+    try:
+        ranks = [Rank.remote() for _ in range(2)]
+        results = ray.get([r.train.remote("nemo-ranks", model.config.to_dict()) for r in ranks], timeout=600)
+    finally:
+        owner.close()
     tokens = delivered = 0
     for losses in results:
         assert losses.pop("refused") == "bad_packing"

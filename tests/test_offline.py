@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import local_ray
 from safetensors.torch import load_file
 
 from eagle_ray import PackedBatch
@@ -64,9 +63,8 @@ def _shards(d: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with local_ray(num_cpus=4):
-        yield
+def cluster(shared_ray):
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import ray
 import torch
-from conftest import local_ray, random_batch
+from conftest import random_batch
 from ray import cloudpickle
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
@@ -25,9 +25,8 @@ from eagle_ray.pool import ChaosMonkey, PooledTargetModel, ShardResult
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with local_ray(num_cpus=8, num_gpus=4):  # fake GPU ids: placement is testable on a CPU machine
-        yield
+def cluster(shared_ray):
+    yield
 
 
 @pytest.fixture(scope="module")

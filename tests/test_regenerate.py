@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import local_ray
 
 from eagle_ray.data import load_tokenizer
 from eagle_ray.data.templates import get_template
@@ -25,15 +24,14 @@ CONVS = [
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, shared_ray):
     root = tmp_path_factory.mktemp("regen")
     tok = load_tokenizer("qwen")
     target = build_tiny_target(root / "target", "llama", vocab_size=-(-tok.vocab_size // 64) * 64)
     data = root / "chats.jsonl"
     rows = [{"messages": [{"role": r, "content": c} for r, c in conv]} for conv in CONVS]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
-    with local_ray(num_cpus=2):
-        yield root, str(target), data, tok
+    return root, str(target), data, tok
 
 
 @pytest.fixture(scope="module")

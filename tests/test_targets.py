@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import local_ray, random_batch
+from conftest import random_batch
 
 from eagle_ray import (
     TINY_ARCHS,
@@ -202,7 +202,7 @@ def test_sglang_tp2_moe_equals_tp1(paths, sglang_target):
     assert all(d <= TOL for d in diffs.values()), diffs
 
 
-def test_pool_serves_every_target(paths, hf_target):
+def test_pool_serves_every_target(paths, hf_target, shared_ray):
     """One HF replica per family, all pools started at once (llama and qwen3 pools: test_pool.py and after)."""
     archs = [a for a in ARCHS if a not in ("llama", "qwen3")]
 
@@ -210,7 +210,7 @@ def test_pool_serves_every_target(paths, hf_target):
         with PooledTargetModel(paths[arch], engine="hf", replicas=1) as pool:
             return arch, pool.forward_packed(batch())
 
-    with local_ray(num_cpus=len(archs)), ThreadPoolExecutor(len(archs)) as ex:  # replicas mostly import
+    with ThreadPoolExecutor(len(archs)) as ex:  # replicas mostly import
         served = dict(ex.map(serve, archs))
     for arch in archs:
         want = hf_target(paths[arch]).forward_packed(batch())

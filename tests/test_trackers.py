@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -180,10 +179,10 @@ def _fresh_wandb_session():
 
 
 class _Sink:
-    """`MetricsSink`'s reading side without Ray: `since.remote(n)` is the rows themselves (ray.get is patched)."""
+    """`RunSink`'s reading side without Ray: `since(n)` is the rows themselves (ray.get is patched)."""
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.since = SimpleNamespace(remote=lambda n: rows[n:])
+        self.since = lambda n: rows[n:]
 
 
 def test_progress_rows_reach_tensorboard_wandb_and_mlflow(tmp_path, monkeypatch):

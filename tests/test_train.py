@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import local_ray
 
 from eagle_ray.contract import PackedBatch
 from eagle_ray.draft.export import load_draft
@@ -35,9 +34,8 @@ CKPT = 10
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with local_ray(num_cpus=6):  # logical: 3 replicas of one CPU and 2 workers, on 2 cores
-        yield
+def cluster(shared_ray):
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -217,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row["weight_checksums"] = rows[0]["weight_checksums"]
         row["wait_s"], row["step_s"] = step_wait, time.monotonic() - t_wait
         if sink is not None:
-            sink.push.remote(row)  # fire and forget: the driver's progress line
+            sink.push(row)  # fire and forget: the driver's progress line
         if metrics_path is not None:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")

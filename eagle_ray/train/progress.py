@@ -1,6 +1,6 @@
 """Live progress of a training run, seen from the driver.
 
-Rank 0 pushes one row per step to a `MetricsSink` actor (fire and forget); a row holds every rank's
+Rank 0 pushes one row per step to the driver's `MetricsSink` actor (fire and forget); a row holds every rank's
 sums (trainer tokens, target tokens its supply computed). A driver thread (`Progress`) reads them and shows
 one line: a tqdm bar on a terminal, plain periodic lines in job logs. It also feeds each row to the experiment trackers
 (`trackers.py`: TensorBoard, W&B, MLflow) and sets Ray metrics (`ray.util.metrics`, visible in Ray's
@@ -13,6 +13,8 @@ import logging
 import sys
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -24,14 +26,48 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class MetricsSink:
+    """Each run's rows, in order. One per driver, shared by its runs: an actor is a process start (~3 s of CPU), which
+    a driver that trains several drafts (a notebook, a test suite) would otherwise pay for each."""
+
     def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+
+    def push(self, run: str, row: dict[str, Any]) -> None:
+        self.rows.setdefault(run, []).append(row)
+
+    def since(self, run: str, n: int) -> list[dict[str, Any]]:
+        return self.rows.get(run, [])[n:]
+
+    def forget(self, run: str) -> None:
+        self.rows.pop(run, None)
+
+
+@dataclass(frozen=True)
+class RunSink:
+    """One run's rows in its driver's sink: what rank 0 pushes to and the driver's threads read."""
+
+    actor: Any
+    run: str
 
     def push(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
+        self.actor.push.remote(self.run, row)  # fire and forget
 
-    def since(self, n: int) -> list[dict[str, Any]]:
-        return self.rows[n:]
+    def since(self, n: int) -> ray.ObjectRef:
+        return self.actor.since.remote(self.run, n)
+
+    def close(self) -> None:
+        self.actor.forget.remote(self.run)
+
+
+_SINKS: dict[str, Any] = {}  # Ray job id -> this driver's sink (a handle lives as long as its connection)
+
+
+def run_sink() -> RunSink:
+    """A new run's rows in this driver's sink, started on first use."""
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _SINKS:
+        _SINKS[job] = MetricsSink.remote()
+    return RunSink(_SINKS[job], uuid.uuid4().hex)
 
 
 class _RayMetrics:
@@ -116,7 +152,7 @@ class Progress:
 
     def _tick(self) -> None:
         try:
-            new = ray.get(self.sink.since.remote(self._seen), timeout=10)
+            new = ray.get(self.sink.since(self._seen), timeout=10)
         except Exception:
             return
         self._seen += len(new)

@@ -37,7 +37,7 @@ from eagle_ray.train.arms import arm_dir
 from eagle_ray.train.config import CACHE_DISK_SHARE, DraftTrainConfig, EpochCacheConfig, sweep_configs
 from eagle_ray.train.epoch_cache import done_marker, finish_epoch_cache, init_epoch_cache
 from eagle_ray.train.loop import train_loop_per_worker
-from eagle_ray.train.progress import MetricsSink, Progress
+from eagle_ray.train.progress import Progress, run_sink
 from eagle_ray.train.reader import rank_source
 from eagle_ray.train.trackers import Trackers, open_trackers
 
@@ -139,7 +139,7 @@ def train_draft(
     if cache_spec is not None:
         supply = {**supply, "cache": cache_spec}
 
-    sink = MetricsSink.remote()
+    sink = run_sink()
     if not isinstance(trackers, Trackers):  # opened before training starts: a tracker that fails leaves nothing to stop
         config = tracker_config if tracker_config is not None else {"train": asdict(train), "num_workers": num_workers}
         if len(arms) > 1 and tracker_config is None:
@@ -193,7 +193,8 @@ def train_draft(
             release.stop()
     # rank 0's file has earlier runs' steps (if it is on this node); the sink has this run's, from anywhere
     by_step = {r["step"]: r for r in _history(metrics_path)}
-    by_step.update((r["step"], r) for r in ray.get(sink.since.remote(0)))
+    by_step.update((r["step"], r) for r in ray.get(sink.since(0)))
+    sink.close()
     history = [by_step[k] for k in sorted(by_step)]
     steps = history[-1]["step"] if history else 0
     exports = []
@@ -241,7 +242,7 @@ class _Release:
         seen, step, missing = 0, 0, 0  # missing: the first batch not seen in the cache
         while not self._stop.wait(0.5):
             try:
-                rows = ray.get(self.sink.since.remote(seen), timeout=30)
+                rows = ray.get(self.sink.since(seen), timeout=30)
             except Exception:  # the sink is busy or gone: try again, or stop with the run
                 continue
             seen += len(rows)
