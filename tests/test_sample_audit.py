@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from eagle_ray import PackedBatch
-from eagle_ray.train.sample_audit import SampleLogWriter, audit_run, batch_fingerprints, expected_samples, fingerprints
+from eagle_ray.train.sample_audit import (
+    SampleLogWriter,
+    audit_run,
+    batch_fingerprints,
+    check_skip_budget,
+    expected_samples,
+    fingerprints,
+)
 
 WORLD = 2
 
@@ -110,3 +118,20 @@ def test_a_skipped_batch_is_accounted_for_not_missing_and_rolls_back_like_a_step
     assert audit.skipped == {5: "shard 12 quarantined after 3 failed attempts"}
     assert audit.compare(expected_samples(batches)) == []  # batch 5's samples: skipped, not missing
     assert all(k[0] != 5 for k in audit.samples) and len(audit.samples) == 7 * 3
+
+
+def test_a_run_over_its_skip_budget_fails_naming_each_skipped_batch_and_its_cause(tmp_path):
+    """What every rank raises (the loop calls it after each step's all-reduce of the skip count): within the budget
+    nothing; over it, each skipped batch from the sample logs, with the first line of the pool's verdict."""
+    batches = _batches(8)
+    _write(tmp_path, batches, 0, range(3))
+    _write(tmp_path, batches, 1, range(2)).skip(2, 5, "batch 5 quarantined: it failed on 2 replicas\nTraceback ...")
+    assert audit_run(tmp_path, WORLD).skipped == {5: "batch 5 quarantined: it failed on 2 replicas\nTraceback ..."}
+    check_skip_budget(tmp_path, WORLD, skipped=1, limit=1)
+    check_skip_budget(tmp_path, WORLD, skipped=0, limit=0)
+    with pytest.raises(RuntimeError) as err:
+        check_skip_budget(tmp_path, WORLD, skipped=1, limit=0)
+    assert str(err.value) == (
+        "1 poison batches skipped, more than max_skipped_batches=0: "
+        "batch 5: batch 5 quarantined: it failed on 2 replicas"
+    )

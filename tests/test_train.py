@@ -8,7 +8,8 @@ the last checkpoint). Both must follow the reference's loss curve step for step.
 run again, trains and reads nothing. A chaos run on a shared pool of two HF replicas loses replicas (`ray.kill`,
 SIGKILL), the pool's relay and a SIGKILLed draft worker, and its sample ledger must be every sample once: nothing
 lost, nothing consumed twice. A poison batch (it kills every replica it reaches)
-is skipped, counted and recorded, and the run completes with every other sample once.
+is skipped, counted and recorded, and the run completes with every other sample once (the verdict: the pool's
+quarantine, which is a batch's failure on 2 replicas).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def test_a_finished_run_resumed_trains_and_reads_nothing(pool, reference):
 
 def test_a_poison_batch_is_skipped_counted_and_recorded(cluster, markov_target, tmp_path):
     """A batch that kills every replica it reaches (the crash token) is quarantined by the pool: the run skips it,
-    names it, counts it and completes; every other sample once. With no skips allowed, the run fails naming it."""
+    names it, counts it and completes; every other sample once. (Over `max_skipped_batches` every rank raises
+    `check_skip_budget`'s error, naming the batch: test_sample_audit.py.)"""
     batches = markov_batches(12, per_batch=4)  # 2 workers x 6 steps
     poison = next(t for t in range(1023, 0, -1) if t not in set(torch.cat([b.input_ids for b in batches]).tolist()))
     ids = batches[5].input_ids.clone()  # global batch 5: step 2 of rank 1
@@ -173,14 +175,8 @@ def test_a_poison_batch_is_skipped_counted_and_recorded(cluster, markov_target, 
     env = {"env_vars": {CRASH_TOKEN_ENV: str(poison)}}
     shape = {"engine": "hf", "replicas": 2, "cpus_per_replica": 1, "max_inflight_per_replica": 1}
     with serve_pool("poison", markov_target, runtime_env=env, max_shard_failures=2, **shape) as pool:
-
-        def run(name: str, skips: int):
-            cfg = _config(max_steps=6, checkpoint_every=3, max_skipped_batches=skips)
-            return _train(pool, tmp_path, name, data=batches, train=cfg)
-
-        with pytest.raises(Exception, match="more than max_skipped_batches=0: batch 5: .*quarantined"):
-            run("strict", 0)
-        done = run("tolerant", 1)
+        cfg = _config(max_steps=6, checkpoint_every=3, max_skipped_batches=1)
+        done = _train(pool, tmp_path, "tolerant", data=batches, train=cfg)
     assert done.steps == 6 and done.skipped_batches == 1 and done.export_dir is not None
     audit = audit_run(tmp_path / "tolerant", 2)
     assert audit.ok and list(audit.skipped) == [5] and "quarantined" in audit.skipped[5], audit.problems

@@ -36,7 +36,7 @@ from eagle_ray.train.config import DraftTrainConfig
 from eagle_ray.train.epoch_cache import CachedSupply, EpochCache
 from eagle_ray.train.prefetch import device_batches
 from eagle_ray.train.reader import DumpSupply, PoolSupply, RankReader
-from eagle_ray.train.sample_audit import SampleLogWriter, audit_run, fingerprints
+from eagle_ray.train.sample_audit import SampleLogWriter, check_skip_budget, fingerprints
 
 
 def _checksums(draft: Eagle3Draft, world: int) -> list[float]:
@@ -170,12 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["skipped"] + int(flat[-3]),
         )
         step_tokens += int(flat[-4])
-        if state["skipped"] > cfg.max_skipped_batches:
-            skips = audit_run(config["run_dir"], world).skipped
-            raise RuntimeError(
-                f"{state['skipped']} poison batches skipped, more than max_skipped_batches={cfg.max_skipped_batches}: "
-                + "; ".join(f"batch {b}: {cause.splitlines()[0]}" for b, cause in sorted(skips.items()))
-            )
+        check_skip_budget(config["run_dir"], world, state["skipped"], cfg.max_skipped_batches)
         windows = [st if w is None else w + st for w, (_, st) in zip(windows, per_arm, strict=True)]
         done = state["step"] >= cfg.max_steps or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step)
         rows = []

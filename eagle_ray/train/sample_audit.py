@@ -144,3 +144,15 @@ def audit_run(run_dir: str | Path, world: int) -> Audit:
 def expected_samples(batches: Iterable[PackedBatch]) -> dict[tuple[int, int], str]:
     """The samples a run over `batches` (global batch index order) must consume."""
     return {(b, i): fp for b, batch in enumerate(batches) for i, fp in enumerate(batch_fingerprints(batch))}
+
+
+def check_skip_budget(run_dir: str | Path, world: int, skipped: int, limit: int) -> None:
+    """Fail a run that has skipped more poison batches than `training.max_skipped_batches`, naming each skipped
+    batch and why the pool gave up on it (from the sample logs: every rank raises the same error)."""
+    if skipped <= limit:
+        return
+    skips = audit_run(run_dir, world).skipped
+    raise RuntimeError(
+        f"{skipped} poison batches skipped, more than max_skipped_batches={limit}: "
+        + "; ".join(f"batch {b}: {cause.splitlines()[0]}" for b, cause in sorted(skips.items()))
+    )
