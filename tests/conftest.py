@@ -55,9 +55,10 @@ def starting(start):
 
 
 # The one local Ray of the modules that can share one (`shared_ray`): logical CPUs for the most any module runs at once
-# (8 target families' replicas, or 3 replicas and 2 draft workers), 4 fake GPU ids for placement, and this directory on
-# every process's path (Ray tasks unpickle test modules' helpers).
-SHARED_RAY = {"num_cpus": 12, "num_gpus": 4, "store_mb": 256, "env": {"PYTHONPATH": os.path.dirname(__file__)}}
+# (8 target families' replicas, or 3 replicas and 2 draft workers), no GPUs (so `use_gpu=None` pools and jobs that
+# join it stay on the CPU; test_pool.py's placement tests have a Ray with fake GPU ids of their own), and this
+# directory on every process's path (Ray tasks unpickle test modules' helpers).
+SHARED_RAY = {"num_cpus": 12, "num_gpus": 0, "store_mb": 256, "env": {"PYTHONPATH": os.path.dirname(__file__)}}
 _shared = {"up": False}
 
 
@@ -71,7 +72,7 @@ def leave_shared_ray() -> None:
 @pytest.fixture(scope="module")
 def shared_ray():
     """A module's Ray: the session's one shared local Ray, started at the first module that asks (a start-up and
-    shutdown cost ~10 s; ten modules share one). Those modules run last (`pytest_collection_modifyitems`), so no
+    shutdown cost ~10 s; nine modules share one). Those modules run last (`pytest_collection_modifyitems`), so no
     module with a Ray of its own comes after them; it ends with the session."""
     if not (_shared["up"] and ray.is_initialized()):
         _start_local_ray(**SHARED_RAY)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import ray
 import torch
-from conftest import random_batch
+from conftest import local_ray, random_batch
 from ray import cloudpickle
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
@@ -25,8 +25,9 @@ from eagle_ray.pool import ChaosMonkey, PooledTargetModel, ShardResult
 
 
 @pytest.fixture(scope="module")
-def cluster(shared_ray):
-    yield
+def cluster():
+    with local_ray(num_cpus=8, num_gpus=4):  # fake GPU ids: placement is testable on a CPU machine
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -596,7 +597,8 @@ def test_the_relay_killed_mid_stream_restarts_and_its_clients_resume(cluster, ti
     with "no replicas left"): the replicas are the host's, not the relay's, so the client serves on with those it
     knows, every batch once and in order; Ray restarts the relay, the host republishes, and the client finds it
     again: a replica killed afterwards is replaced and the client sees the replacement in a new view, and its load
-    exchanges reach the restarted relay's board."""
+    exchanges reach the restarted relay's board. (The chaos tool's `pool_server` kind kills the same relay: the
+    chaos test in test_train.py, through a training run.)"""
     from eagle_ray.pool import serve_pool
 
     owner = serve_pool("relay-kill", tiny_paths["llama"], engine="hf", replicas=2, use_gpu=False, cpus_per_replica=1)
@@ -618,12 +620,7 @@ def test_the_relay_killed_mid_stream_restarts_and_its_clients_resume(cluster, ti
                 break
             assert time.monotonic() < deadline, ids
             time.sleep(0.5)
-        # once more, by the chaos tool's fault kind: the relay comes back again and the client streams on
-        fault = ChaosMonkey(owner, ("pool_server",)).inject("pool_server")
-        assert fault.kind == "pool_server" and fault.replica_id is None
-        more = batches(4, seed=61)
-        got, _, st = ray.get(client.run.remote(more), timeout=300)
-        check_complete({(bi, *seqs): aux for bi, seqs, err, aux in got if err is None}, more, reference)
+        more = batches(1, seed=61)
         relay = ray.get_actor("relay-kill", namespace="eagle_ray")
         while True:  # its load exchanges reach the restarted board (once it has restarted: calls fail till then)
             try:
@@ -632,7 +629,7 @@ def test_the_relay_killed_mid_stream_restarts_and_its_clients_resume(cluster, ti
             except ray.exceptions.ActorUnavailableError:
                 pass
             assert time.monotonic() < deadline, "the client's loads never reached the restarted relay"
-            ray.get(client.run.remote(more[:1]), timeout=300)  # a busy client exchanges its loads
+            ray.get(client.run.remote(more), timeout=300)  # a busy client exchanges its loads
             time.sleep(0.5)
     finally:
         owner.close()
