@@ -59,15 +59,19 @@ class RunSink:
         self.actor.forget.remote(self.run)
 
 
-_SINKS: dict[str, Any] = {}  # Ray job id -> this driver's sink (a handle lives as long as its connection)
+# this driver's sink, by its connection to Ray, since a handle lives as long as its connection: the job id is new at
+# each connection to one cluster, and the node id at each local Ray (where the job id starts again at 01000000)
+_SINKS: dict[tuple[str, str], Any] = {}
 
 
 def run_sink() -> RunSink:
     """A new run's rows in this driver's sink, started on first use."""
-    job = ray.get_runtime_context().get_job_id()
-    if job not in _SINKS:
-        _SINKS[job] = MetricsSink.remote()
-    return RunSink(_SINKS[job], uuid.uuid4().hex)
+    context = ray.get_runtime_context()
+    connection = (context.get_node_id(), context.get_job_id())
+    if connection not in _SINKS:
+        _SINKS.clear()  # handles of an earlier connection are dead
+        _SINKS[connection] = MetricsSink.remote()
+    return RunSink(_SINKS[connection], uuid.uuid4().hex)
 
 
 class _RayMetrics:
