@@ -35,7 +35,7 @@ from eagle_ray.offline import OfflineSupervision, shard_name
 from eagle_ray.pool import PoolClient, PooledTargetModel
 from eagle_ray.train.arms import arm_dir
 from eagle_ray.train.config import CACHE_DISK_SHARE, DraftTrainConfig, EpochCacheConfig, sweep_configs
-from eagle_ray.train.epoch_cache import done_marker, finish_epoch_cache, init_epoch_cache
+from eagle_ray.train.epoch_cache import finish_epoch_cache, init_epoch_cache, marker
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import MetricsSink, Progress
 from eagle_ray.train.reader import rank_source
@@ -246,7 +246,7 @@ class _Release:
                 continue
             seen += len(rows)
             step = max([step, *(r["step"] for r in rows)])
-            if not all(done_marker(root, r).exists() for r in range(self.world)):
+            if not all(marker(root, "done", r).exists() for r in range(self.world)):
                 continue
             while missing < first and (root / shard_name(missing)).exists():
                 missing += 1
