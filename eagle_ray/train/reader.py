@@ -30,6 +30,7 @@ import ray
 from ray.exceptions import ObjectLostError
 
 from eagle_ray.contract import PackedBatch, Supervision
+from eagle_ray.train.prefetch import hand
 
 log = logging.getLogger(__name__)
 
@@ -172,24 +173,14 @@ class RankReader:
                     meta.update(tokens=0, sequences=0, skipped=s.error)
                 else:
                     meta.update(tokens=s.batch.num_tokens, sequences=s.batch.num_sequences)
-                if not self._hand(out, stop, ("item", step, s.sup, meta, s.held)):
+                if not hand(out, stop, ("item", step, s.sup, meta, s.held)):
                     return
                 s = None  # only the record holds its results now: the consumer's release frees them
-            self._hand(out, stop, ("end",))
+            hand(out, stop, ("end",))
         except BaseException as e:  # surfaced in the consumer, not lost in a thread
-            self._hand(out, stop, ("error", e))
+            hand(out, stop, ("error", e))
         finally:
             served.close()  # the pool stream stops dispatching
-
-    @staticmethod
-    def _hand(out: queue.Queue, stop: threading.Event, record: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(record, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def __iter__(self) -> Iterator[tuple[int, Supervision | None, dict[str, Any]]]:
         records: queue.Queue = queue.Queue(maxsize=self.depth)
