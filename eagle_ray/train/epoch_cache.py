@@ -361,11 +361,10 @@ class CachedSupply:
 
 
 def init_epoch_cache(root: str | Path, pool: Any) -> Path:
-    """Make `root` a cache (a dump) of `pool`'s target, or check that the one there is; drop stale temp files."""
+    """Make `root` a cache (a dump) of `pool`'s target, or check that the one there is; drop stale temp files (no
+    rank is writing yet)."""
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob("*.tmp"), *(root / "target").glob("*.tmp")]:  # no rank is writing yet
-        stale.unlink()
     init_or_check(root, pool, fsync=True)
     return root
 
@@ -376,15 +375,14 @@ def finish_epoch_cache(root: str | Path, epoch_batches: int) -> dict[str, Any]:
     root = Path(root)
     manifest = read_manifest(root)
     entries = entries_matching_disk(root, manifest, strict=False)
-    complete = all(i in entries for i in range(epoch_batches))
-    summary = summarise(manifest, entries, complete=complete, requested_batches=epoch_batches)
+    summary = summarise(manifest, entries, epoch_batches, requested_batches=epoch_batches)
     write_json(root / "manifest.json", summary, True)
     full = sorted(json.loads(p.read_text())["first_uncached"] for p in root.glob("full_rank*.json"))
     return {
         "dir": str(root),
         "batches": summary["num_batches"],
         "epoch_batches": epoch_batches,
-        "complete": complete,
+        "complete": summary["complete"],
         "tokens": summary["num_tokens"],
         "bytes": summary["bytes"],
         "bytes_per_token": summary["bytes"] / max(summary["num_tokens"], 1),
