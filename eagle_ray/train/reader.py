@@ -74,9 +74,8 @@ class PoolSupply:
                 yield b
 
         parts: dict[int, list] = {}
-        stream = self.client.stream(
-            source(), node_id=self.node_id, stall_timeout_s=self.timeout_s, ahead=self._ahead(depth, world)
-        )
+        ahead = lookahead(self.client, depth, world)  # counted from the replicas when the stream starts
+        stream = self.client.stream(source(), node_id=self.node_id, stall_timeout_s=self.timeout_s, ahead=ahead)
         try:
             for res in stream:
                 parts.setdefault(res.batch_index, []).append(res)
@@ -96,9 +95,6 @@ class PoolSupply:
                 res = got = None
         finally:
             stream.close()
-
-    def _ahead(self, depth: int, world: int) -> int:
-        return lookahead(self.client, depth, world)  # counted from the replicas when the stream starts
 
     def _read(self, batch: PackedBatch, got: list) -> Supervision:
         try:
