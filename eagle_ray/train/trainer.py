@@ -192,7 +192,7 @@ def train_draft(
         if release is not None:
             release.stop()
     # rank 0's file has earlier runs' steps (if it is on this node); the sink has this run's, from anywhere
-    by_step = {r["step"]: r for r in _history(metrics_path)}
+    by_step = _history(metrics_path)
     by_step.update((r["step"], r) for r in ray.get(sink.since.remote(0)))
     history = [by_step[k] for k in sorted(by_step)]
     steps = history[-1]["step"] if history else 0
@@ -308,13 +308,7 @@ def _supply(target: Any) -> tuple[dict[str, Any], ray.ObjectRef]:
     raise TypeError(f"train_draft reads from a serve_pool pool or an OfflineSupervision dump, not {type(target)!r}")
 
 
-def _history(path: Path) -> list[dict[str, Any]]:
-    """Per-step metrics; where a restart re-ran steps, the latest run of each step wins."""
-    if not path.exists():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
+def _history(path: Path) -> dict[int, dict[str, Any]]:
+    """Per-step metrics by step; where a restart re-ran steps, the latest run of each step wins."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {(row := json.loads(line))["step"]: row for line in lines if line.strip()}
