@@ -137,15 +137,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         failed = [r is None for r in results]  # the ranks agreed on these (step_arms): the same list on every rank
         del results
         cached_now = getattr(reader.supply, "cached_tokens", 0)
-        flat = torch.cat(
-            [
-                *parts,
-                torch.tensor(
-                    [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served, cached_now - cached],
-                    dtype=torch.float64,
-                ),
-            ]
-        )
+        counts = [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served, cached_now - cached]
+        flat = torch.cat([*parts, torch.tensor(counts, dtype=torch.float64)])
         served, cached = reader.supply.tokens, cached_now
         if world > 1:
             dist.all_reduce(flat)
@@ -154,12 +147,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = float(flat[at]) / max(world - int(flat[-3]), 1)
             per_arm.append((loss, TTTStats.from_flat(flat[at + 1 : at + n])))
             at += n
-        state["step"], state["samples"], state["tokens"], state["skipped"] = (
-            step + 1,
-            state["samples"] + int(flat[-5]),
-            state["tokens"] + int(flat[-4]),
-            state["skipped"] + int(flat[-3]),
-        )
+        state["step"] = step + 1
+        for key, n in zip(("samples", "tokens", "skipped"), flat[-5:-2].tolist(), strict=True):
+            state[key] += int(n)
         step_tokens += int(flat[-4])
         if state["skipped"] > cfg.max_skipped_batches:
             skips = audit_run(config["run_dir"], world).skipped
@@ -168,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 + "; ".join(f"batch {b}: {cause.splitlines()[0]}" for b, cause in sorted(skips.items()))
             )
         windows = [st if w is None else w + st for w, (_, st) in zip(windows, per_arm, strict=True)]
-        done = state["step"] >= cfg.max_steps or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step)
+        done = state["step"] >= _last_step(cfg)
         rows = []
         for arm, bad, (loss, st) in zip(arms, failed, per_arm, strict=True):
             s = st.summary()
