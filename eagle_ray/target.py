@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -247,6 +247,15 @@ class NeMoSurface:
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 class Eagle3TargetModel(NeMoSurface):
     """An EAGLE-3 target: validates input, runs its engine, speaks the supervision contract."""
@@ -280,12 +289,6 @@ class Eagle3TargetModel(NeMoSurface):
     def close(self) -> None:
         self._close_executor()
         self.engine.close()
-
-    def __enter__(self) -> Eagle3TargetModel:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class HFEagle3TargetModel(Eagle3TargetModel):
