@@ -18,6 +18,7 @@ so every rank still takes the step; the training loop counts and bounds the skip
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -201,10 +202,8 @@ class RankReader:
             stop.set()
             record = held = sup = None  # closed mid-step: release it, the serving thread may wait on its budget
             while thread.is_alive():  # unblock a hand-over nobody will take
-                try:
+                with contextlib.suppress(queue.Empty):
                     records.get(timeout=0.1)
-                except queue.Empty:
-                    pass
 
 
 def rank_source(data: Any) -> Any:
