@@ -409,10 +409,7 @@ class Supervision:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
-
-    def _tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None]
+        return sum(t.numel() * t.element_size() for f in fields(self) if (t := getattr(self, f.name)) is not None)
 
     def shifted(self) -> Supervision:
         """Training view: ids, loss mask, last hidden and logits of slot t come from t + 1."""
@@ -432,15 +429,8 @@ class Supervision:
             return parts[0]
         offsets = torch.tensor([0] + [p.num_tokens for p in parts[:-1]]).cumsum(0)
         cu = torch.cat([parts[0].cu_seqlens[:1]] + [p.cu_seqlens[1:] + o for p, o in zip(parts, offsets, strict=True)])
-        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        return Supervision(
-            input_ids=cat("input_ids"),
-            loss_mask=cat("loss_mask"),
-            cu_seqlens=cu,
-            aux_hidden_states=cat("aux_hidden_states"),
-            last_hidden_states=cat("last_hidden_states"),
-            logits=None if parts[0].logits is None else cat("logits"),
-        )
+        rest = [f.name for f in fields(Supervision) if f.name != "cu_seqlens" and getattr(parts[0], f.name) is not None]
+        return Supervision(cu_seqlens=cu, **{k: torch.cat([getattr(p, k) for p in parts]) for k in rest})
 
 
 def plan_runs(

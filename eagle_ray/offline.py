@@ -209,7 +209,10 @@ def _target_facts(pool: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor
 
 
 def init_or_check(root: Path, pool: Any, fsync: bool) -> dict[str, Any]:
-    """Start a dump (target files, then the manifest) or check that `pool` serves the dumped target."""
+    """Start a dump (target files, then the manifest) or check that `pool` serves the dumped target. Called before
+    any writer starts: temp files left are a crash's, never real, and go."""
+    for stale in [*root.glob("*.tmp"), *(root / "target").glob("*.tmp")]:
+        stale.unlink()
     info = _info_to_json(pool.info)
     facts, embed, head = _target_facts(pool)
     src = Path(pool.model_path) / "config.json"
@@ -287,11 +290,15 @@ def decoded(fields: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, 
     return fields
 
 
-def summarise(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """The manifest to write: the dump's fixed facts, run facts (`extra`) and every batch, by index."""
+def summarise(
+    manifest: dict[str, Any], entries: dict[int, dict[str, Any]], num_batches: int, **extra: Any
+) -> dict[str, Any]:
+    """The manifest to write: the dump's fixed facts, whether it holds batches 0..`num_batches`-1, run facts
+    (`extra`) and every batch, by index."""
     rows = [entries[i] for i in sorted(entries)]
     return {
         **{k: manifest[k] for k in ("format", "version", "info", "target")},
+        "complete": all(i in entries for i in range(num_batches)),
         **extra,
         "num_batches": len(rows),
         "num_tokens": sum(e["num_tokens"] for e in rows),
@@ -336,8 +343,6 @@ def dump_supervision(
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root):
-        for stale in [*root.glob("*.tmp"), *(root / "target").glob("*.tmp")]:  # a crash mid-write: never real
-            stale.unlink()
         manifest = init_or_check(root, pool, fsync)
         done = {i: e["content_hash"] for i, e in entries_matching_disk(root, manifest, strict=False).items()}
         t0 = time.monotonic()
@@ -356,13 +361,17 @@ def dump_supervision(
             raise
         finally:
             entries = entries_matching_disk(root, manifest, strict=False)  # what the writers committed
-            complete = all(i in entries for i in range(num_batches))
-            write_json(root / "manifest.json", summarise(manifest, entries, complete=complete), fsync)
+            write_json(root / "manifest.json", summarise(manifest, entries, num_batches), fsync)
         run = {k: sum(r[k] for r in runs) for k in runs[0]}
         run["seconds"] = round(time.monotonic() - t0, 3)
         if progress:
-            progress(_progress_line(run, len(entries), num_batches, run["seconds"], done=True))
-        final = summarise(manifest, entries, complete=complete, requested_batches=num_batches)
+            rate = run["tokens_written"] / max(run["seconds"], 1e-9)
+            progress(
+                f"[eagle_ray] dump done: {len(entries)}/{num_batches} batches ({run['written']} written, "
+                f"{run['skipped']} resumed) {run['tokens_written']} tokens {rate:,.0f} tok/s "
+                f"{run['bytes_written'] / 2**20:,.1f} MiB written"
+            )
+        final = summarise(manifest, entries, num_batches, requested_batches=num_batches)
         final["last_run"] = run
         write_json(root / "manifest.json", final, fsync)
         return final
@@ -417,15 +426,6 @@ def _write_share(
     finally:
         client.close()
     return run
-
-
-def _progress_line(run: dict[str, Any], have: int, total: int | None, seconds: float, done: bool = False) -> str:
-    rate = run["tokens_written"] / max(seconds, 1e-9)
-    return (
-        f"[eagle_ray] dump{' done:' if done else ''} {have}/{total if total is not None else '?'} batches "
-        f"({run['written']} written, {run['skipped']} resumed) {run['tokens_written']} tokens "
-        f"{rate:,.0f} tok/s {run['bytes_written'] / 2**20:,.1f} MiB written"
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -160,16 +160,11 @@ def _finish(req: _Request, sup: Supervision, lm_head: torch.Tensor, mapping: Voc
     if mapping is None:
         teacher["logits"] = last @ head.T  # zero where `last` is: each row's last slot, pads
     else:
-        flat_last, flat_mask = last.flatten(0, 1), loss_mask.flatten()
-        probs, pmask = [], []
-        for i in range(0, flat_last.shape[0], _TEACHER_CHUNK):
-            chunk = flat_last[i : i + _TEACHER_CHUNK] @ head.T
-            p, m = target_distribution(chunk, mapping, flat_mask[i : i + _TEACHER_CHUNK])
-            probs.append(p)
-            pmask.append(m)
+        rows = zip(last.flatten(0, 1).split(_TEACHER_CHUNK), loss_mask.flatten().split(_TEACHER_CHUNK), strict=True)
+        parts = [target_distribution(h @ head.T, mapping, m) for h, m in rows]
         B, S = attn.shape
-        teacher["target_probs"] = torch.cat(probs).view(B, S, -1)
-        teacher["position_mask"] = torch.cat(pmask).view(B, S, 1)
+        teacher["target_probs"] = torch.cat([p for p, _ in parts]).view(B, S, -1)
+        teacher["position_mask"] = torch.cat([m for _, m in parts]).view(B, S, 1)
     return Eagle3TargetBatch(
         aux_hidden_states=unpack_to_padded(sup.aux_hidden_states, attn.cpu()).to(device),
         input_ids=shift_left_rows(req.input_ids),
@@ -252,6 +247,15 @@ class NeMoSurface:
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 class Eagle3TargetModel(NeMoSurface):
     """An EAGLE-3 target: validates input, runs its engine, speaks the supervision contract."""
@@ -285,12 +289,6 @@ class Eagle3TargetModel(NeMoSurface):
     def close(self) -> None:
         self._close_executor()
         self.engine.close()
-
-    def __enter__(self) -> Eagle3TargetModel:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class HFEagle3TargetModel(Eagle3TargetModel):

@@ -328,7 +328,7 @@ def test_the_first_epoch_is_written_ahead_of_training(pool, tmp_path):
     cache: every file is there, the writer says it is through (`done_rank0.json`), and no result is held in memory
     (the client's byte budget is free). Training then reads both epochs from the files, each batch once, as the
     pool computes it; the target computed epoch 1 once."""
-    from eagle_ray.train.epoch_cache import CachedSupply, EpochCache, done_marker, init_epoch_cache
+    from eagle_ray.train.epoch_cache import CachedSupply, EpochCache, init_epoch_cache, marker
     from eagle_ray.train.reader import PoolSupply, RankReader
 
     source = _chat_source(tmp_path).for_ranks()
@@ -339,7 +339,7 @@ def test_the_first_epoch_is_written_ahead_of_training(pool, tmp_path):
     served = []
     for step, sup, _ in RankReader(supply, iter(batches)):
         deadline = time.monotonic() + 120
-        while step == 0 and not (done_marker(root, 0).exists() and pool.stats()["held_bytes"] == 0):
+        while step == 0 and not (marker(root, "done", 0).exists() and pool.stats()["held_bytes"] == 0):
             assert time.monotonic() < deadline, "the first epoch was not written ahead of training"
             time.sleep(0.05)
         if step == 0:

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from eagle_ray.data.jsonstream import read_records
 from eagle_ray.data.records import Conversation, RecordError, parse_record
@@ -58,19 +59,14 @@ def iter_conversations(
 
 
 def iter_texts(
-    paths: str | Path | Sequence[str | Path] | None = None,
-    *,
-    separator: str = "\n\n",
-    max_records: int | None = None,
-    kind: str = "auto",
-    strict: bool = False,
-    stats: DataStats | None = None,
+    paths: str | Path | Sequence[str | Path] | None = None, *, separator: str = "\n\n", **options: Any
 ) -> Iterator[str]:
     """Plain text of each conversation (turn contents joined by `separator`, no roles or template).
 
-    For pretraining a tiny target on ShareGPT (the default) with Qwen's vocabulary; bad records are
-    handled as everywhere else in `eagle_ray.data` (skipped with a warning, or `strict`). Only the
-    first `max_records` records are read (skipped ones count).
+    For pretraining a tiny target on ShareGPT (the default) with Qwen's vocabulary; `options` are
+    `iter_conversations`' (`kind`, `strict`, `stats`, `max_records`...): bad records are handled as everywhere
+    else in `eagle_ray.data` (skipped with a warning, or `strict`), and only the first `max_records` records are
+    read (skipped ones count).
     """
-    for _, conv in iter_conversations(paths, kind=kind, strict=strict, stats=stats, max_records=max_records):
+    for _, conv in iter_conversations(paths, **options):
         yield separator.join(text for _, text in conv.messages)

@@ -143,12 +143,8 @@ class ChatBatchSource:
         return rank
 
     def _rank_gen(self, rank: int, world: int, first: int) -> Iterator[PackedBatch]:
-        epoch, b, base = 0, 0, 0  # base: the global index of block b's first batch
-        while self.epochs is None or epoch < self.epochs:
-            if self._block(b) is None:  # end of an epoch
-                self._check_nonempty()
-                epoch, b = epoch + 1, 0
-                continue
+        base = 0  # the global index of block b's first batch
+        for epoch, b in self._blocks():
             n = self._num_batches(epoch, b)
             lo = max(first, base)
             mine = range(lo + (rank - lo) % world - base, n, world)  # this rank's batches of the block
@@ -158,7 +154,7 @@ class ChatBatchSource:
                 samples = self._read(b, {i for run in runs for i in run})
                 for run in runs:
                     yield pack([samples[i] for i in run])
-            base, b = base + n, b + 1
+            base += n
 
     def epoch_origins(self, index: int) -> tuple[int, list[tuple[int, int]]]:
         """Where global batch `index`'s sequences were in the first epoch: `(epoch, [(batch, position), ...])`,
@@ -168,30 +164,28 @@ class ChatBatchSource:
         the epoch cache, `train/epoch_cache.py`, reads). Needs the blocks indexed (`for_ranks()` did)."""
         if index < 0:
             raise ValueError(f"index must be >= 0, got {index}")
-        epoch, b, skip, base0 = 0, 0, index, 0  # base0: the global index of block b's first batch in epoch 0
-        while self.epochs is None or epoch < self.epochs:
-            if self._block(b) is None:  # end of an epoch
-                self._check_nonempty()
-                epoch, b, base0 = epoch + 1, 0, 0
-                continue
+        skip, base0 = index, 0  # base0: the global index of block b's first batch in epoch 0
+        for epoch, b in self._blocks():
+            base0 = 0 if b == 0 else base0
             n = self._num_batches(epoch, b)
             if skip < n:
                 where = {r: (base0 + j, k) for j, run in enumerate(self._plan(0, b)) for k, r in enumerate(run)}
                 return epoch, [where[r] for r in self._plan(epoch, b)[skip]]
             skip -= n
             base0 += self._num_batches(0, b)
-            b += 1
         raise IndexError(f"batch {index} is past the data's {self.epochs} epoch(s)")
 
     def samples_from(self, index: int) -> Iterator[Sample]:
         """Samples in training order from global sample `index` on (across epochs); read in this process."""
-        return self._walk(index, lambda epoch, b: self._block(b).samples, self._samples)
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        return self._walk_gen(index, lambda epoch, b: self._block(b).samples, self._samples)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
         """Batches in one epoch (indexes the whole data once if not yet done; in Ray tasks when Ray is up)."""
         k = self._in_flight()
         b, total = 0, 0
-        while self._indexed(b, k) is not None:
+        while (self._index_through(b, k) if k else self._block(b)) is not None:
             total += self._num_batches(epoch, b)
             b += 1
         self._check_nonempty()
@@ -206,25 +200,26 @@ class ChatBatchSource:
         else:
             yield from self._walk_gen(index, self._num_batches, self._batches)
 
-    def _walk(self, index: int, count: Callable[[int, int], int], items: Callable) -> Iterator:
-        if index < 0:
-            raise ValueError(f"index must be >= 0, got {index}")
-        return self._walk_gen(index, count, items)
-
-    def _walk_gen(self, index: int, count: Callable[[int, int], int], items: Callable) -> Iterator:
-        epoch, b, skip = 0, 0, index
+    def _blocks(self) -> Iterator[tuple[int, int]]:
+        """(epoch, block) in training order, across epochs; each block is read (indexed) here as it comes."""
+        epoch, b = 0, 0
         while self.epochs is None or epoch < self.epochs:
             if self._block(b) is None:  # end of an epoch
                 self._check_nonempty()
                 epoch, b = epoch + 1, 0
                 continue
+            yield epoch, b
+            b += 1
+
+    def _walk_gen(self, index: int, count: Callable[[int, int], int], items: Callable) -> Iterator:
+        skip = index
+        for epoch, b in self._blocks():
             n = count(epoch, b)
             if skip >= n:  # seek: whole blocks are skipped by their counts, nothing is read
                 skip -= n
             else:
                 yield from items(epoch, b, skip)
                 skip = 0
-            b += 1
 
     def _batches(self, epoch: int, b: int, skip: int) -> Iterator[PackedBatch]:
         plan = self._plan(epoch, b)[skip:]
@@ -254,10 +249,6 @@ class ChatBatchSource:
         while len(self.index.blocks) <= b and not self.index.complete:
             self._read(len(self.index.blocks))
         return self.index.blocks[b] if b < len(self.index.blocks) else None
-
-    def _indexed(self, b: int, k: int) -> Block | None:
-        """`_block`, indexing in Ray tasks when `k` > 0."""
-        return self._index_through(b, k) if k else self._block(b)
 
     def _new_count(self, b: int) -> int:
         """Records to read for block b, not yet indexed (<= 0: max_records ended the data before it)."""

@@ -48,6 +48,9 @@ class DataError(ValueError):
         super().__init__(f"{where}: [{reason}] {detail}")
 
 
+_COUNTS = ("records", "samples", "tokens", "loss_tokens", "truncated")  # DataStats' plain counts
+
+
 @dataclass
 class DataStats:
     """Counts over every record read once (a replayed epoch or a rewind does not count again)."""
@@ -62,16 +65,13 @@ class DataStats:
     complete: bool = False  # a whole pass over the data has been read
 
     def add(self, other: DataStats) -> None:
-        self.records += other.records
-        self.samples += other.samples
-        self.tokens += other.tokens
-        self.loss_tokens += other.loss_tokens
-        self.truncated += other.truncated
+        for k in _COUNTS:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
         self.skipped.update(other.skipped)
         self.repaired.update(other.repaired)
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("records", "samples", "tokens", "loss_tokens", "truncated", "complete")}
+        d = {k: getattr(self, k) for k in (*_COUNTS, "complete")}
         return {**d, "skipped": dict(self.skipped), "repaired": dict(self.repaired)}
 
     @staticmethod

@@ -50,6 +50,5 @@ def forward_in_runs(
     parts = []
     for start, stop in plan_runs(batch.seqlens, max_tokens, max_sequences, padded):
         sub = batch.select(start, stop)
-        aux, last, logits = run(sub, return_logits)
-        parts.append(Supervision(sub.input_ids, sub.loss_mask, sub.cu_seqlens, aux, last, logits))
+        parts.append(Supervision(sub.input_ids, sub.loss_mask, sub.cu_seqlens, *run(sub, return_logits)))
     return Supervision.concat(parts)

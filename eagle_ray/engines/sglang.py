@@ -10,6 +10,7 @@ collectives meet in the forward); only rank 0 returns tensors.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -370,10 +371,8 @@ class SGLangEngine:
         if _live is self:
             _live = None
         for _, conn in self._workers:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(("close",))
-            except (BrokenPipeError, OSError):
-                pass
         self._rank.close()
         self._rank = None
         for proc, _ in self._workers:

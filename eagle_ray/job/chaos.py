@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eagle_ray.testing.faults import FAIL_STARTS_FILE_ENV, plan_train_fault
+from eagle_ray.testing.faults import FAIL_STARTS_FILE_ENV, FAULTS, plan_train_fault
 
 # torch, Ray and Ray Train are imported where they are used: `eagle-ray chaos --help` comes without them
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class ChaosSettings:
     steps: int = 80  # optimizer steps per run; each of the workers takes one batch a step
     workers: int = 2
     faults: int = 5  # faults, cycling through `kinds` (5: each kind once)
-    kinds: tuple[str, ...] | None = None  # None: every kind (`FAULTS` of eagle_ray/pool/chaos.py)
+    kinds: tuple[str, ...] = FAULTS
     every_s: tuple[float, float] = (4.0, 10.0)  # a fault every this many seconds (uniform), once recovered
     kill_worker_at: int | None = 50  # a draft worker SIGKILLs itself at this step (None: no trainer fault)
     checkpoint_every: int = 20
@@ -78,7 +78,7 @@ def chaos_training(
 
     `baseline`: a fault-free run's committed samples (`audit_run(...).samples`) to compare against.
     """
-    from eagle_ray.pool.chaos import FAULTS, ChaosMonkey
+    from eagle_ray.pool.chaos import ChaosMonkey
     from eagle_ray.train.sample_audit import audit_run, expected_samples
 
     storage = Path(storage)
@@ -93,7 +93,7 @@ def chaos_training(
         baseline = clean.samples
     replaced0 = pool.pool_stats()["replicas_replaced"]  # the owner's count: a shared pool's owner replaces them
     t0 = time.monotonic()
-    kinds = tuple(k for k in s.kinds or FAULTS if k != "start_failure" or s.start_failures)
+    kinds = tuple(k for k in s.kinds if k != "start_failure" or s.start_failures)
     with ChaosMonkey(pool, kinds, s.every_s, s.faults, s.seed, start_failures=s.start_failures) as monkey:
         result = _train(pool, batches, s, storage, "chaos", fail=True)
     faults = monkey.faults
@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from eagle_ray.pool import serve_pool
-    from eagle_ray.pool.chaos import FAULTS
     from eagle_ray.ray_init import init_ray
     from eagle_ray.tiny import build_tiny_target, markov_batches
 

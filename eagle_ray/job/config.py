@@ -251,13 +251,18 @@ def _sweep(arms: Any) -> list[dict[str, Any]] | None:
     for k, arm in enumerate(arms):
         if not isinstance(arm, dict):
             raise ConfigError(f"sweep[{k}]: expected a mapping of overrides, got {arm!r}")
-        arm = dict(arm)
-        for key in ("lr", "weight_decay", "grad_clip", "step_decay"):
-            if isinstance(arm.get(key), str):
-                with contextlib.suppress(ValueError):
-                    arm[key] = float(arm[key])
-        out.append(arm)
+        out.append(_yaml_floats(arm, TrainingConfig.__pydantic_fields__))
     return out
+
+
+def _yaml_floats(data: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """`data` with its float fields' strings read as numbers: YAML 1.1 reads 3e-4 (no dot) as a string."""
+    data = dict(data)
+    for key, f in fields.items():
+        if f.annotation in (float, float | None) and isinstance(data.get(key), str):
+            with contextlib.suppress(ValueError):
+                data[key] = float(data[key])
+    return data
 
 
 def _section(name: str, data: Any) -> Any:
@@ -266,13 +271,8 @@ def _section(name: str, data: Any) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: expected a mapping, got {data!r}")
     _no_unknown_keys(data, list(cls.__pydantic_fields__), f"{name}.")
-    data = dict(data)
-    for key, f in cls.__pydantic_fields__.items():  # YAML 1.1 reads 3e-4 (no dot) as a string
-        if f.annotation in (float, float | None) and isinstance(data.get(key), str):
-            with contextlib.suppress(ValueError):
-                data[key] = float(data[key])
     try:
-        return cls(**data)
+        return cls(**_yaml_floats(data, cls.__pydantic_fields__))
     except ValidationError as e:
         raise ConfigError(_message(name, e.errors()[0])) from None
 

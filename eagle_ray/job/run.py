@@ -67,12 +67,14 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
 
     from eagle_ray.data import load_tokenizer
     from eagle_ray.job.plot import plot_history
+    from eagle_ray.offline import OfflineSupervision, dump_supervision
     from eagle_ray.tiny import default_target
     from eagle_ray.train import train_draft
     from eagle_ray.train.progress import target_rate
 
     t0 = time.monotonic()
     run_dir = c.run_dir()
+    dump_dir = Path(c.offline.dir).expanduser() if c.offline.dir else run_dir / "supervision"
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(tokenizer_spec(c.target.model_path, c.data.tokenizer))
     model_path = c.target.model_path or default_target(tokenizer)
@@ -94,7 +96,8 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
         log.info("%d batches per epoch: %s epochs = %d steps", n, tr.epochs, max_steps)
     engine = resolve_engine(c.target.engine)
     dtype = getattr(torch, c.target.dtype) if c.target.dtype else None
-    if c.offline.mode != "from_dump":
+    live = c.offline.mode != "from_dump"
+    if live:
         log.info(
             "target %s on %s: %d replica(s) of TP %d starting; then %d Ray Train draft worker(s)",
             model_path,
@@ -103,9 +106,8 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             c.target.tp_size,
             tr.num_workers,
         )
-    live = c.offline.mode != "from_dump"
     pool = _serve_pool(c, model_path, engine, dtype) if live else None
-    target = pool if live else _dump(c)
+    target = pool if live else OfflineSupervision(dump_dir)
     summary: dict[str, Any] = {"target": model_path, "engine": engine if live else "offline", "run_dir": str(run_dir)}
     try:
         if c.regenerate.enabled:  # train on the target's own answers: the data becomes their messages JSONL
@@ -114,12 +116,9 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             if tr.epochs is not None:
                 max_steps = max(1, int(tr.epochs * source.batches_per_epoch()) // tr.num_workers)
         if c.offline.mode == "dump":
-            from eagle_ray.offline import dump_supervision
-
-            out = Path(c.offline.dir).expanduser() if c.offline.dir else run_dir / "supervision"
             # one writer per training worker: each a client of the pool, writing its share of the batches
-            manifest = dump_supervision(pool, source, out, max_steps * tr.num_workers, writers=tr.num_workers)
-            summary.update(dump=str(out), batches=len(manifest.get("batches", [])))
+            manifest = dump_supervision(pool, source, dump_dir, max_steps * tr.num_workers, writers=tr.num_workers)
+            summary.update(dump=str(dump_dir), batches=len(manifest.get("batches", [])))
             return summary
         gpus = tr.gpus_per_worker
         if tr.use_gpu and gpus is None:
@@ -143,7 +142,7 @@ def run(c: JobConfig, stop: StopSignals | None = None) -> dict[str, Any]:
             resume_from=c.checkpoint.resume_from,
             export_dir=c.export.dir,
             export_dtype=getattr(torch, c.export.dtype) if c.export.dtype else None,
-            progress="off" if c.logging.progress == "off" else c.logging.progress,
+            progress=c.logging.progress,
             trackers=c.logging.trackers,
             tracker_config=c.to_dict(),
             cache=c.cache if live else None,
@@ -269,12 +268,6 @@ def _rate(rows: list[dict[str, Any]]) -> float:
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
     vals = [r[key] for r in rows if key in r]
     return sum(vals) / len(vals) if vals else 0.0
-
-
-def _dump(c: JobConfig) -> Any:
-    from eagle_ray.offline import OfflineSupervision
-
-    return OfflineSupervision(Path(c.offline.dir).expanduser() if c.offline.dir else c.run_dir() / "supervision")
 
 
 def _serve_pool(c: JobConfig, model_path: str, engine: str, dtype: torch.dtype | None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -62,10 +63,8 @@ class StopSignals:
     def signals(self) -> list[int]:
         """The stop signals received so far, in order, whichever handler ran for them."""
         if self._pipe is not None:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 self.received += [b for b in os.read(self._pipe[0], 4096) if b in STOP_SIGNALS]
-            except BlockingIOError:
-                pass
         return self.received
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -30,11 +30,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.pool.shared import POOL_NAMESPACE, PoolClient
-from eagle_ray.testing.faults import fail_next_starts
+from eagle_ray.testing.faults import FAULTS, fail_next_starts
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("ray_kill", "sigkill", "sigkill_tp", "pool_server", "start_failure")
 START_FAILURES = 2  # starts that fail after a "start_failure" kill: two rounds of backoff (1 s, 2 s)
 
 

@@ -531,13 +531,10 @@ class Dispatch:
         what its measured rate predicts, at least `shard_timeout_s`; 10x that floor until it finished one
         (a first forward may compile, warm caches, or load lazily). `new_tokens`: a generation shard's most
         new tokens, at the replica's decoding rate."""
-        if new_tokens:
-            if r.gen_s <= 0 or r.gen_tokens <= 0:
-                return 10 * self._shard_timeout_s
-            return max(self._shard_timeout_s, self._shard_timeout_factor * new_tokens * r.gen_s / r.gen_tokens)
-        if r.busy_s <= 0 or r.tokens_done <= 0:
+        work, secs, done = (new_tokens, r.gen_s, r.gen_tokens) if new_tokens else (num_tokens, r.busy_s, r.tokens_done)
+        if secs <= 0 or done <= 0:
             return 10 * self._shard_timeout_s
-        return max(self._shard_timeout_s, self._shard_timeout_factor * num_tokens * r.busy_s / r.tokens_done)
+        return max(self._shard_timeout_s, self._shard_timeout_factor * work * secs / done)
 
     def _retire_hung(self) -> None:
         """A replica whose running shard is past its deadline (a wedged GPU, a TP rank stuck in a collective,

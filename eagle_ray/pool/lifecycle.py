@@ -4,6 +4,7 @@ replica. The replica set of a `PooledTargetModel` (`pooled.py`); a shared pool's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -160,10 +161,8 @@ class Lifecycle:
         if self._replicas.get(r.replica_id) is not r:
             return
         if r.actor is not None:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(r.actor, no_restart=True)
-            except Exception:
-                pass
             pl.release(r.pg)
         r.state = "dead"
         del self._replicas[r.replica_id]

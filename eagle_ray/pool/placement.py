@@ -9,6 +9,7 @@ One replica = one placement group with ONE bundle (so its TP ranks are packed on
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import ray
@@ -80,10 +81,8 @@ def strategy(pg: PlacementGroup) -> PlacementGroupSchedulingStrategy:
 
 
 def release(pg: PlacementGroup) -> None:
-    try:
+    with contextlib.suppress(Exception):  # already gone with its node, or Ray shutting down
         remove_placement_group(pg)
-    except Exception:  # already gone with its node, or Ray shutting down
-        pass
 
 
 def cluster_has_gpus() -> bool:

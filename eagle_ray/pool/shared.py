@@ -41,6 +41,7 @@ with other clients'. A client that dies leaks nothing: Ray frees the objects it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -278,10 +279,8 @@ class _Host:
 
     def close(self) -> None:
         self._stop.set()
-        try:
+        with contextlib.suppress(Exception):
             ray.get(self.server.close.remote(), timeout=10)  # ends the sync and the clients' long polls
-        except Exception:
-            pass
         self._thread.join(timeout=self._SYNC_WAIT_S + 70)
         self.pool.shutdown()
         ray.kill(self.server, no_restart=True)

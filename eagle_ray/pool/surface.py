@@ -221,12 +221,6 @@ class Pool(Dispatch, NeMoSurface):
         """NeMo's name for `shutdown`."""
         self.shutdown()
 
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
-
 
 def _yielded(batch_index: int, unyielded: dict[int, int], partial: set[int]) -> None:
     unyielded[batch_index] -= 1

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+# the chaos monkey's faults (`pool/chaos.py` says what each does), here where the chaos job reaches them without Ray
+FAULTS = ("ray_kill", "sigkill", "sigkill_tp", "pool_server", "start_failure")
 CRASH_TOKEN_ENV = "EAGLE_RAY_CHAOS_CRASH_TOKEN"
 FAIL_START_ENV = "EAGLE_RAY_FAIL_START_NODES"
 FAIL_START_LOG_ENV = "EAGLE_RAY_FAIL_START_LOG"

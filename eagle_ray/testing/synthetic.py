@@ -14,6 +14,7 @@ belongs to; exact in float32, and in bfloat16 for ids below 256).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Any
@@ -105,22 +106,8 @@ class SyntheticTarget(Eagle3TargetModel):
     configured `tokens_per_s`, paid for by sleeping. Not a model; nothing it returns is a prediction."""
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model_path: str = "synthetic",
-        aux_layer_ids: list[int] | None = None,
-        dtype: torch.dtype | None = None,
-        tokens_per_s: float = 20_000.0,
-        hidden: int = 64,
-        vocab_size: int = 32_000,
-        num_layers: int = 32,
-        max_context: int = 1 << 20,
-        kv_capacity_tokens: int = 1 << 20,
-        seed: int = 0,
-        **ignored: Any,
-    ) -> SyntheticTarget:
-        """`model_path` is a label only. `ignored`: what the pool passes every engine (trust_remote_code, ...)."""
-        engine = SyntheticEngine(
-            tokens_per_s, hidden, vocab_size, num_layers, aux_layer_ids, dtype, max_context, kv_capacity_tokens, seed
-        )
-        return cls(engine)
+    def from_pretrained(cls, model_path: str = "synthetic", **kwargs: Any) -> SyntheticTarget:
+        """`model_path` is a label only; `kwargs`: `SyntheticEngine`'s, and what the pool passes every engine
+        (trust_remote_code, ...), ignored."""
+        known = inspect.signature(SyntheticEngine).parameters
+        return cls(SyntheticEngine(**{k: v for k, v in kwargs.items() if k in known}))

@@ -90,19 +90,29 @@ class DraftTrainConfig(OptimConfig):
         return cls(**{**optim.optim_fields(), **rest})
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 # what one arm of a sweep may set: how its draft learns. Not max_steps or max_skipped_batches: the arms share one
-# stream of batches, step for step, so those are the run's, not an arm's
-SWEEP_FIELDS = (
-    "lr",
-    "warmup_steps",
-    "weight_decay",
-    "grad_clip",
-    "ttt_steps",
-    "step_decay",
-    "seed",
-    "attention",
-    "activation_checkpointing",
-)
+# stream of batches, step for step, so those are the run's, not an arm's. Each field: what it takes, as an error
+# says it, and the check of a value
+_SWEEPABLE: dict[str, tuple[str, Any]] = {
+    "lr": ("a number", _number),
+    "warmup_steps": ("an int >= 0 or None", lambda v: v is None or (_int(v) and v >= 0)),
+    "weight_decay": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "grad_clip": ("a number >= 0 or None", lambda v: v is None or (_number(v) and v >= 0)),
+    "ttt_steps": ("an int", _int),
+    "step_decay": ("a number > 0", lambda v: _number(v) and v > 0),
+    "seed": ("an int", _int),
+    "attention": ("a string", lambda v: isinstance(v, str)),
+    "activation_checkpointing": ("a bool", lambda v: isinstance(v, bool)),
+}
+SWEEP_FIELDS = tuple(_SWEEPABLE)
 
 
 def sweep_configs(base: DraftTrainConfig, sweep: Sequence[Mapping[str, Any]] | None) -> list[DraftTrainConfig]:
@@ -123,42 +133,13 @@ def sweep_configs(base: DraftTrainConfig, sweep: Sequence[Mapping[str, Any]] | N
         if unknown:
             raise ValueError(f"sweep[{k}].{unknown[0]}: not a per-arm field; an arm may set {list(SWEEP_FIELDS)}")
         for name, value in over.items():
-            if not _fits(name, value):
-                raise ValueError(f"sweep[{k}].{name}: expected {_FIELD_TYPES[name]}, got {value!r}")
+            if not _SWEEPABLE[name][1](value):
+                raise ValueError(f"sweep[{k}].{name}: expected {_SWEEPABLE[name][0]}, got {value!r}")
         try:
             arms.append(dataclasses.replace(base, **over))
         except ValueError as e:  # OptimConfig's own checks: the message starts with the field
             raise ValueError(f"sweep[{k}].{e}") from None
     return arms
-
-
-_FIELD_TYPES = {
-    "lr": "a number",
-    "warmup_steps": "an int >= 0 or None",
-    "weight_decay": "a number >= 0",
-    "grad_clip": "a number >= 0 or None",
-    "ttt_steps": "an int",
-    "step_decay": "a number > 0",
-    "seed": "an int",
-    "attention": "a string",
-    "activation_checkpointing": "a bool",
-}
-
-
-def _fits(name: str, value: Any) -> bool:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    integer = isinstance(value, int) and not isinstance(value, bool)
-    return {
-        "lr": number,
-        "warmup_steps": value is None or (integer and value >= 0),
-        "weight_decay": number and value >= 0,
-        "grad_clip": value is None or (number and value >= 0),
-        "ttt_steps": integer,
-        "step_decay": number and value > 0,
-        "seed": integer,
-        "attention": isinstance(value, str),
-        "activation_checkpointing": isinstance(value, bool),
-    }[name]
 
 
 @dataclass

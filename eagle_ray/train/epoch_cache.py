@@ -70,13 +70,15 @@ log = logging.getLogger(__name__)
 WAIT_S = 120.0  # how long a reader waits for a first-epoch file another rank's writer has yet to write
 
 
-def _full_marker(root: Path, rank: int) -> Path:
-    return root / f"full_rank{rank}.json"
+def marker(root: str | Path, kind: str, rank: int) -> Path:
+    """Rank `rank`'s writer's marker: "done", it is through its first epoch (every batch of it is in the cache or
+    past its full share); "full", its share is full from batch `first_uncached` on."""
+    return Path(root) / f"{kind}_rank{rank}.json"
 
 
-def done_marker(root: str | Path, rank: int) -> Path:
-    """Rank `rank`'s writer is through its first epoch: every batch of it is in the cache or past its full share."""
-    return Path(root) / f"done_rank{rank}.json"
+def _full_from(root: Path, rank: int) -> int | None:
+    path = marker(root, "full", rank)
+    return json.loads(path.read_text())["first_uncached"] if path.exists() else None
 
 
 class EpochCache:
@@ -96,15 +98,13 @@ class EpochCache:
         self.fp8 = fp8
         self.share = None if max_bytes is None else max_bytes // world
         self.wait_s = wait_s
-        marker = _full_marker(self.root, rank)
-        self.full_from: int | None = json.loads(marker.read_text())["first_uncached"] if marker.exists() else None
+        self.full_from = _full_from(self.root, rank)
         # what this rank's share holds already (a resumed run): its own batches' files
         self.used = sum(
             p.stat().st_size
             for p in self.root.glob("batch_*.safetensors")
             if int(p.name[6:14]) % world == rank and int(p.name[6:14]) < epoch_batches
         )
-        self.written_bytes = self.written_tokens = 0
 
     def present(self, index: int, batch: PackedBatch) -> bool:
         """Whether first-epoch batch `index`'s file is there (a resumed run's: it must hold this very batch)."""
@@ -128,7 +128,7 @@ class EpochCache:
             return False
         if self.share is not None and self.used + sup.nbytes > self.share:
             self.full_from = index
-            write_json(_full_marker(self.root, self.rank), {"first_uncached": index, "bytes": self.used}, False)
+            write_json(marker(self.root, "full", self.rank), {"first_uncached": index, "bytes": self.used}, False)
             log.warning(
                 "epoch cache full: rank %d's share of cache.max_bytes (%d of %d bytes) is used; batch %d and this "
                 "rank's later first-epoch batches are not cached: they go through memory, and later epochs read them "
@@ -142,8 +142,6 @@ class EpochCache:
         # no fsync: a cache, not a record; a file a crash tore is unreadable, so served by the pool (`get`)
         entry = write_shard(self.root, index, sup, content_hash(batch), fsync=False, fp8=self.fp8)
         self.used += entry["bytes"]
-        self.written_bytes += entry["bytes"]
-        self.written_tokens += batch.num_tokens
         return True
 
     def has(self, origins: list[tuple[int, int]]) -> bool:
@@ -183,17 +181,17 @@ class EpochCache:
         return sup
 
     def mark_done(self) -> None:
-        write_json(done_marker(self.root, self.rank), {"rank": self.rank, "world": self.world}, False)
+        write_json(marker(self.root, "done", self.rank), {"rank": self.rank, "world": self.world}, False)
 
     def _wait_for(self, index: int) -> bool:
         """Whether first-epoch batch `index`'s file is there, waiting for one another rank's writer has yet to write."""
         path = self.root / shard_name(index)
         deadline = time.monotonic() + self.wait_s
         while not path.exists():
-            marker = _full_marker(self.root, index % self.world)
-            if marker.exists() and json.loads(marker.read_text())["first_uncached"] <= index:
+            full_from = _full_from(self.root, index % self.world)
+            if full_from is not None and full_from <= index:
                 return False  # its rank's share was full: never cached
-            if done_marker(self.root, index % self.world).exists():
+            if marker(self.root, "done", index % self.world).exists():
                 return path.exists()  # its rank's writer is through: written before the marker, or never
             if time.monotonic() > deadline:
                 log.warning("epoch cache: %s did not appear within %.0f s; the pool serves it", path, self.wait_s)
@@ -363,11 +361,10 @@ class CachedSupply:
 
 
 def init_epoch_cache(root: str | Path, pool: Any) -> Path:
-    """Make `root` a cache (a dump) of `pool`'s target, or check that the one there is; drop stale temp files."""
+    """Make `root` a cache (a dump) of `pool`'s target, or check that the one there is; drop stale temp files (no
+    rank is writing yet)."""
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob("*.tmp"), *(root / "target").glob("*.tmp")]:  # no rank is writing yet
-        stale.unlink()
     init_or_check(root, pool, fsync=True)
     return root
 
@@ -378,15 +375,14 @@ def finish_epoch_cache(root: str | Path, epoch_batches: int) -> dict[str, Any]:
     root = Path(root)
     manifest = read_manifest(root)
     entries = entries_matching_disk(root, manifest, strict=False)
-    complete = all(i in entries for i in range(epoch_batches))
-    summary = summarise(manifest, entries, complete=complete, requested_batches=epoch_batches)
+    summary = summarise(manifest, entries, epoch_batches, requested_batches=epoch_batches)
     write_json(root / "manifest.json", summary, True)
     full = sorted(json.loads(p.read_text())["first_uncached"] for p in root.glob("full_rank*.json"))
     return {
         "dir": str(root),
         "batches": summary["num_batches"],
         "epoch_batches": epoch_batches,
-        "complete": complete,
+        "complete": summary["complete"],
         "tokens": summary["num_tokens"],
         "bytes": summary["bytes"],
         "bytes_per_token": summary["bytes"] / max(summary["num_tokens"], 1),

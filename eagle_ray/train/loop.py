@@ -12,6 +12,7 @@ DDP needs every rank in every step's gradient all-reduce, so that step's update 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -84,8 +85,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sink = config.get("metrics_sink") if rank == 0 else None
 
     windows: list[TTTStats | None] = [None] * len(arms)
-    t_window, wait, step_tokens = time.monotonic(), 0.0, 0
-    t_wait = time.monotonic()
+    t_window = t_wait = time.monotonic()
+    wait, step_tokens = 0.0, 0
     timeout = config.get("read_timeout_s", 600.0)
     reader = RankReader(
         _supply(config["supply"], timeout, config["source"], rank, world, state["step"]),
@@ -104,30 +105,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     served = cached = 0  # target tokens of this rank's supply, and tokens read from the epoch cache, so far
     width = [1 + TTTStats.flat_size(a.cfg.ttt_steps) for a in arms]  # per arm in the all-reduce: loss, stats
 
+    zero = functools.partial(_zero_record, arms[0].draft, lm_head)  # a skipped batch's stand-in, per TTT steps
+
     def replay(arm: Any, sup: Supervision | None, t: int) -> bool:
         rec = None if sup is None else next(iter(device_batches([(t, sup, {})], device)))[1]
-        zero = lambda ttt: _zero_record(arms[0].draft, lm_head, ttt)  # noqa: E731
         return step_arms([arm], rec, lm_head, rec is None, t, world, cuda, zero, None, isolate=True)[0] is not None
 
     # loss and TTTStats.flat() of each arm in the all-reduce
     for step, sup, meta in device_batches(reader, device):
-        t_got = time.monotonic()
-        step_wait = t_got - t_wait
+        step_wait = time.monotonic() - t_wait
         wait += step_wait
         if fault is not None:
             fault(step)
         skipped = sup is None
-        results = step_arms(
-            arms,
-            sup,
-            lm_head,
-            skipped,
-            step,
-            world,
-            cuda,
-            lambda ttt: _zero_record(arms[0].draft, lm_head, ttt),
-            arm_fault,
-        )
+        results = step_arms(arms, sup, lm_head, skipped, step, world, cuda, zero, arm_fault)
         for arm, res in zip(arms, results, strict=True):
             if res is None:  # put back to its checkpoint: replay what it lost, if the epoch cache holds it
                 catch_up(arm, step, getattr(reader.supply, "cache", None), config["source"], rank, world, replay)
@@ -146,15 +137,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         failed = [r is None for r in results]  # the ranks agreed on these (step_arms): the same list on every rank
         del results
         cached_now = getattr(reader.supply, "cached_tokens", 0)
-        flat = torch.cat(
-            [
-                *parts,
-                torch.tensor(
-                    [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served, cached_now - cached],
-                    dtype=torch.float64,
-                ),
-            ]
-        )
+        counts = [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served, cached_now - cached]
+        flat = torch.cat([*parts, torch.tensor(counts, dtype=torch.float64)])
         served, cached = reader.supply.tokens, cached_now
         if world > 1:
             dist.all_reduce(flat)
@@ -163,16 +147,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = float(flat[at]) / max(world - int(flat[-3]), 1)
             per_arm.append((loss, TTTStats.from_flat(flat[at + 1 : at + n])))
             at += n
-        state["step"], state["samples"], state["tokens"], state["skipped"] = (
-            step + 1,
-            state["samples"] + int(flat[-5]),
-            state["tokens"] + int(flat[-4]),
-            state["skipped"] + int(flat[-3]),
-        )
+        state["step"] = step + 1
+        for key, n in zip(("samples", "tokens", "skipped"), flat[-5:-2].tolist(), strict=True):
+            state[key] += int(n)
         step_tokens += int(flat[-4])
         check_skip_budget(config["run_dir"], world, state["skipped"], cfg.max_skipped_batches)
         windows = [st if w is None else w + st for w, (_, st) in zip(windows, per_arm, strict=True)]
-        done = state["step"] >= cfg.max_steps or (cfg.stop_at_step is not None and state["step"] >= cfg.stop_at_step)
+        done = state["step"] >= _last_step(cfg)
         rows = []
         for arm, bad, (loss, st) in zip(arms, failed, per_arm, strict=True):
             s = st.summary()

@@ -50,6 +50,17 @@ def device_batches(reader: Iterable[Item], device: torch.device) -> Iterator[Ite
     return ahead(reader, move)
 
 
+def hand(out: queue.Queue, stop: threading.Event, record: tuple) -> bool:
+    """A producer thread's put of `record` for its consumer, unless the consumer has gone (`stop`: then False)."""
+    while not stop.is_set():
+        try:
+            out.put(record, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def ahead(reader: Iterable[Item], move: Callable[[Supervision], Callable[[], Supervision]]) -> Iterator[Item]:
     """`reader`'s items, each `move`d in a thread one item ahead; `move` returns what finishes the move in the
     consumer's thread. Errors reach the consumer; closing the generator stops the thread after its current item
@@ -57,27 +68,17 @@ def ahead(reader: Iterable[Item], move: Callable[[Supervision], Callable[[], Sup
     out: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
-    def hand(record: tuple) -> bool:
-        """Put `record` for the consumer unless it has gone (then False)."""
-        while not stop.is_set():
-            try:
-                out.put(record, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def serve() -> None:
         it = iter(reader)
         try:
             for step, sup, meta in it:
                 record = ("item", step, move(sup), meta)
                 del sup  # the reader's host copy may leave its budget once moved
-                if not hand(record):
+                if not hand(out, stop, record):
                     return
-            hand(("end",))
+            hand(out, stop, ("end",))
         except BaseException as e:  # surfaced in the consumer, not lost in a thread
-            hand(("error", e))
+            hand(out, stop, ("error", e))
         finally:
             if hasattr(it, "close"):
                 it.close()

@@ -104,7 +104,7 @@ class Progress:
         self.trackers = trackers if trackers is not None else Trackers()  # closed by stop()
         self._metrics: _RayMetrics | None = None
         self._bar = None
-        self._last = {"target_tokens": 0, "tokens": 0}
+        self._last = (0, 0)
         self.rates = {"target_tokens_per_s": 0.0, "trainer_tokens_per_s": 0.0}
 
     def start(self) -> Progress:
@@ -165,27 +165,22 @@ class Progress:
             if self.trackers:
                 self.trackers.log(row_metrics(row), row["step"])
         rows = [self.rows[k] for k in sorted(self.rows)]
-        target = sum(r.get("target_tokens", 0) for r in rows)
-        tokens = rows[-1]["tokens"] if rows else 0
+        if not rows:
+            return
+        row = rows[-1]
         self.rates = {"target_tokens_per_s": target_rate(rows), "trainer_tokens_per_s": _trainer_rate(rows)}
+        now = (sum(r.get("target_tokens", 0) for r in rows), row["tokens"])  # the target's and the trainer's tokens
         if self._metrics is not None:
             m = self._metrics
-            deltas = (
-                (m.target_tokens, target - self._last["target_tokens"]),
-                (m.trainer_tokens, tokens - self._last["tokens"]),
-            )
-            for counter, delta in deltas:
-                if delta > 0:  # Ray counters refuse 0
-                    counter.inc(delta)
-        self._last = {"target_tokens": target, "tokens": tokens}
-        if self.rows:
-            row = self.rows[max(self.rows)]
-            if self._metrics is not None:
-                self._metrics.loss.set(row["loss"])
-                self._metrics.acceptance.set(row["acceptance_chain"])
-            if self._bar is not None:
-                self._bar.n = row["step"]
-                self._bar.set_postfix_str(self.line(short=True), refresh=True)
+            for counter, new, old in zip((m.target_tokens, m.trainer_tokens), now, self._last, strict=True):
+                if new > old:  # Ray counters refuse 0
+                    counter.inc(new - old)
+            m.loss.set(row["loss"])
+            m.acceptance.set(row["acceptance_chain"])
+        self._last = now
+        if self._bar is not None:
+            self._bar.n = row["step"]
+            self._bar.set_postfix_str(self.line(short=True), refresh=True)
 
     def line(self, short: bool = False) -> str:
         if not self.rows:

@@ -18,6 +18,7 @@ so every rank still takes the step; the training loop counts and bounds the skip
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -30,6 +31,7 @@ import ray
 from ray.exceptions import ObjectLostError
 
 from eagle_ray.contract import PackedBatch, Supervision
+from eagle_ray.train.prefetch import hand
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,8 @@ class PoolSupply:
                 yield b
 
         parts: dict[int, list] = {}
-        stream = self.client.stream(
-            source(), node_id=self.node_id, stall_timeout_s=self.timeout_s, ahead=self._ahead(depth, world)
-        )
+        ahead = lookahead(self.client, depth, world)  # counted from the replicas when the stream starts
+        stream = self.client.stream(source(), node_id=self.node_id, stall_timeout_s=self.timeout_s, ahead=ahead)
         try:
             for res in stream:
                 parts.setdefault(res.batch_index, []).append(res)
@@ -95,9 +96,6 @@ class PoolSupply:
                 res = got = None
         finally:
             stream.close()
-
-    def _ahead(self, depth: int, world: int) -> int:
-        return lookahead(self.client, depth, world)  # counted from the replicas when the stream starts
 
     def _read(self, batch: PackedBatch, got: list) -> Supervision:
         try:
@@ -172,24 +170,14 @@ class RankReader:
                     meta.update(tokens=0, sequences=0, skipped=s.error)
                 else:
                     meta.update(tokens=s.batch.num_tokens, sequences=s.batch.num_sequences)
-                if not self._hand(out, stop, ("item", step, s.sup, meta, s.held)):
+                if not hand(out, stop, ("item", step, s.sup, meta, s.held)):
                     return
                 s = None  # only the record holds its results now: the consumer's release frees them
-            self._hand(out, stop, ("end",))
+            hand(out, stop, ("end",))
         except BaseException as e:  # surfaced in the consumer, not lost in a thread
-            self._hand(out, stop, ("error", e))
+            hand(out, stop, ("error", e))
         finally:
             served.close()  # the pool stream stops dispatching
-
-    @staticmethod
-    def _hand(out: queue.Queue, stop: threading.Event, record: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(record, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def __iter__(self) -> Iterator[tuple[int, Supervision | None, dict[str, Any]]]:
         records: queue.Queue = queue.Queue(maxsize=self.depth)
@@ -214,10 +202,8 @@ class RankReader:
             stop.set()
             record = held = sup = None  # closed mid-step: release it, the serving thread may wait on its budget
             while thread.is_alive():  # unblock a hand-over nobody will take
-                try:
+                with contextlib.suppress(queue.Empty):
                     records.get(timeout=0.1)
-                except queue.Empty:
-                    pass
 
 
 def rank_source(data: Any) -> Any:

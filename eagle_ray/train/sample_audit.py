@@ -85,11 +85,8 @@ class Audit:
         missing = sorted(k for k in set(expected) - set(self.samples) if k[0] not in self.skipped)
         extra = sorted(set(self.samples) - set(expected))
         changed = sorted(k for k in set(expected) & set(self.samples) if expected[k] != self.samples[k])
-        out = []
-        for name, keys in (("missing", missing), ("unexpected", extra), ("different content", changed)):
-            if keys:
-                out.append(f"{len(keys)} samples {name} (batch, sequence): {keys[:5]}")
-        return out
+        found = (("missing", missing), ("unexpected", extra), ("different content", changed))
+        return [f"{len(keys)} samples {name} (batch, sequence): {keys[:5]}" for name, keys in found if keys]
 
 
 def audit_run(run_dir: str | Path, world: int) -> Audit:

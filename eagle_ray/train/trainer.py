@@ -35,7 +35,7 @@ from eagle_ray.offline import OfflineSupervision, shard_name
 from eagle_ray.pool import PoolClient, PooledTargetModel
 from eagle_ray.train.arms import arm_dir
 from eagle_ray.train.config import CACHE_DISK_SHARE, DraftTrainConfig, EpochCacheConfig, sweep_configs
-from eagle_ray.train.epoch_cache import done_marker, finish_epoch_cache, init_epoch_cache
+from eagle_ray.train.epoch_cache import finish_epoch_cache, init_epoch_cache, marker
 from eagle_ray.train.loop import train_loop_per_worker
 from eagle_ray.train.progress import Progress, run_sink
 from eagle_ray.train.reader import rank_source
@@ -192,7 +192,7 @@ def train_draft(
         if release is not None:
             release.stop()
     # rank 0's file has earlier runs' steps (if it is on this node); the sink has this run's, from anywhere
-    by_step = {r["step"]: r for r in _history(metrics_path)}
+    by_step = _history(metrics_path)
     by_step.update((r["step"], r) for r in ray.get(sink.since(0)))
     sink.close()
     history = [by_step[k] for k in sorted(by_step)]
@@ -247,7 +247,7 @@ class _Release:
                 continue
             seen += len(rows)
             step = max([step, *(r["step"] for r in rows)])
-            if not all(done_marker(root, r).exists() for r in range(self.world)):
+            if not all(marker(root, "done", r).exists() for r in range(self.world)):
                 continue
             while missing < first and (root / shard_name(missing)).exists():
                 missing += 1
@@ -309,13 +309,7 @@ def _supply(target: Any) -> tuple[dict[str, Any], ray.ObjectRef]:
     raise TypeError(f"train_draft reads from a serve_pool pool or an OfflineSupervision dump, not {type(target)!r}")
 
 
-def _history(path: Path) -> list[dict[str, Any]]:
-    """Per-step metrics; where a restart re-ran steps, the latest run of each step wins."""
-    if not path.exists():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
+def _history(path: Path) -> dict[int, dict[str, Any]]:
+    """Per-step metrics by step; where a restart re-ran steps, the latest run of each step wins."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {(row := json.loads(line))["step"]: row for line in lines if line.strip()}
