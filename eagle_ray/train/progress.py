@@ -59,19 +59,19 @@ class RunSink:
         self.actor.forget.remote(self.run)
 
 
-# this driver's sink, by its connection to Ray, since a handle lives as long as its connection: the job id is new at
-# each connection to one cluster, and the node id at each local Ray (where the job id starts again at 01000000)
-_SINKS: dict[tuple[str, str], Any] = {}
+# this driver's sink and its connection to Ray (a handle lives as long as its connection): the job id is new at each
+# connection to one cluster, the node id at each local Ray (where the job id starts again at 01000000)
+_sink: tuple[tuple[str, str], Any] | None = None
 
 
 def run_sink() -> RunSink:
     """A new run's rows in this driver's sink, started on first use."""
+    global _sink
     context = ray.get_runtime_context()
     connection = (context.get_node_id(), context.get_job_id())
-    if connection not in _SINKS:
-        _SINKS.clear()  # handles of an earlier connection are dead
-        _SINKS[connection] = MetricsSink.remote()
-    return RunSink(_SINKS[connection], uuid.uuid4().hex)
+    if _sink is None or _sink[0] != connection:
+        _sink = (connection, MetricsSink.remote())
+    return RunSink(_sink[1], uuid.uuid4().hex)
 
 
 class _RayMetrics:
