@@ -136,10 +136,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 parts.append(torch.cat([res[0].detach().double().reshape(1).cpu(), res[1].flat().cpu()]))
         failed = [r is None for r in results]  # the ranks agreed on these (step_arms): the same list on every rank
         del results
-        cached_now = getattr(reader.supply, "cached_tokens", 0)
-        counts = [meta["sequences"], meta["tokens"], skipped, reader.supply.tokens - served, cached_now - cached]
+        # each read once: the serving thread adds to both while this step runs, and a second read would lose that
+        served_now, cached_now = reader.supply.tokens, getattr(reader.supply, "cached_tokens", 0)
+        counts = [meta["sequences"], meta["tokens"], skipped, served_now - served, cached_now - cached]
         flat = torch.cat([*parts, torch.tensor(counts, dtype=torch.float64)])
-        served, cached = reader.supply.tokens, cached_now
+        served, cached = served_now, cached_now
         if world > 1:
             dist.all_reduce(flat)
         per_arm, at = [], 0
