@@ -177,33 +177,18 @@ def test_a_replica_killed_under_a_shard_does_not_count_against_the_shard(cluster
     assert len({(r.batch_index, *r.sequences) for r in results}) == len(results)  # each once
 
 
-def test_shutdown_stops_replicas_in_parallel(cluster, tiny_paths):
-    """Three replicas whose processes are stopped (SIGSTOP: they never answer their shutdown call): the pool waits
-    its timeout (here 10 s) for all of them together, not 10 s for each in turn, and their processes end."""
-    pool = PooledTargetModel.from_pretrained(tiny_paths["llama"], engine="hf", replicas=3, use_gpu=True)
-    pids = [d["pid"] for d in pool.replicas()]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    t0 = time.monotonic()
-    pool.shutdown(timeout_s=10.0)
-    took = time.monotonic() - t0
-    assert 10 <= took < 30, took  # one at a time: 30 s
-    assert pl.live_groups() == []
-    deadline = time.monotonic() + 60
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
-        assert time.monotonic() < deadline, "a stopped replica outlived the pool's shutdown"
-        time.sleep(0.5)
-
-
 def test_start_with_one_of_three_nodes_dead_starts_at_min_replicas_and_the_rest_join(cluster, tiny_paths, reference):
     """One of the three nodes is gone: 3 replicas can't all start. The pool starts once min_replicas=2 are ready
-    and serves; a node that joins later takes the third."""
+    and serves; a node that joins later takes the third. Then the shutdown of three replicas whose processes are
+    stopped (SIGSTOP: they never answer their shutdown call): the pool waits its timeout (here 10 s) for all of them
+    together, not 10 s for each in turn, and their processes end."""
     c, nodes = cluster
     c.remove_node(nodes[2])
     t0 = time.monotonic()
-    with PooledTargetModel.from_pretrained(
+    pool = PooledTargetModel.from_pretrained(
         tiny_paths["llama"], engine="hf", replicas=3, min_replicas=2, use_gpu=True, start_timeout_s=600
-    ) as pool:
+    )
+    try:
         assert time.monotonic() - t0 < 300
         states = sorted(r["state"] for r in pool.stats()["replicas"])
         assert states == ["ready", "ready", "starting"]
@@ -213,3 +198,17 @@ def test_start_with_one_of_three_nodes_dead_starts_at_min_replicas_and_the_rest_
         while len(pool.replicas()) < 3 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert {d["node_id"] for d in pool.replicas()} == {n.node_id for n in nodes}
+        pids = [d["pid"] for d in pool.replicas()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        pool.shutdown(timeout_s=10.0)
+        took = time.monotonic() - t0
+    finally:
+        pool.shutdown()
+    assert 10 <= took < 30, took  # one at a time: 30 s
+    assert pl.live_groups() == []
+    deadline = time.monotonic() + 60
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, "a stopped replica outlived the pool's shutdown"
+        time.sleep(0.5)
