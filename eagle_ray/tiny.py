@@ -256,12 +256,23 @@ def default_target(tokenizer: Any, records: int = 4000, steps: int = 700) -> str
     cached under CACHE_DIR (about 3 minutes on 2 cores), showing its progress: a bar on a terminal, a line
     every 70 steps in job logs.
     """
-    from eagle_ray.data import iter_texts
-
     vocab = -(-tokenizer.vocab_size // 64) * 64
     path = CACHE_DIR / f"tiny-qwen3-sharegpt-v{vocab}-h64-l8-k4096-s{steps}"
     if (path / "pretrained.json").exists():
         return str(path)
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # two jobs (or test processes) starting at once on a fresh machine: one builds, the other waits for it
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        if not (path / "pretrained.json").exists():
+            _build_default_target(tokenizer, path, vocab, records, steps)
+    return str(path)
+
+
+def _build_default_target(tokenizer: Any, path: Path, vocab: int, records: int, steps: int) -> None:
+    from eagle_ray.data import iter_texts
+
     log.info("building the default tiny target once (cached in %s): pretraining on ShareGPT text", path)
     chunks: list[torch.Tensor] = []
     for text in iter_texts(max_records=records):
@@ -275,7 +286,6 @@ def default_target(tokenizer: Any, records: int = 4000, steps: int = 700) -> str
         )
     log.info("tiny target pretrained: loss %.2f -> %.2f", stats["first_loss"], stats["last_loss"])
     tmp.rename(path)
-    return str(path)
 
 
 class _progress:
