@@ -72,34 +72,18 @@ def leave_shared_ray() -> None:
 @pytest.fixture(scope="module")
 def shared_ray():
     """A module's Ray: the session's one shared local Ray, started at the first module that asks (a start-up and
-    shutdown cost ~10 s; nine modules share one). Run alone, those modules run last (`pytest_collection_modifyitems`),
-    so no module with a Ray of its own comes after them; it ends with the session."""
+    shutdown cost ~10 s; nine modules share one). Those modules run last (`pytest_collection_modifyitems`), so no
+    module with a Ray of its own comes after them; it ends with the session."""
     if not (_shared["up"] and ray.is_initialized()):
         _start_local_ray(**SHARED_RAY)
         _shared["up"] = True
     yield
 
 
-# The heaviest modules (by their CPU seconds in a full run), in the order a pytest-xdist run (`-n 2 --dist loadfile
-# --no-loadscope-reorder`, whole modules per worker) hands them out: each worker starts with two of them (the first
-# worker gets two on the shared Ray), and the light modules fill the end instead of one heavy module running alone
-HEAVY_FIRST = [
-    "test_offline", "test_pool_cluster", "test_train", "test_pool", "test_targets", "test_pool_faults", "test_shutdown",
-    "test_job",
-]  # fmt: skip
-
-
 def pytest_collection_modifyitems(items: list) -> None:
-    """Alone (no `-n`): the modules on the shared Ray after all others (stable otherwise), one start-up for all of
-    them. In a pytest-xdist worker: `HEAVY_FIRST` first (a worker's shared Ray ends and starts again around a module
-    with a Ray of its own: a few of those cost less than a heavy module at the end)."""
-    module = lambda item: item.nodeid.split("::")[0]  # noqa: E731
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        rank = {f"tests/{name}.py": k for k, name in enumerate(HEAVY_FIRST)}
-        items.sort(key=lambda item: rank.get(module(item), len(rank)))
-    else:
-        shared = {module(item) for item in items if "shared_ray" in item.fixturenames}
-        items.sort(key=lambda item: module(item) in shared)
+    """The modules on the shared Ray after all others (stable otherwise): one start-up for all of them."""
+    shared = {item.nodeid.split("::")[0] for item in items if "shared_ray" in item.fixturenames}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] in shared)
 
 
 @contextmanager
@@ -142,26 +126,10 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def built_once(tmp_path_factory, name: str, build) -> str:
-    """`build(path)` once per test run: pytest-xdist's workers (`-n`) share the one a lock lets the first build."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's directory, above each worker's own
-    path = root / name
-    with FileLock(f"{path}.lock"):
-        if not (root / f"{name}.done").exists():
-            build(path)
-            (root / f"{name}.done").touch()
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory) -> dict[str, str]:
-    return {
-        arch: built_once(tmp_path_factory, f"tiny-{arch}", lambda p, a=arch: build_tiny_target(p, a)) for arch in ARCHS
-    }
+    root = tmp_path_factory.mktemp("targets")
+    return {arch: str(build_tiny_target(root / arch, arch)) for arch in ARCHS}
 
 
 @pytest.fixture(scope="session")
@@ -173,17 +141,14 @@ def markov_target(tmp_path_factory) -> str:
     (seed 7, 64 sequences, 2,954 tokens) its argmax is the successor map's choice at 100% of positions,
     and 128/128 greedy-continuation tokens (8 prompts x 16) follow the map (80 steps: 99.8% / 99.2%).
     """
-
-    def build(path) -> None:
-        build_tiny_target(path, "llama")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny matmuls: with other work on the 2 cores, two threads ran ~10x slower
-        try:
-            pretrain_tiny_target(path, markov_sequences(2048, (32, 64), seed=1), steps=150, batch_size=16)
-        finally:
-            torch.set_num_threads(threads)
-
-    return built_once(tmp_path_factory, "markov", build)
+    path = build_tiny_target(tmp_path_factory.mktemp("targets") / "markov", "llama")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: with other work on the 2 cores, two threads ran ~10x slower
+    try:
+        pretrain_tiny_target(path, markov_sequences(2048, (32, 64), seed=1), steps=150, batch_size=16)
+    finally:
+        torch.set_num_threads(threads)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
