@@ -2,21 +2,20 @@
 with the caller's surface (surface.py) over a replica set, its own (pooled.py + lifecycle.py) or a shared pool's,
 heard through its relay (shared.py); one thread owns its state (owner.py); placement, chaos."""
 
-from eagle_ray.pool.chaos import ChaosMonkey, Fault
-from eagle_ray.pool.dispatch import ShardResult
-from eagle_ray.pool.ledger import ShardLedger
-from eagle_ray.pool.pooled import PooledTargetModel
-from eagle_ray.pool.replica import TargetReplica
-from eagle_ray.pool.shared import PoolClient, connect_pool, serve_pool
+from eagle_ray._lazy import lazy_exports
 
-__all__ = [
-    "ChaosMonkey",
-    "Fault",
-    "PoolClient",
-    "PooledTargetModel",
-    "ShardLedger",
-    "ShardResult",
-    "TargetReplica",
-    "connect_pool",
-    "serve_pool",
-]
+# imported on first use: a process that needs one piece (a replica's marker task, the relay) imports only that
+_MODULE_OF = {
+    "ChaosMonkey": "eagle_ray.pool.chaos",
+    "Fault": "eagle_ray.pool.chaos",
+    "ShardResult": "eagle_ray.pool.dispatch",
+    "ShardLedger": "eagle_ray.pool.ledger",
+    "PooledTargetModel": "eagle_ray.pool.pooled",
+    "TargetReplica": "eagle_ray.pool.replica",
+    "PoolClient": "eagle_ray.pool.shared",
+    "connect_pool": "eagle_ray.pool.shared",
+    "serve_pool": "eagle_ray.pool.shared",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _MODULE_OF)
+
+__all__ = sorted(_MODULE_OF)

@@ -24,8 +24,8 @@ from eagle_ray.contract import ModelInfo, PackedBatch, plan_runs
 from eagle_ray.generation import GenerationParams
 from eagle_ray.pool.ledger import ShardLedger
 from eagle_ray.pool.lifecycle import _Replica
+from eagle_ray.pool.markers import running_at_death
 from eagle_ray.pool.owner import Owner
-from eagle_ray.pool.replica import running_at_death
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from eagle_ray.contract import ModelInfo
 from eagle_ray.pool import placement as pl
-from eagle_ray.pool.replica import forget_marker
+from eagle_ray.pool.markers import forget_marker
 
 log = logging.getLogger(__name__)
 

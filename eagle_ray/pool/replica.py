@@ -17,7 +17,6 @@ whose rank died even when no shard reaches it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import socket
@@ -31,6 +30,7 @@ import torch
 
 from eagle_ray.contract import PackedBatch, Supervision
 from eagle_ray.engines.base import UnsupportedTargetError
+from eagle_ray.pool.markers import write_tag
 from eagle_ray.testing.faults import replica_shard_fault, replica_start_fault
 
 
@@ -75,7 +75,7 @@ class TargetReplica:
         }
 
     def _mark(self, tag: str) -> None:
-        os.pwrite(self._marker_fd, tag.encode().ljust(_TAG_BYTES), 0)  # the page cache outlives the process
+        write_tag(self._marker_fd, tag)
 
     def run(
         self, tag: str, input_ids: torch.Tensor, loss_mask: torch.Tensor, cu_seqlens: torch.Tensor, logits: bool
@@ -153,23 +153,6 @@ class TargetReplica:
     def shutdown(self) -> None:
         self.target.close()
         os.unlink(self.marker)
-
-
-_TAG_BYTES = 96  # a tag's room in the marker file: a client key, a shard id and an attempt
-
-
-@ray.remote(num_cpus=0)
-def running_at_death(marker: str) -> str:
-    """The tag of the shard a dead replica was running ("" for none), read on its node (`TargetReplica`)."""
-    with open(marker, "rb") as f:
-        return f.read(_TAG_BYTES).decode().strip()
-
-
-@ray.remote(num_cpus=0)
-def forget_marker(marker: str) -> None:
-    """Delete a dead replica's marker file, on its node, once no client will read it (`pool/lifecycle.py`)."""
-    with contextlib.suppress(FileNotFoundError):  # a replica shut down cleanly deletes its own
-        os.unlink(marker)
 
 
 def _first_to_exit(ranks: list[dict[str, Any]]) -> dict[str, Any]:
