@@ -177,7 +177,9 @@ def test_a_replica_killed_under_a_shard_does_not_count_against_the_shard(cluster
     assert len({(r.batch_index, *r.sequences) for r in results}) == len(results)  # each once
 
 
-def test_start_with_one_of_three_nodes_dead_starts_at_min_replicas_and_the_rest_join(cluster, tiny_paths, reference):
+def test_start_with_one_of_three_nodes_dead_starts_at_min_replicas_the_rest_join_and_stopped_ones_shut_down_at_once(
+    cluster, tiny_paths, reference
+):
     """One of the three nodes is gone: 3 replicas can't all start. The pool starts once min_replicas=2 are ready
     and serves; a node that joins later takes the third. Then the shutdown of three replicas whose processes are
     stopped (SIGSTOP: they never answer their shutdown call): the pool waits its timeout (here 10 s) for all of them
@@ -201,9 +203,9 @@ def test_start_with_one_of_three_nodes_dead_starts_at_min_replicas_and_the_rest_
         pids = [d["pid"] for d in pool.replicas()]
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
-        t0 = time.monotonic()
+        t_stop = time.monotonic()
         pool.shutdown(timeout_s=10.0)
-        took = time.monotonic() - t0
+        took = time.monotonic() - t_stop
     finally:
         pool.shutdown()
     assert 10 <= took < 30, took  # one at a time: 30 s

@@ -4,7 +4,7 @@ heard through its relay (shared.py); one thread owns its state (owner.py); place
 
 from eagle_ray._lazy import lazy_exports
 
-# imported on first use: a process that needs one piece (a replica's marker task, the relay) imports only that
+# imported on first use: a process that needs one piece (a replica's marker task: markers.py) imports only that
 _MODULE_OF = {
     "ChaosMonkey": "eagle_ray.pool.chaos",
     "Fault": "eagle_ray.pool.chaos",
